@@ -1,0 +1,57 @@
+"""kohya-ss files: ``lora_unet_*`` / ``lora_te*_*`` with ``lora_down``, ``lora_up``, ``alpha``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_tools.adapters.model import CONV, LINEAR, Adapter, LoraModule
+from lora_tools.errors import FormatError
+from lora_tools.io.checkpoint import Checkpoint
+
+PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+
+
+def is_kohya(source: Checkpoint) -> bool:
+    return any(k.endswith(DOWN) for k in source.keys())
+
+
+def strip_prefix(name: str) -> str:
+    for p in PREFIXES:
+        if name.startswith(p):
+            return name[len(p):]
+    return name
+
+
+def load_kohya(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
+    modules, used, defaulted = [], set(), 0
+    for key in source.keys():
+        if not key.endswith(DOWN):
+            continue
+        name = key[: -len(DOWN)]
+        up = name + UP
+        if up not in source:
+            raise FormatError(f"{path}: {key} has no matching {up}")
+        a_shape, b_shape = source.info(key).shape, source.info(up).shape
+        rank = a_shape[0]
+        alpha_key = name + ALPHA
+        if alpha_key in source:
+            value, where = float(source.get(alpha_key).float().item()), "alpha tensor"
+            used.add(alpha_key)
+        elif alpha is not None:
+            value, where = alpha, "--alpha"
+        else:
+            # kohya's own loader: a module without an alpha tensor has alpha = rank.
+            value, where, defaulted = float(rank), "kohya default (alpha = rank)", defaulted + 1
+        modules.append(LoraModule(
+            name=name, a_key=key, b_key=up, kind=CONV if len(a_shape) > 2 else LINEAR,
+            rank=rank, alpha=value, alpha_source=where, fan_in_fan_out=False,
+            a_shape=a_shape, b_shape=b_shape, underscore=True))
+        used.update((key, up))
+    rest = [k for k in source.keys() if k not in used]
+    if rest:
+        raise FormatError(f"{path}: keys that are not kohya LoRA factors: {', '.join(rest[:5])}"
+                          " (DoRA dora_scale, LoHa/LoKr and other LyCORIS types are not supported)")
+    notes = [f"{defaulted} modules have no alpha tensor: alpha = rank (kohya's rule)"] if defaulted else []
+    return Adapter(path=path, format="kohya", source=source, modules=modules, notes=notes,
+                   weight_files=[path])

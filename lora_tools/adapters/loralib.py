@@ -1,0 +1,55 @@
+"""microsoft/LoRA (``loralib``) state dicts: ``<module>.lora_A`` / ``<module>.lora_B``.
+
+loralib does not store alpha: it must come from ``--alpha`` (or the metadata lora-tools
+writes when converting). The layer kind (Linear, MergedLinear, Embedding, ConvLoRA) is
+decided when the module meets its base tensor (see ``mapping.fit``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_tools.adapters.model import LINEAR, Adapter, LoraModule
+from lora_tools.errors import FormatError
+from lora_tools.io.checkpoint import Checkpoint
+
+ALPHA_META = "lora_tools.alpha"
+RECIPES = ("GPT-2 NLG (loralib examples/NLG): r=4, alpha=128 (scale 32); "
+           "RoBERTa/DeBERTa NLU: alpha = 2*r (scale 2)")
+
+
+def is_loralib(source: Checkpoint) -> bool:
+    return any(k.endswith(".lora_A") for k in source.keys())
+
+
+def load_loralib(path: Path, source: Checkpoint, alpha: float | None,
+                 enable_lora: tuple[bool, ...] | None, fan_in_fan_out: bool | None) -> Adapter:
+    stored = source.metadata.get(ALPHA_META)
+    if alpha is not None:
+        alpha_source = "--alpha"
+    elif stored is not None:
+        alpha, alpha_source = float(stored), "file metadata"
+    else:
+        alpha_source = "unknown: pass --alpha"
+    modules, used = [], set()
+    for key in source.keys():
+        if not key.endswith(".lora_A"):
+            continue
+        name = key[: -len(".lora_A")]
+        b_key = name + ".lora_B"
+        if b_key not in source:
+            raise FormatError(f"{path}: {key} has no matching {b_key}")
+        a_shape, b_shape = source.info(key).shape, source.info(b_key).shape
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise FormatError(f"{path}: {name}: loralib factors are 2-D, got A{list(a_shape)} "
+                              f"B{list(b_shape)}")
+        modules.append(LoraModule(
+            name=name, a_key=key, b_key=b_key, kind=LINEAR, rank=b_shape[1], alpha=alpha,
+            alpha_source=alpha_source, fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
+            a_shape=a_shape, b_shape=b_shape, weight_suffixes=(".weight", ".conv.weight")))
+        used.update((key, b_key))
+    rest = [k for k in source.keys() if k not in used]
+    notes = [f"{len(rest)} non-LoRA tensors in the file are ignored "
+             f"(e.g. {rest[0]})"] if rest else []
+    return Adapter(path=path, format="loralib", source=source, modules=modules, notes=notes,
+                   weight_files=[path])

@@ -1,0 +1,168 @@
+"""Match adapter modules to base tensors and check that each fits.
+
+A module matches a base key when the base's module path equals the adapter's, or one is
+a dotted suffix of the other (prefixes such as ``model.`` differ between a full model and
+its inner model). kohya names are compared in underscore form. Exactly one base key must
+match; the shape must fit the layer kind, which also settles ``fan_in_fan_out``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from lora_tools.adapters.kohya import strip_prefix
+from lora_tools.adapters.model import (
+    CONV,
+    EMBEDDING,
+    LINEAR,
+    LORALIB_CONV,
+    MERGED,
+    Adapter,
+    LoraModule,
+)
+from lora_tools.errors import MatchError
+from lora_tools.io.checkpoint import Checkpoint
+
+
+@dataclass
+class Match:
+    module: LoraModule
+    base_key: str
+
+
+@dataclass
+class MatchReport:
+    matches: list[Match] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    misfits: list[str] = field(default_factory=list)
+
+
+class BaseIndex:
+    """Base weight keys indexed by module path (dotted and underscore forms)."""
+
+    def __init__(self, base: Checkpoint) -> None:
+        self.base = base
+        self._by_last: dict[str, list[tuple[str, str]]] = {}
+        for key in base.keys():
+            for suffix in (".conv.weight", ".weight"):
+                if key.endswith(suffix):
+                    path = key[: -len(suffix)]
+                    last = path.rsplit(".", 1)[-1]
+                    self._by_last.setdefault(last, []).append((path, key))
+                    break
+
+    def candidates(self, module: LoraModule) -> list[str]:
+        if module.underscore:
+            return self._underscore(strip_prefix(module.name))
+        last = module.name.rsplit(".", 1)[-1]
+        out = []
+        for path, key in self._by_last.get(last, []):
+            if not any(key == path + s for s in module.weight_suffixes):
+                continue
+            if path == module.name:
+                return [key]
+            if path.endswith("." + module.name) or module.name.endswith("." + path):
+                out.append(key)
+        return out
+
+    def _underscore(self, name: str) -> list[str]:
+        out = []
+        for paths in self._by_last.values():
+            for path, key in paths:
+                if not key.endswith(".weight") or key.endswith(".conv.weight"):
+                    continue
+                u = path.replace(".", "_")
+                if u == name:
+                    return [key]
+                if u.endswith("_" + name):
+                    out.append(key)
+        return out
+
+
+def match_adapter(adapter: Adapter, index: BaseIndex) -> MatchReport:
+    report = MatchReport()
+    for m in adapter.modules:
+        keys = index.candidates(m)
+        if not keys:
+            report.unmatched.append(m.name)
+            continue
+        if len(keys) > 1:
+            report.misfits.append(f"{m.name}: matches several base tensors "
+                                  f"({', '.join(keys[:3])}); the base holds more than one model")
+            continue
+        problem = fit(m, index.base.info(keys[0]).shape)
+        if problem:
+            report.misfits.append(f"{m.name} -> {keys[0]}: {problem}")
+        else:
+            report.matches.append(Match(m, keys[0]))
+    return report
+
+
+def fit(m: LoraModule, shape: tuple[int, ...]) -> str | None:
+    """Settle ``m``'s kind and orientation against the base shape; a reason if it cannot fit."""
+    if m.kind == CONV:
+        want = (m.b_shape[0], m.a_shape[1], *m.a_shape[2:])
+        return None if tuple(shape) == want else f"base shape {list(shape)}, adapter gives {list(want)}"
+    if m.kind == EMBEDDING:
+        want = m.natural_shape()
+        return None if tuple(shape) == want else f"base shape {list(shape)}, adapter gives {list(want)}"
+    if len(shape) == 4 and m.weight_suffixes != (".weight",):
+        return _fit_loralib_conv(m, shape)
+    if len(shape) != 2:
+        return f"base tensor is {len(shape)}-D, a linear LoRA needs 2-D"
+    problem = _orient(m, shape, (m.b_shape[0], m.a_shape[1]))
+    if problem and m.enable_lora and m.kind == LINEAR:
+        saved = m.kind, m.rank
+        m.kind, m.rank = MERGED, m.a_shape[0] // max(1, sum(m.enable_lora))
+        merged = _orient(m, shape, m.natural_shape())
+        if merged is None and m.a_shape[0] % sum(m.enable_lora) == 0:
+            return None
+        m.kind, m.rank = saved
+        return f"{problem}; nor as a fused layer with --enable-lora"
+    if problem and m.kind == LINEAR and m.b_shape[0] < shape[0] and m.b_shape[0] < shape[1]:
+        problem += " (a fused qkv layer? pass --enable-lora, e.g. 1,0,1)"
+    return problem
+
+
+def _orient(m: LoraModule, shape: tuple[int, ...], natural: tuple[int, int]) -> str | None:
+    fits, flipped = tuple(shape) == natural, tuple(shape) == natural[::-1]
+    if fits and flipped:
+        if m.fan_in_fan_out is None:
+            return ("square weight: orientation cannot be told from the shape; "
+                    "pass --fan-in-fan-out or --no-fan-in-fan-out")
+        return None
+    if fits or flipped:
+        m.fan_in_fan_out = flipped
+        return None
+    return f"base shape {list(shape)}, adapter gives {list(natural)} (out, in)"
+
+
+def _fit_loralib_conv(m: LoraModule, shape: tuple[int, ...]) -> str | None:
+    k = shape[-1]
+    if m.b_shape[0] * m.a_shape[1] != math.prod(shape) or m.a_shape[0] % k:
+        return f"conv base shape {list(shape)} does not fit A{list(m.a_shape)} B{list(m.b_shape)}"
+    m.kind, m.rank = LORALIB_CONV, m.a_shape[0] // k
+    return None
+
+
+def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = False
+            ) -> tuple[list[MatchReport], list[str]]:
+    """Match every adapter; raise MatchError unless all fit (or unmatched are allowed)."""
+    index = BaseIndex(base)
+    reports = [match_adapter(a, index) for a in adapters]
+    problems, warnings = [], []
+    for a, r in zip(adapters, reports):
+        for bad in r.misfits:
+            problems.append(f"{a.path}: {bad}")
+        if r.unmatched:
+            line = (f"{a.path}: {len(r.unmatched)} modules match no tensor of {base.path}: "
+                    f"{', '.join(r.unmatched[:8])}{' ...' if len(r.unmatched) > 8 else ''}")
+            (warnings if allow_unmatched else problems).append(line)
+    if problems:
+        raise MatchError("\n".join(problems) + "\nCheck that the adapter was trained for this "
+                         "base model" + ("" if allow_unmatched else
+                                         "; --allow-unmatched skips modules with no match"))
+    return reports, warnings
+
+

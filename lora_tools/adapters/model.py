@@ -1,0 +1,92 @@
+"""The normalized adapter form every format reads into."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_tools import ops
+from lora_tools.io.checkpoint import Checkpoint
+
+LINEAR = "linear"
+EMBEDDING = "embedding"
+CONV = "conv"  # PEFT / kohya conv: A is a conv with kernel k, B a 1x1 conv
+LORALIB_CONV = "loralib_conv"  # loralib ConvLoRA: (B @ A).view(W.shape)
+MERGED = "merged"  # loralib MergedLinear (fused qkv)
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: where its factors are and how they become ΔW.
+
+    ``name`` is the module path as the adapter spells it (dotted; kohya's underscore
+    names are kept as they are and matched by their underscore form).
+    """
+
+    name: str
+    a_key: str
+    b_key: str
+    kind: str
+    rank: int
+    alpha: float | None
+    alpha_source: str
+    rslora: bool = False
+    fan_in_fan_out: bool | None = None  # None: decided from the base tensor's shape
+    enable_lora: tuple[bool, ...] | None = None
+    a_shape: tuple[int, ...] = ()
+    b_shape: tuple[int, ...] = ()
+    weight_suffixes: tuple[str, ...] = (".weight",)
+    underscore: bool = False  # kohya: match the base by underscore form
+
+    @property
+    def scale(self) -> float:
+        if self.alpha is None:
+            raise ValueError(f"{self.name}: alpha unknown")
+        return ops.lora_scale(self.alpha, self.rank, self.rslora)
+
+    def natural_shape(self) -> tuple[int, int]:
+        """(out, in) of ``B @ A`` in the layer's own orientation (before any transpose)."""
+        if self.kind == MERGED:
+            assert self.enable_lora is not None
+            return ops.merged_out_features(self.b_shape[0], self.enable_lora), self.a_shape[1]
+        if self.kind == EMBEDDING:
+            return self.a_shape[1], self.b_shape[0]
+        return self.b_shape[0], self.a_shape[1]
+
+
+@dataclass
+class Adapter:
+    """An adapter file or folder read lazily: module list now, factors on demand."""
+
+    path: Path
+    format: str
+    source: Checkpoint
+    modules: list[LoraModule]
+    config: dict[str, object] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    weight_files: list[Path] = field(default_factory=list)
+    _sha: str | None = None
+
+    def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.get(module.a_key), self.source.get(module.b_key)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the weight file(s): identifies the adapter in merge provenance."""
+        if self._sha is None:
+            h = hashlib.sha256()
+            for f in self.weight_files or self.source.files:
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 22):
+                        h.update(chunk)
+            self._sha = h.hexdigest()
+        return self._sha
+
+    def module(self, name: str) -> LoraModule:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)

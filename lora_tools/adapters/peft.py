@@ -1,0 +1,138 @@
+"""PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors|.bin``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
+from lora_tools.errors import FormatError, UsageError
+from lora_tools.io.checkpoint import Checkpoint, open_file
+
+CONFIG = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+PREFIX = "base_model.model."
+_A_SUFFIXES = {".lora_A.weight": (".lora_B.weight", LINEAR),
+               ".lora_embedding_A": (".lora_embedding_B", EMBEDDING)}
+# Config fields that do not change the merge math.
+KNOWN_FIELDS = {
+    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "target_modules",
+    "exclude_modules", "lora_dropout", "bias", "init_lora_weights", "inference_mode",
+    "auto_mapping", "layers_to_transform", "layers_pattern", "modules_to_save", "use_dora",
+    "megatron_config", "megatron_core", "loftq_config", "layer_replication", "runtime_config",
+    "lora_bias", "eva_config", "corda_config", "trainable_token_indices", "target_parameters",
+    "use_qalora", "qalora_group_size", "alora_invocation_tokens", "arrow_config",
+    "ensure_weight_tying", "peft_version", "use_bdlora", "bdlora_config",
+}
+_UNSUPPORTED_TRUE = {
+    "use_dora": "DoRA adapters (use_dora=true) are not supported yet",
+    "lora_bias": "lora_bias=true adapters are not supported yet",
+    "layer_replication": "layer_replication is not supported",
+    "use_qalora": "QA-LoRA adapters are not supported",
+}
+
+
+def is_peft_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG).is_file()
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first key that matches the module name's tail."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / CONFIG
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{cfg_path}: cannot read the adapter config ({exc}); restore the "
+                          "adapter_config.json that PEFT saved with this adapter") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{cfg_path}: the adapter config is not a JSON object")
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise FormatError(f"{cfg_path}: peft_type is {peft_type}; only LoRA adapters are supported")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)):
+            raise FormatError(f"{cfg_path}: '{key}' is missing or not a number; the config is "
+                              "broken, restore it from the training run")
+    for key, why in _UNSUPPORTED_TRUE.items():
+        if cfg.get(key):
+            raise FormatError(f"{cfg_path}: {why}; merge it with PEFT's merge_and_unload")
+    return cfg
+
+
+def load_peft(path: Path, alpha: float | None = None) -> Adapter:
+    """Read a PEFT folder (or its weight file with the config beside it)."""
+    folder = path if path.is_dir() else path.parent
+    cfg = read_config(folder)
+    weights = path if path.is_file() else next(
+        (folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise FormatError(f"{folder}: PEFT folder has {CONFIG} but no adapter_model.safetensors "
+                          "or adapter_model.bin")
+    if alpha is not None:
+        raise UsageError(f"{folder}: a PEFT adapter stores its alpha ({cfg['lora_alpha']}) in "
+                         f"{CONFIG}; --alpha is for loralib files. Use 'lora-tools rescale' to "
+                         "change it")
+    source = open_file(weights)
+    unknown = sorted(set(cfg) - KNOWN_FIELDS)
+    notes = [f"ignored config fields that do not change the merge: {', '.join(unknown)}"] if unknown else []
+    modules = peft_modules(source, cfg)
+    return Adapter(path=folder, format="peft", source=source, modules=modules, config=cfg,
+                   notes=notes, weight_files=[weights])
+
+
+def peft_modules(source: Checkpoint, cfg: dict[str, Any]) -> list[LoraModule]:
+    """Modules from PEFT-named keys, resolved against the config's r/alpha and patterns."""
+    modules, used = [], set()
+    for key in source.keys():
+        for a_suf, (b_suf, kind) in _A_SUFFIXES.items():
+            if not key.endswith(a_suf):
+                continue
+            stem = key[: -len(a_suf)]
+            b_key = stem + b_suf
+            if b_key not in source:
+                raise FormatError(f"{source.path}: {key} has no matching {b_key}")
+            modules.append(_module(source, cfg, stem, key, b_key, kind))
+            used.update((key, b_key))
+    rest = [k for k in source.keys() if k not in used]
+    if rest:
+        raise FormatError(
+            f"{source.path}: keys that are not LoRA factors: {', '.join(rest[:5])}"
+            f"{' ...' if len(rest) > 5 else ''} (modules_to_save, DoRA magnitudes and "
+            "trainable tokens are not supported yet)")
+    if not modules:
+        raise FormatError(f"{source.path}: no lora_A/lora_B keys found; is this a PEFT adapter?")
+    return modules
+
+
+def _module(source: Checkpoint, cfg: dict[str, Any], stem: str, a_key: str, b_key: str,
+            kind: str) -> LoraModule:
+    name = stem.removeprefix(PREFIX)
+    a_shape, b_shape = source.info(a_key).shape, source.info(b_key).shape
+    if len(a_shape) > 2 and kind == LINEAR:
+        kind = CONV
+    rank = a_shape[0]
+    cfg_rank = pattern_value(cfg.get("rank_pattern") or {}, name, cfg["r"])
+    if int(cfg_rank) != rank or b_shape[1] != rank:
+        raise FormatError(f"{source.path}: module {name}: the config gives rank {cfg_rank} but "
+                          f"the factors have shapes A{list(a_shape)} B{list(b_shape)}; the "
+                          "config does not belong to these weights")
+    alpha_pat = cfg.get("alpha_pattern") or {}
+    alpha = pattern_value(alpha_pat, name, None)
+    source_name = "alpha_pattern" if alpha is not None else "config"
+    if alpha is None:
+        alpha = cfg["lora_alpha"]
+    fifo = bool(cfg.get("fan_in_fan_out", False)) if kind == LINEAR else False
+    return LoraModule(name=name, a_key=a_key, b_key=b_key, kind=kind, rank=rank,
+                      alpha=float(alpha), alpha_source=source_name,
+                      rslora=bool(cfg.get("use_rslora", False)), fan_in_fan_out=fifo,
+                      a_shape=a_shape, b_shape=b_shape)

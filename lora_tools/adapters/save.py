@@ -1,0 +1,177 @@
+"""Writing adapters: PEFT folders, kohya files and loralib state dicts.
+
+Commands that produce an adapter (rescale, resize, combine, convert, extract) build a
+list of :class:`FactorModule` and call :func:`save_adapter`. Output is atomic like every
+checkpoint written here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools import __version__
+from lora_tools.adapters.loralib import ALPHA_META
+from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV, MERGED
+from lora_tools.adapters.peft import CONFIG, PREFIX
+from lora_tools.errors import UsageError
+from lora_tools.io.output import CheckpointWriter, check_output, temp_path
+from lora_tools.io.writer import TensorSpec, tensor_bytes
+
+ALPHAS_META = "lora_tools.alphas"
+FORMATS = ("peft", "kohya", "loralib")
+
+
+@dataclass
+class FactorModule:
+    """A module's factors in memory, ready to save.
+
+    ``name``: PEFT/loralib dotted module path, or the kohya name for kohya output.
+    A: (r, in[, k...]) and B: (out, r[, 1...]) as the target format stores them.
+    """
+
+    name: str
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+    kind: str = LINEAR
+    rslora: bool = False
+    fan_in_fan_out: bool = False
+    enable_lora: tuple[bool, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        if self.kind == MERGED and self.enable_lora:
+            return self.a.shape[0] // sum(self.enable_lora)
+        if self.kind == LORALIB_CONV:
+            return int(self.extra.get("rank", self.a.shape[0]))
+        return int(self.a.shape[0])
+
+
+def save_adapter(modules: list[FactorModule], out: str | Path, fmt: str, *,
+                 template: dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
+                 force: bool = False, inputs: list[Path] | None = None) -> Path:
+    """Write ``modules`` as a ``fmt`` adapter at ``out`` (a folder for PEFT, else a file)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown adapter format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not modules:
+        raise UsageError(f"{out}: no modules to write")
+    meta = {"format": "pt", "lora_tools.version": __version__, **(metadata or {})}
+    out = Path(out)
+    if fmt == "peft":
+        return _save_peft(modules, out, template or {}, meta, force, inputs or [])
+    tensors = _kohya_tensors(modules) if fmt == "kohya" else _loralib_tensors(modules, meta)
+    _write_tensors(tensors, out, meta, force, inputs or [])
+    return out
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], out: Path, meta: dict[str, str],
+                   force: bool, inputs: list[Path]) -> None:
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    with CheckpointWriter(out, specs, meta, force=force, inputs=inputs) as w:
+        for k, v in tensors.items():
+            w.write(k, tensor_bytes(v))
+
+
+def _kohya_tensors(modules: list[FactorModule]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for m in modules:
+        if m.rslora or m.kind not in (LINEAR, CONV):
+            raise UsageError(f"{m.name}: kohya holds plain linear/conv LoRA only; fold "
+                             "rsLoRA or fused layouts first (convert does this)")
+        out[f"{m.name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+        out[f"{m.name}.lora_down.weight"] = m.a.contiguous()
+        out[f"{m.name}.lora_up.weight"] = m.b.contiguous()
+    return out
+
+
+def _loralib_tensors(modules: list[FactorModule], meta: dict[str, str]
+                     ) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    alphas = {m.name: m.alpha for m in modules}
+    if any(m.rslora for m in modules):
+        raise UsageError("loralib has no rsLoRA; fold the scale into alpha first")
+    if len(set(alphas.values())) == 1:
+        meta[ALPHA_META] = repr(float(modules[0].alpha))
+    else:
+        meta[ALPHAS_META] = json.dumps(alphas)
+    for m in modules:
+        out[f"{m.name}.lora_A"] = m.a.contiguous()
+        out[f"{m.name}.lora_B"] = m.b.contiguous()
+    return out
+
+
+def peft_config(modules: list[FactorModule], template: dict[str, Any]) -> dict[str, Any]:
+    """A LoRA config PEFT loads: the most common rank/alpha as defaults, the rest as patterns."""
+    r = Counter(m.rank for m in modules).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
+    rslora = {m.rslora for m in modules}
+    if len(rslora) > 1:
+        raise UsageError("PEFT needs one rsLoRA convention per adapter; rescale the modules "
+                         "to one convention first")
+    cfg: dict[str, Any] = {k: v for k, v in template.items() if k not in ("rank_pattern",
+                                                                          "alpha_pattern")}
+    cfg.update({
+        "peft_type": "LORA", "r": r, "lora_alpha": _num(alpha), "use_rslora": rslora.pop(),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in modules),
+        "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in modules}),
+        "rank_pattern": {m.name: m.rank for m in modules if m.rank != r},
+        "alpha_pattern": {m.name: _num(m.alpha) for m in modules if m.alpha != alpha},
+    })
+    for key, default in (("lora_dropout", 0.0), ("bias", "none"), ("inference_mode", True),
+                         ("task_type", None), ("base_model_name_or_path", None),
+                         ("use_dora", False), ("modules_to_save", None)):
+        cfg.setdefault(key, default)
+    return cfg
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _save_peft(modules: list[FactorModule], out: Path, template: dict[str, Any],
+               meta: dict[str, str], force: bool, inputs: list[Path]) -> Path:
+    for m in modules:
+        if m.kind not in (LINEAR, CONV, EMBEDDING):
+            raise UsageError(f"{m.name}: PEFT has no {m.kind} layout; convert it first")
+    tensors: dict[str, torch.Tensor] = {}
+    for m in modules:
+        a_suf, b_suf = ((".lora_embedding_A", ".lora_embedding_B") if m.kind == EMBEDDING
+                        else (".lora_A.weight", ".lora_B.weight"))
+        tensors[PREFIX + m.name + a_suf] = m.a.contiguous()
+        tensors[PREFIX + m.name + b_suf] = m.b.contiguous()
+    check_output(out, inputs, force)
+    staging = temp_path(out)
+    staging.mkdir(exist_ok=True)
+    try:
+        (staging / CONFIG).write_text(json.dumps(peft_config(modules, template), indent=2))
+        _write_tensors(tensors, staging / "adapter_model.safetensors", meta, False, [])
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staging, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def factor_modules(adapter: Any) -> list[FactorModule]:
+    """Read every module of a loaded :class:`~lora_tools.adapters.model.Adapter` into memory."""
+    out = []
+    for m in adapter.modules:
+        a, b = adapter.factors(m)
+        out.append(FactorModule(m.name, a, b, float(m.alpha) if m.alpha is not None else 0.0,
+                                m.kind, m.rslora, bool(m.fan_in_fan_out), m.enable_lora,
+                                extra={"rank": m.rank}))
+    return out

@@ -1,0 +1,100 @@
+"""Options and helpers shared by the commands: parsing, errors, output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from lora_tools.errors import LoraToolsError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class LibraryError(click.ClickException):
+    """A library error shown as ``Error: ...`` with the library's exit status."""
+
+    def __init__(self, err: LoraToolsError) -> None:
+        super().__init__(str(err))
+        self.exit_code = err.exit_code
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors into clean click errors (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LoraToolsError as err:
+            raise LibraryError(err) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_enable_lora(value: str | None) -> tuple[bool, ...] | None:
+    if not value:
+        return None
+    parts = [p.strip().lower() for p in value.split(",")]
+    truth = {"1": True, "true": True, "t": True, "0": False, "false": False, "f": False}
+    if not all(p in truth for p in parts) or not any(truth[p] for p in parts):
+        raise click.BadParameter("write it like 1,0,1 (one flag per fused part, at least one 1)",
+                                 param_hint="--enable-lora")
+    return tuple(truth[p] for p in parts)
+
+
+def adapter_options(fn: F) -> F:
+    """--alpha, --enable-lora, --fan-in-fan-out: what some formats leave unsaid."""
+    fn = click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
+                      help="Weights stored (in, out) like GPT-2 Conv1D. Detected from shapes "
+                           "when they are not square.")(fn)
+    fn = click.option("--enable-lora", metavar="FLAGS",
+                      help="loralib MergedLinear: which fused parts are adapted, e.g. 1,0,1 "
+                           "for q and v of GPT-2's c_attn.")(fn)
+    fn = click.option("--alpha", type=float,
+                      help="Alpha for files that do not store it (loralib). Recipes: GPT-2 "
+                           "NLG r=4 alpha=128; NLU alpha=2r.")(fn)
+    return fn
+
+
+def output_options(fn: F) -> F:
+    fn = click.option("--shard-size", metavar="SIZE",
+                      help="Largest shard of a folder output, e.g. 5GB (default 5GB).")(fn)
+    fn = click.option("--dtype", metavar="DTYPE",
+                      help="Output dtype of floating tensors (fp32, fp16, bf16); default: "
+                           "the base's.")(fn)
+    fn = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
+    fn = click.option("-o", "--out", "out", required=True, type=click.Path(),
+                      help="Output: .safetensors, .pt/.bin, or a folder.")(fn)
+    return fn
+
+
+def run_options(fn: F) -> F:
+    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar or text.")(fn)
+    fn = click.option("--json", "as_json", is_flag=True,
+                      help="Print a machine-readable JSON summary.")(fn)
+    fn = click.option("--device", default="auto", show_default=True,
+                      help="Where to compute: auto, cpu, cuda, cuda:N.")(fn)
+    return fn
+
+
+def emit(data: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str],
+         quiet: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif not quiet:
+        click.echo(text(data))
+
+
+def warn(lines: list[str], quiet: bool = False) -> None:
+    if not quiet:
+        for line in lines:
+            click.echo(f"warning: {line}", err=True)
+
+
+def progress_wanted(quiet: bool, as_json: bool) -> bool:
+    return not quiet and not as_json and sys.stderr.isatty()

@@ -1,0 +1,200 @@
+"""Lazy checkpoint readers: names, shapes and dtypes first; tensor data on demand.
+
+One interface over a ``.safetensors`` file, a torch file and a Hugging Face model folder
+(single file or sharded with ``*.index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from lora_tools.errors import FormatError
+from lora_tools.io import safetensors_file as stf
+from lora_tools.io.detect import SAFETENSORS, sniff
+from lora_tools.io.safetensors_file import TensorInfo
+from lora_tools.io.torch_file import load_state_dict
+
+METADATA_RECORD = "lora_tools_metadata.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.bin")
+
+
+class Checkpoint:
+    """Read-only view of named tensors. Subclasses fill ``_infos`` in file order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        self._infos: dict[str, TensorInfo] = {}
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    @property
+    def folder(self) -> Path | None:
+        """The model folder whose non-weight files belong to this checkpoint, if any."""
+        return None
+
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def infos(self) -> Iterator[TensorInfo]:
+        return iter(self._infos.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def raw(self, name: str) -> bytes | bytearray | memoryview:
+        """The tensor's contiguous little-endian bytes, without a dtype round trip."""
+        t = self.get(name).contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
+
+    def close(self) -> None:
+        """Release file handles; readers here hold none between calls."""
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._infos, self.metadata = stf.read_header(path)
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self._infos[name]
+        return stf.bytes_to_tensor(stf.read_bytes(info), info.dtype, info.shape)
+
+    def raw(self, name: str) -> bytearray:
+        return stf.read_bytes(self._infos[name])
+
+
+class TorchCheckpoint(Checkpoint):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._tensors = load_state_dict(path)
+        self.metadata = read_zip_metadata(path)
+        for name, t in self._tensors.items():
+            nbytes = t.numel() * t.element_size()
+            self._infos[name] = TensorInfo(name, t.dtype, tuple(t.shape), nbytes, path, -1)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+def read_zip_metadata(path: Path) -> dict[str, str]:
+    """The metadata record that lora-tools adds to the torch zip files it writes."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("/extra/" + METADATA_RECORD)), None)
+            if name is None:
+                return {}
+            meta = json.loads(zf.read(name))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def open_file(path: Path) -> Checkpoint:
+    if sniff(path) == SAFETENSORS:
+        return SafetensorsCheckpoint(path)
+    return TorchCheckpoint(path)
+
+
+class FolderCheckpoint(Checkpoint):
+    """A Hugging Face model folder: one weight file, or shards listed by an index."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._shards: dict[Path, Checkpoint] = {}
+        self._where: dict[str, Path] = {}
+        self.index_file: Path | None = None
+        index = next((path / n for n in INDEX_NAMES if (path / n).is_file()), None)
+        if index is None:
+            index = next(iter(sorted(path.glob("*.index.json"))), None)
+        if index is not None:
+            self._load_index(index)
+        else:
+            self._load_single(path)
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._shards)
+
+    @property
+    def folder(self) -> Path:
+        return self.path
+
+    def _load_index(self, index: Path) -> None:
+        self.index_file = index
+        try:
+            doc = json.loads(index.read_text())
+            weight_map = doc["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (ValueError, KeyError, AssertionError):
+            raise FormatError(f"{index}: not a valid index file (needs a 'weight_map' object); "
+                              "re-save the model or remove the index") from None
+        for shard_name in dict.fromkeys(weight_map.values()):
+            shard_path = self.path / shard_name
+            if not shard_path.is_file():
+                raise FormatError(f"{index}: names shard {shard_name!r}, which is missing from "
+                                  f"{self.path}; download the missing shard")
+            self._add_shard(shard_path)
+        missing = [k for k in weight_map if k not in self._infos]
+        if missing:
+            raise FormatError(f"{index}: lists tensors that are in no shard: {', '.join(missing[:5])}")
+        for name, shard in weight_map.items():
+            if self._where[name].name != shard:
+                raise FormatError(f"{index}: says {name!r} is in {shard} but it is in "
+                                  f"{self._where[name].name}")
+
+    def _load_single(self, path: Path) -> None:
+        found = [path / n for n in SINGLE_NAMES if (path / n).is_file()]
+        if not found:
+            found = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        if not found:
+            raise FormatError(f"{path}: folder holds no weight file (*.safetensors, *.bin) "
+                              "and no *.index.json")
+        self._add_shard(found[0])
+
+    def _add_shard(self, shard_path: Path) -> None:
+        shard = open_file(shard_path)
+        self._shards[shard_path] = shard
+        self.metadata.update(shard.metadata)
+        for info in shard.infos():
+            if info.name in self._infos:
+                raise FormatError(f"{self.path}: tensor {info.name!r} is stored twice "
+                                  f"({self._where[info.name].name} and {shard_path.name}); "
+                                  "remove the duplicate shard")
+            self._infos[info.name] = info
+            self._where[info.name] = shard_path
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._shards[self._where[name]].get(name)
+
+    def raw(self, name: str) -> bytes | bytearray | memoryview:
+        return self._shards[self._where[name]].raw(name)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open any supported checkpoint lazily: a file or a Hugging Face model folder."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file or folder")
+    if p.is_dir():
+        return FolderCheckpoint(p)
+    return open_file(p)

@@ -1,0 +1,170 @@
+"""``CheckpointWriter``: one context manager for every output form, atomic.
+
+The form follows the target: ``*.safetensors``, ``*.pt/.pth/.bin``, or otherwise a Hugging
+Face style folder (shards + index, non-weight files of the source folder copied).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+from lora_tools.errors import OutputError
+from lora_tools.io.checkpoint import INDEX_NAMES, METADATA_RECORD, WEIGHT_SUFFIXES
+from lora_tools.io.torch_zip import TorchZipWriter
+from lora_tools.io.writer import (
+    TMP_MARK,
+    TORCH_SUFFIXES,
+    SafetensorsWriter,
+    TensorSpec,
+    plan_shards,
+)
+
+DEFAULT_SHARD_SIZE = 5 * 10**9
+
+
+class _FileWriter(Protocol):
+    def write(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def output_kind(out: Path) -> str:
+    if out.suffix == ".safetensors":
+        return "safetensors"
+    if out.suffix in TORCH_SUFFIXES:
+        return "torch"
+    return "folder"
+
+
+def check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse to overwrite an input, or an existing output without ``force``."""
+    target = out.resolve()
+    for src in inputs:
+        s = src.resolve()
+        if target == s or s in target.parents or (s.is_file() and target in s.parents):
+            raise OutputError(f"{out}: the output would overwrite the input {src}; "
+                              "choose another output path")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists; pass --force to replace it")
+    if not out.parent.exists():
+        raise OutputError(f"{out.parent}: the output folder does not exist; create it first")
+
+
+def temp_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}{TMP_MARK}-{os.getpid()}")
+
+
+class CheckpointWriter:
+    """Write tensors in plan order; the target appears only when all went well."""
+
+    def __init__(self, out: str | Path, specs: list[TensorSpec], metadata: dict[str, str],
+                 *, shard_size: int | None = None, source_folder: Path | None = None,
+                 force: bool = False, inputs: list[Path] | None = None) -> None:
+        self.out = Path(out)
+        self.kind = output_kind(self.out)
+        self.specs = specs
+        self.metadata = metadata
+        self.shard_size = shard_size or DEFAULT_SHARD_SIZE
+        self.source_folder = source_folder
+        check_output(self.out, inputs or [], force)
+        self.tmp = temp_path(self.out)
+        self._writers: dict[str, _FileWriter] = {}
+        self._open: list[_FileWriter] = []
+
+    def __enter__(self) -> CheckpointWriter:
+        _remove(self.tmp)
+        try:
+            self._start()
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def _start(self) -> None:
+        if self.kind == "safetensors":
+            self._add(SafetensorsWriter(self.tmp, self.specs, self.metadata), self.specs)
+        elif self.kind == "torch":
+            extra = {METADATA_RECORD: json.dumps(self.metadata).encode()}
+            specs = [(s.name, s.dtype, s.shape) for s in self.specs]
+            self._add(TorchZipWriter(self.tmp, specs, extra), self.specs)
+        else:
+            self._start_folder()
+
+    def _start_folder(self) -> None:
+        self.tmp.mkdir()
+        if self.source_folder is not None:
+            _copy_side_files(self.source_folder, self.tmp)
+        shards = plan_shards(self.specs, self.shard_size)
+        n = len(shards)
+        names = (["model.safetensors"] if n == 1 else
+                 [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        for fname, shard in zip(names, shards):
+            self._add(SafetensorsWriter(self.tmp / fname, shard, self.metadata), shard)
+        if n > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs),
+                                  **self.metadata},
+                     "weight_map": {s.name: f for f, sh in zip(names, shards) for s in sh}}
+            (self.tmp / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2))
+
+    def _add(self, writer: _FileWriter, specs: list[TensorSpec]) -> None:
+        self._open.append(writer)
+        for s in specs:
+            self._writers[s.name] = writer
+
+    def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        self._writers[name].write(name, data)
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if et is not None:
+            self._abort()
+            return
+        try:
+            for w in self._open:
+                w.close()
+            self._commit()
+        except OSError as exc:
+            self._abort()
+            raise OutputError(f"{self.out}: writing failed ({exc.strerror or exc}); "
+                              "no output was left behind") from exc
+        except BaseException:
+            self._abort()
+            raise
+
+    def _commit(self) -> None:
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.lora-tools-old-{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+            _remove(old)
+        else:
+            os.replace(self.tmp, self.out)
+
+    def _abort(self) -> None:
+        for w in self._open:
+            try:
+                w.abort()
+            except OSError:
+                pass
+        _remove(self.tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Copy config, tokenizer and other non-weight files of a model folder."""
+    for p in src.iterdir():
+        if p.name.startswith(".") or p.name in INDEX_NAMES or p.name.endswith(".index.json"):
+            continue
+        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES:
+            shutil.copy2(p, dst / p.name)

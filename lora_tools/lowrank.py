@@ -1,0 +1,65 @@
+"""Factor-space linear algebra: SVD of ``s · B @ A`` without forming the ``out × in`` matrix.
+
+QR of B and of Aᵀ reduces the problem to an ``r × r`` core, whose SVD gives the exact
+singular triplets of ΔW. Cost O((in + out)·r²) instead of O(in·out·min(in, out)).
+Computed in fp64 (cheap at these sizes) unless a dtype is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class FactorSVD:
+    """ΔW = U · diag(S) · Vh with U: (out, k), S: (k,), Vh: (k, in), k = rank of the factors."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+
+    def energy(self, k: int) -> float:
+        """Fraction of Σσ² kept by the first ``k`` singular values."""
+        total = float((self.s ** 2).sum())
+        return 1.0 if total == 0 else float((self.s[:k] ** 2).sum()) / total
+
+    def rel_error(self, k: int) -> float:
+        """‖ΔW − ΔW_k‖_F / ‖ΔW‖_F for the best rank-k approximation (Eckart–Young)."""
+        total = float((self.s ** 2).sum())
+        return 0.0 if total == 0 else (float((self.s[k:] ** 2).sum()) / total) ** 0.5
+
+
+def flatten_factors(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv factors as matrices: A (r, in, *k) -> (r, in·k…), B (out, r, 1…) -> (out, r)."""
+    return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], b.shape[1])
+
+
+def factor_svd(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+               dtype: torch.dtype = torch.float64) -> FactorSVD:
+    """Exact SVD of ``scale · B @ A``. A: (r, in), B: (out, r); any device."""
+    a2, b2 = flatten_factors(a.to(dtype), b.to(dtype))
+    qb, rb = torch.linalg.qr(b2)  # (out, r), (r, r)
+    qa, ra = torch.linalg.qr(a2.T)  # (in, r), (r, r)
+    core = (rb @ ra.T) * scale
+    uc, s, vhc = torch.linalg.svd(core)
+    return FactorSVD(qb @ uc, s, vhc @ qa.T)
+
+
+def stacked_svd(pairs: list[tuple[torch.Tensor, torch.Tensor, float]],
+                dtype: torch.dtype = torch.float64) -> FactorSVD:
+    """SVD of ``Σ sᵢ · Bᵢ @ Aᵢ`` by stacking along the rank (the scales folded into B)."""
+    a_cat = torch.cat([flatten_factors(a, b)[0].to(dtype) for a, b, _ in pairs], dim=0)
+    b_cat = torch.cat([flatten_factors(a, b)[1].to(dtype) * s for a, b, s in pairs], dim=1)
+    return factor_svd(a_cat, b_cat, 1.0, dtype)
+
+
+def split(svd: FactorSVD, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (A: (k, in), B: (out, k)) with ``scale · B @ A`` = the rank-k truncation.
+
+    √σ goes to each side, so A and B have equal norms per direction (kohya's and PEFT's
+    convention); the new scale is divided out.
+    """
+    root = (svd.s[:k] / scale).sqrt()
+    return root[:, None] * svd.vh[:k], svd.u[:, :k] * root[None, :]

@@ -1,0 +1,139 @@
+"""``merge``: put one or more adapters into a base checkpoint, streaming and exact."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools import provenance
+from lora_tools.adapters import Adapter, load_adapter, require_alpha
+from lora_tools.adapters.mapping import Match, resolve
+from lora_tools.delta import check_finite, module_delta
+from lora_tools.device import resolve_device
+from lora_tools.engine import TensorFn, output_specs, stream
+from lora_tools.errors import ProvenanceError, UsageError
+from lora_tools.io import CheckpointWriter, open_checkpoint
+from lora_tools.io.checkpoint import Checkpoint
+
+
+@dataclass
+class AdapterOptions:
+    """Options for formats that leave something unsaid (loralib's alpha, fused layout)."""
+
+    alpha: float | None = None
+    enable_lora: tuple[bool, ...] | None = None
+    fan_in_fan_out: bool | None = None
+
+
+@dataclass
+class MergeSummary:
+    out: str
+    tensors: int
+    changed: int
+    copied: int
+    bytes_written: int
+    seconds: float
+    device: str
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def open_adapters(paths: list[str | Path], opts: AdapterOptions) -> list[Adapter]:
+    adapters = [load_adapter(p, alpha=opts.alpha, enable_lora=opts.enable_lora,
+                             fan_in_fan_out=opts.fan_in_fan_out) for p in paths]
+    for a in adapters:
+        require_alpha(a)
+    return adapters
+
+
+def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path, *,
+                   sign: float = 1.0, weights: list[float] | None = None,
+                   opts: AdapterOptions | None = None, dtype: torch.dtype | None = None,
+                   device: str = "auto", shard_size: int | None = None, force: bool = False,
+                   allow_unmatched: bool = False, progress: bool = False,
+                   op: str = "merge") -> MergeSummary:
+    """Stream ``base + sign · Σ wᵢ·ΔWᵢ`` into ``out`` (merge: sign +1, unmerge: -1)."""
+    weights = _weights(weights, len(adapter_paths))
+    base = open_checkpoint(base_path)
+    adapters = open_adapters(adapter_paths, opts or AdapterOptions())
+    reports, warnings = resolve(adapters, base, allow_unmatched)
+    _check_history(base, adapters, op, force)
+    dev = resolve_device(device)
+    work = build_work(adapters, [r.matches for r in reports], weights, sign, dev)
+    records = [provenance.adapter_record(a, w, op) for a, w in zip(adapters, weights)]
+    for rec, a, r in zip(records, adapters, reports):
+        rec["merged_modules"] = len(r.matches)
+        warnings.extend(f"{a.path}: {n}" for n in a.notes)
+    specs = output_specs(base, dtype)
+    meta = provenance.metadata(base.metadata, records)
+    inputs = [Path(base_path), *map(Path, adapter_paths)]
+    with CheckpointWriter(out, specs, meta, shard_size=shard_size, source_folder=base.folder,
+                          force=force, inputs=inputs) as writer:
+        stats = stream(base, writer, work, progress)
+    return MergeSummary(out=str(out), tensors=stats.tensors, changed=stats.changed,
+                        copied=stats.copied, bytes_written=stats.bytes_written,
+                        seconds=round(stats.seconds, 3), device=str(dev), adapters=records,
+                        warnings=warnings)
+
+
+def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
+          **kwargs: Any) -> MergeSummary:
+    """Merge adapters into ``base_path``: every adapted tensor becomes ``W + Σ wᵢ·sᵢ·BᵢAᵢ``."""
+    return apply_adapters(base_path, adapter_paths, out, sign=1.0, op="merge", **kwargs)
+
+
+def _weights(weights: list[float] | None, n: int) -> list[float]:
+    if not weights:
+        return [1.0] * n
+    if len(weights) == 1 and n > 1:
+        return list(weights) * n
+    if len(weights) != n:
+        raise UsageError(f"{len(weights)} --weight values for {n} adapters; give one per "
+                         "adapter, in the same order")
+    return list(weights)
+
+
+def _check_history(base: Checkpoint, adapters: list[Adapter], op: str, force: bool) -> None:
+    if force:
+        return
+    net = provenance.merged_shas(provenance.read(base.metadata))
+    for a in adapters:
+        times = net.get(a.sha256, 0)
+        if op == "merge" and times > 0:
+            raise ProvenanceError(f"{a.path}: this adapter (sha256 {a.sha256[:12]}) is already "
+                                  f"merged into {base.path} according to its metadata; "
+                                  "pass --force to merge it again")
+        if op == "unmerge" and net and times <= 0:
+            raise ProvenanceError(f"{a.path}: {base.path}'s metadata records no merge of this "
+                                  f"adapter (sha256 {a.sha256[:12]}); pass --force to "
+                                  "subtract it anyway")
+
+
+def build_work(adapters: list[Adapter], matches: list[list[Match]], weights: list[float],
+               sign: float, dev: torch.device) -> dict[str, TensorFn]:
+    """One function per adapted base tensor, adding every adapter's delta in fp32."""
+    per_key: dict[str, list[tuple[Adapter, Match, float]]] = {}
+    for a, ms, w in zip(adapters, matches, weights):
+        for m in ms:
+            per_key.setdefault(m.base_key, []).append((a, m, sign * w))
+
+    def apply(name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+        acc = w.to(dev, torch.float32)
+        check_finite(acc, f"base tensor {name}")
+        for adapter, match, weight in per_key[name]:
+            a, b = adapter.factors(match.module)
+            a, b = a.to(dev), b.to(dev)
+            check_finite(a, f"{adapter.path}: {match.module.a_key}")
+            check_finite(b, f"{adapter.path}: {match.module.b_key}")
+            factor = match.module.scale * weight
+            acc += module_delta(match.module, a, b, factor, tuple(w.shape))
+        check_finite(acc, f"merged tensor {name}")
+        return acc.to(out).cpu()
+
+    return {key: apply for key in per_key}

@@ -1,0 +1,49 @@
+"""Merge provenance kept in output metadata: which adapters, with which weight and scale."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from lora_tools import __version__
+from lora_tools.adapters.model import Adapter
+
+KEY = "lora_tools.provenance"
+VERSION_KEY = "lora_tools.version"
+
+
+def read(metadata: dict[str, str]) -> list[dict[str, Any]]:
+    """The list of merge records, oldest first; empty when there is none or it is broken."""
+    raw = metadata.get(KEY)
+    if not raw:
+        return []
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return []
+    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def adapter_record(adapter: Adapter, weight: float, op: str) -> dict[str, Any]:
+    scales = sorted({round(m.scale, 12) for m in adapter.modules})
+    return {"op": op, "adapter": adapter.path.name, "format": adapter.format,
+            "sha256": adapter.sha256, "weight": weight, "scales": scales,
+            "modules": len(adapter.modules), "tool": f"lora-tools {__version__}"}
+
+
+def merged_shas(records: list[dict[str, Any]]) -> dict[str, int]:
+    """sha256 -> net times merged (merges minus unmerges)."""
+    net: dict[str, int] = {}
+    for r in records:
+        sha = str(r.get("sha256", ""))
+        net[sha] = net.get(sha, 0) + (1 if r.get("op") == "merge" else -1)
+    return net
+
+
+def metadata(previous: dict[str, str], records: list[dict[str, Any]]) -> dict[str, str]:
+    """Output metadata: the base's own entries kept, the history extended."""
+    meta = dict(previous)
+    meta["format"] = meta.get("format", "pt")
+    meta[VERSION_KEY] = __version__
+    meta[KEY] = json.dumps(read(previous) + records, separators=(",", ":"))
+    return meta
