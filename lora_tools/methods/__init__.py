@@ -1,0 +1,1 @@
+"""Registries of named methods (combine strategies, resize rules): one name each."""
