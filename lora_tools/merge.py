@@ -10,7 +10,7 @@ import torch
 
 from lora_tools import provenance
 from lora_tools.adapters import Adapter, load_adapter, require_alpha
-from lora_tools.adapters.mapping import Match, resolve
+from lora_tools.adapters.mapping import Match, MatchReport, resolve
 from lora_tools.delta import check_finite, module_delta
 from lora_tools.device import resolve_device
 from lora_tools.engine import TensorFn, output_specs, stream
@@ -65,7 +65,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     reports, warnings = resolve(adapters, base, allow_unmatched)
     _check_history(base, adapters, op, force)
     dev = resolve_device(device)
-    work = build_work(adapters, [r.matches for r in reports], weights, sign, dev)
+    work = build_work(adapters, reports, weights, sign, dev)
     records = [provenance.adapter_record(a, w, op) for a, w in zip(adapters, weights)]
     for rec, a, r in zip(records, adapters, reports):
         rec["merged_modules"] = len(r.matches)
@@ -115,16 +115,25 @@ def _check_history(base: Checkpoint, adapters: list[Adapter], op: str, force: bo
                                   "subtract it anyway")
 
 
-def build_work(adapters: list[Adapter], matches: list[list[Match]], weights: list[float],
+def build_work(adapters: list[Adapter], reports: list[MatchReport], weights: list[float],
                sign: float, dev: torch.device) -> dict[str, TensorFn]:
     """One function per adapted base tensor, adding every adapter's delta in fp32."""
     per_key: dict[str, list[tuple[Adapter, Match, float]]] = {}
-    for a, ms, w in zip(adapters, matches, weights):
-        for m in ms:
+    start: dict[str, tuple[Adapter, str]] = {}
+    for a, report, w in zip(adapters, reports, weights):
+        for m in report.matches:
             per_key.setdefault(m.base_key, []).append((a, m, sign * w))
+        for base_key, adapter_key in report.replacements.items():
+            if sign < 0:
+                raise UsageError(f"{a.path}: holds a whole saved tensor {adapter_key}; the "
+                                 "original base tensor cannot be recovered by unmerging")
+            start[base_key] = (a, adapter_key)
+            per_key.setdefault(base_key, [])
 
     def apply(name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
-        acc = w.to(dev, torch.float32)
+        # PEFT loads saved embedding weights over the base before merging.
+        src = start[name][0].source.get(start[name][1]) if name in start else w
+        acc = src.to(dev, torch.float32)
         check_finite(acc, f"base tensor {name}")
         for adapter, match, weight in per_key[name]:
             a, b = adapter.factors(match.module)

@@ -36,6 +36,7 @@ class MatchReport:
     matches: list[Match] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     misfits: list[str] = field(default_factory=list)
+    replacements: dict[str, str] = field(default_factory=dict)  # base key -> adapter key
 
 
 class BaseIndex:
@@ -96,7 +97,24 @@ def match_adapter(adapter: Adapter, index: BaseIndex) -> MatchReport:
             report.misfits.append(f"{m.name} -> {keys[0]}: {problem}")
         else:
             report.matches.append(Match(m, keys[0]))
+    _match_replacements(adapter, index, report)
     return report
+
+
+def _match_replacements(adapter: Adapter, index: BaseIndex, report: MatchReport) -> None:
+    for target, key in adapter.replacements.items():
+        probe = LoraModule(target.removesuffix(".weight"), key, key, LINEAR, 0, None, "")
+        keys = index.candidates(probe)
+        if len(keys) != 1:
+            report.misfits.append(f"{key}: the saved whole tensor matches {len(keys)} base "
+                                  "tensors, not one")
+            continue
+        have, want = adapter.source.info(key).shape, index.base.info(keys[0]).shape
+        if have != want:
+            report.misfits.append(f"{key}: saved tensor {list(have)} vs base {keys[0]} "
+                                  f"{list(want)} (a resized vocabulary is not supported yet)")
+            continue
+        report.replacements[keys[0]] = key
 
 
 def fit(m: LoraModule, shape: tuple[int, ...]) -> str | None:

@@ -68,6 +68,10 @@ class Adapter:
     config: dict[str, object] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     weight_files: list[Path] = field(default_factory=list)
+    # Whole tensors that replace a base tensor before the delta is added, as PEFT does
+    # with the embedding weights it saves (``<module>.base_layer.weight``):
+    # module path + ".weight" -> key in ``source``.
+    replacements: dict[str, str] = field(default_factory=dict)
     _sha: str | None = None
 
     def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,14 +85,19 @@ def load_peft(path: Path, alpha: float | None = None) -> Adapter:
     source = open_file(weights)
     unknown = sorted(set(cfg) - KNOWN_FIELDS)
     notes = [f"ignored config fields that do not change the merge: {', '.join(unknown)}"] if unknown else []
-    modules = peft_modules(source, cfg)
+    modules, replacements = peft_modules(source, cfg)
     return Adapter(path=folder, format="peft", source=source, modules=modules, config=cfg,
-                   notes=notes, weight_files=[weights])
+                   notes=notes, weight_files=[weights], replacements=replacements)
 
 
-def peft_modules(source: Checkpoint, cfg: dict[str, Any]) -> list[LoraModule]:
-    """Modules from PEFT-named keys, resolved against the config's r/alpha and patterns."""
+def peft_modules(source: Checkpoint, cfg: dict[str, Any]
+                 ) -> tuple[list[LoraModule], dict[str, str]]:
+    """Modules from PEFT-named keys, resolved against the config's r/alpha and patterns,
+    and the whole tensors PEFT saved beside them (``save_embedding_layers``)."""
     modules, used = [], set()
+    replacements = {k.removeprefix(PREFIX).replace(".base_layer.weight", ".weight"): k
+                    for k in source.keys() if k.endswith(".base_layer.weight")}
+    used.update(replacements.values())
     for key in source.keys():
         for a_suf, (b_suf, kind) in _A_SUFFIXES.items():
             if not key.endswith(a_suf):
@@ -111,7 +116,7 @@ def peft_modules(source: Checkpoint, cfg: dict[str, Any]) -> list[LoraModule]:
             "trainable tokens are not supported yet)")
     if not modules:
         raise FormatError(f"{source.path}: no lora_A/lora_B keys found; is this a PEFT adapter?")
-    return modules
+    return modules, replacements
 
 
 def _module(source: Checkpoint, cfg: dict[str, Any], stem: str, a_key: str, b_key: str,
