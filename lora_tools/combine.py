@@ -1,0 +1,300 @@
+"""``combine``: several adapters into one adapter file, no base model needed.
+
+Modules are matched across adapters by name; a module present in only some adapters is
+combined over those. Each module goes through one method of
+:mod:`lora_tools.methods.combine`, and its error against the exact weighted sum
+``Σᵢ wᵢ·ΔWᵢ`` is measured in factor space (fp64, no m×n matrix) on the rounded output.
+
+The output holds one alpha for every module (the largest new rank) and no rsLoRA, so it
+fits every format; each module's scale ``alpha / k`` is divided out of its factors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+import zlib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.adapters import Adapter
+from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LoraModule
+from lora_tools.adapters.save import FactorModule, save_adapter
+from lora_tools.delta import check_finite
+from lora_tools.device import resolve_device
+from lora_tools.errors import MatchError, UsageError
+from lora_tools.io.dtypes import dtype_name
+from lora_tools.lowrank import stacked_svd
+from lora_tools.merge import AdapterOptions, open_adapters
+from lora_tools.methods.combine import CombineMethod, Options, Term, get_method
+from lora_tools.methods.combine.base import MAJORITY_SIGN
+
+META_KEY = "lora_tools.combine"
+OUTPUT_FORMATS = ("peft", "kohya", "loralib", "same")
+# Config fields of the first PEFT input that say which layers are adapted or how: the
+# combined adapter sets its own (targets, ranks, alpha), so these are not copied.
+_NOT_COPIED = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+               "target_modules", "layers_to_transform", "layers_pattern", "exclude_modules",
+               "modules_to_save", "fan_in_fan_out", "target_parameters",
+               "trainable_token_indices", "peft_version"}
+
+
+@dataclass
+class Member:
+    adapter: Adapter
+    module: LoraModule
+    weight: float
+
+
+@dataclass
+class Group:
+    """One output module: its name, layout and the adapters that have it.
+
+    ``out_shape`` is B's shape without the rank axis (m, 1…), ``in_shape`` A's (n, k…).
+    """
+
+    name: str
+    kind: str
+    out_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]
+    members: list[Member] = field(default_factory=list)
+    fan_in_fan_out: bool | None = None
+    underscore: bool = False
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return self.out_shape[0], math.prod(self.in_shape)
+
+
+@dataclass
+class CombineSummary:
+    out: str
+    format: str
+    method: str
+    exact: bool
+    alpha: float
+    dtype: str
+    device: str
+    seconds: float
+    max_rel_error: float
+    seed: int | None = None
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def combine(adapter_paths: list[str | Path], out: str | Path, *,
+            weights: list[float] | None = None, method: str = "cat", rank: int | None = None,
+            density: float | None = None, majority_sign: str = "total",
+            seed: int | None = None, fmt: str = "peft", dtype: torch.dtype | None = None,
+            opts: AdapterOptions | None = None, device: str = "auto",
+            force: bool = False) -> CombineSummary:
+    """Write one adapter at ``out`` whose ΔW estimates ``Σᵢ wᵢ·ΔWᵢ`` by ``method``."""
+    t0 = time.perf_counter()
+    spec = get_method(method)
+    options = method_options(spec, rank, density, majority_sign)
+    ws = parse_weights(weights, len(adapter_paths))
+    adapters = open_adapters(adapter_paths, opts or AdapterOptions())
+    check_adapters(adapters)
+    groups = plan(adapters, ws)
+    fmt = output_format(fmt, adapters, groups)
+    ranks = {g.name: _new_rank(spec, g, rank) for g in groups}
+    alpha = float(max(ranks.values()))
+    if spec.random:
+        seed = secrets.randbits(31) if seed is None else seed
+    dev = resolve_device(device)
+    out_dtype = dtype or widest_dtype(groups)
+    modules, records = [], []
+    for g in groups:
+        fm, rec = combine_group(g, spec, ranks[g.name], alpha, options, seed, dev, out_dtype)
+        modules.append(fm)
+        records.append(rec)
+    inputs = [{"adapter": str(a.path), "format": a.format, "sha256": a.sha256, "weight": w,
+               "modules": len(a.modules)} for a, w in zip(adapters, ws)]
+    meta = {META_KEY: json.dumps({"method": spec.name, "rank": rank, "density": density,
+                                  "majority_sign": majority_sign, "seed": seed,
+                                  "inputs": inputs}, separators=(",", ":"))}
+    save_adapter(modules, out, fmt, template=peft_template(adapters), metadata=meta,
+                 force=force, inputs=[Path(p) for p in adapter_paths])
+    return CombineSummary(
+        out=str(out), format=fmt, method=spec.name, exact=spec.exact, alpha=alpha,
+        dtype=dtype_name(out_dtype), device=str(dev), seconds=round(time.perf_counter() - t0, 3),
+        max_rel_error=max(r["rel_error"] for r in records), seed=seed, adapters=inputs,
+        modules=records, notes=[spec.note] if spec.note else [],
+        warnings=[f"{a.path}: {n}" for a in adapters for n in a.notes] + disjoint_warnings(groups))
+
+
+def method_options(spec: CombineMethod, rank: int | None, density: float | None,
+                   majority_sign: str) -> Options:
+    """Check the options against the method: nothing it needs missing, nothing out of range."""
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank {rank}: the rank must be at least 1")
+    if spec.uses_density:
+        if density is None:
+            raise UsageError(f"--method {spec.name} needs --density, the fraction of ΔW "
+                             "entries kept (e.g. 0.2 for TIES, 0.1-0.5 for DARE)")
+        if not 0 < density <= 1:
+            raise UsageError(f"--density {density}: must be in (0, 1]")
+    elif density is not None:
+        raise UsageError(f"--density does not apply to --method {spec.name}; it is for "
+                         "ties, dare_linear, dare_ties and magnitude_prune")
+    if majority_sign not in MAJORITY_SIGN:
+        raise UsageError(f"--majority-sign {majority_sign}: use total or frequency")
+    return Options(rank=rank, density=density, majority_sign=majority_sign)
+
+
+def parse_weights(weights: list[float] | None, n: int) -> list[float]:
+    if not weights:
+        return [1.0] * n
+    if len(weights) != n:
+        raise UsageError(f"{len(weights)} weights for {n} adapters; give one per adapter, in "
+                         "the same order (e.g. --weights 0.7,0.3)")
+    return [float(w) for w in weights]
+
+
+def check_adapters(adapters: list[Adapter]) -> None:
+    for a in adapters:
+        if a.replacements:
+            raise UsageError(f"{a.path}: the adapter also saves whole tensors "
+                             f"({', '.join(list(a.replacements.values())[:3])}); an adapter "
+                             "cannot carry them combined: merge the adapters instead")
+        for m in a.modules:
+            if m.enable_lora is not None or m.kind not in (LINEAR, CONV, EMBEDDING):
+                raise UsageError(f"{a.path}: {m.name}: fused loralib layers (--enable-lora) "
+                                 "cannot be combined without their base; merge them instead")
+
+
+def plan(adapters: list[Adapter], weights: list[float]) -> list[Group]:
+    """Group the modules by name, checking that each group agrees on layout and shape."""
+    groups: dict[str, Group] = {}
+    for a, w in zip(adapters, weights):
+        for m in a.modules:
+            g = groups.setdefault(m.name, Group(m.name, m.kind, (m.b_shape[0], *m.b_shape[2:]),
+                                                tuple(m.a_shape[1:]), underscore=m.underscore))
+            if (m.kind, (m.b_shape[0], *m.b_shape[2:]), tuple(m.a_shape[1:])) != (
+                    g.kind, g.out_shape, g.in_shape):
+                first = g.members[0]
+                raise MatchError(
+                    f"{m.name}: {first.adapter.path} has a {g.kind} layer with B{list(first.module.b_shape)} "
+                    f"A{list(first.module.a_shape)}, but {a.path} a {m.kind} layer with "
+                    f"B{list(m.b_shape)} A{list(m.a_shape)}; the adapters were trained for "
+                    "different models")
+            if m.fan_in_fan_out is not None:
+                if g.fan_in_fan_out is not None and g.fan_in_fan_out != m.fan_in_fan_out:
+                    raise MatchError(f"{m.name}: {a.path} stores it with fan_in_fan_out="
+                                     f"{m.fan_in_fan_out}, another input with the opposite; "
+                                     "the adapters were trained for different models")
+                g.fan_in_fan_out = m.fan_in_fan_out
+            g.members.append(Member(a, m, w))
+    return list(groups.values())
+
+
+def output_format(fmt: str, adapters: list[Adapter], groups: list[Group]) -> str:
+    if fmt not in OUTPUT_FORMATS:
+        raise UsageError(f"--format {fmt}: use one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "same":
+        formats = sorted({a.format for a in adapters})
+        if len(formats) > 1:
+            raise UsageError(f"--format same: the inputs are {', '.join(formats)}; choose "
+                             "one with --format peft|kohya|loralib")
+        fmt = formats[0]
+    kohya_named = [g.name for g in groups if g.underscore]
+    if kohya_named and fmt != "kohya":
+        raise UsageError(f"{kohya_named[0]}: kohya-named modules can only be written as "
+                         "kohya; pass --format kohya (or convert the inputs first)")
+    if fmt == "kohya" and len(kohya_named) != len(groups):
+        raise UsageError("--format kohya needs kohya-named inputs (lora_unet_..., lora_te_...); "
+                         "convert the inputs first")
+    bad = [g.name for g in groups if fmt == "loralib" and g.kind == CONV]
+    if bad:
+        raise UsageError(f"{bad[0]}: loralib files hold 2-D factors only; use --format peft")
+    return fmt
+
+
+def _new_rank(spec: CombineMethod, g: Group, rank: int | None) -> int:
+    try:
+        return spec.new_rank([mb.module.rank for mb in g.members], g.dims, rank)
+    except UsageError as err:
+        raise UsageError(f"{g.name}: {err}") from None
+
+
+def widest_dtype(groups: list[Group]) -> torch.dtype:
+    """The output factor dtype by default: the widest floating dtype among the inputs."""
+    out = torch.float16
+    for g in groups:
+        for mb in g.members:
+            for key in (mb.module.a_key, mb.module.b_key):
+                out = torch.promote_types(out, mb.adapter.source.info(key).dtype)
+    return out
+
+
+def module_generator(seed: int, name: str) -> torch.Generator:
+    """The random stream of one module: depends on the seed and the module name only, so a
+    module's result does not change with the other modules present."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**62)
+
+
+def combine_group(g: Group, spec: CombineMethod, k: int, alpha: float, options: Options,
+                  seed: int | None, dev: torch.device, dtype: torch.dtype
+                  ) -> tuple[FactorModule, dict[str, Any]]:
+    """Combine one module; the factors come back rounded to ``dtype`` on the CPU."""
+    terms = [_term(mb, dev) for mb in g.members]
+    out_scale = alpha / k
+    if spec.random and seed is not None:
+        options = replace(options, generator=module_generator(seed, g.name))
+    a, b = spec.combine(terms, k, out_scale, options)
+    a, b = a.to(dtype), b.to(dtype)
+    check_finite(b, f"combined module {g.name}")
+    record = {"module": g.name, "adapters": len(terms),
+              "ranks": [mb.module.rank for mb in g.members], "rank": int(a.shape[0]),
+              "rel_error": rel_error(terms, a, b, out_scale)}
+    a = a.reshape(a.shape[0], *g.in_shape).cpu()
+    b = b.reshape(g.out_shape[0], b.shape[1], *g.out_shape[1:]).cpu()
+    return FactorModule(g.name, a, b, alpha, g.kind, False, bool(g.fan_in_fan_out)), record
+
+
+def _term(mb: Member, dev: torch.device) -> Term:
+    a, b = mb.adapter.factors(mb.module)
+    check_finite(a, f"{mb.adapter.path}: {mb.module.a_key}")
+    check_finite(b, f"{mb.adapter.path}: {mb.module.b_key}")
+    a, b = a.reshape(a.shape[0], -1).to(dev), b.reshape(b.shape[0], b.shape[1]).to(dev)
+    return Term(a, b, mb.module.scale, mb.weight)
+
+
+def rel_error(terms: list[Term], a: torch.Tensor, b: torch.Tensor, out_scale: float) -> float:
+    """‖s_out·B@A − Σᵢ wᵢsᵢ·Bᵢ@Aᵢ‖_F / ‖Σᵢ wᵢsᵢ·Bᵢ@Aᵢ‖_F, from the singular values of
+    stacked factors (fp64, rank Σrᵢ + k work; the m×n matrices are never formed)."""
+    exact = float(stacked_svd([(t.a, t.b, t.factor) for t in terms]).s.square().sum().sqrt())
+    pairs = [(a, b, out_scale)] + [(t.a, t.b, -t.factor) for t in terms]
+    diff = float(stacked_svd(pairs).s.square().sum().sqrt())
+    if exact == 0:
+        return 0.0 if diff == 0 else math.inf
+    return diff / exact
+
+
+def peft_template(adapters: list[Adapter]) -> dict[str, Any]:
+    """Fields of the first PEFT input that still hold (task type, base model name)."""
+    for a in adapters:
+        if a.format == "peft":
+            return {k: v for k, v in a.config.items() if k not in _NOT_COPIED}
+    return {}
+
+
+def disjoint_warnings(groups: list[Group]) -> list[str]:
+    """Inputs that share no module are usually a naming mismatch, not a wish."""
+    paths = {str(mb.adapter.path) for g in groups for mb in g.members}
+    shared = any(len(g.members) > 1 for g in groups)
+    if len(paths) > 1 and not shared:
+        return ["the adapters share no module name: each module comes from one adapter only. "
+                "If they adapt the same layers under different names, convert them to one "
+                "format first"]
+    return []

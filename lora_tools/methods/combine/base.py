@@ -1,0 +1,101 @@
+"""What every combine method shares: one module's inputs, the options, the registry entry.
+
+A method gets, for one module, the list of :class:`Term` (one per adapter that has the
+module) and returns factors ``A: (k, n)``, ``B: (m, k)`` such that
+``out_scale · B @ A`` is its estimate of ``Σᵢ wᵢ·ΔWᵢ`` with ``ΔWᵢ = sᵢ · Bᵢ @ Aᵢ``.
+Factors are flattened matrices (conv kernels folded into ``n``); the caller reshapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lora_tools.errors import UsageError
+
+MAJORITY_SIGN = ("total", "frequency")
+
+
+@dataclass
+class Term:
+    """One adapter's share of a module. A: (r, n), B: (m, r), as stored, on the work device."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float  # the adapter's LoRA scale sᵢ (alpha/r or alpha/√r)
+    weight: float  # the user's weight wᵢ
+
+    @property
+    def factor(self) -> float:
+        return self.scale * self.weight
+
+    def delta(self) -> torch.Tensor:
+        """ΔWᵢ = sᵢ · Bᵢ @ Aᵢ: (m, n) in fp32, in PEFT ``get_delta_weight``'s order."""
+        return (self.b.float() @ self.a.float()) * self.scale
+
+
+@dataclass
+class Options:
+    """Method parameters; ``generator`` is set per module for the random methods."""
+
+    rank: int | None = None
+    density: float | None = None
+    majority_sign: str = "total"
+    generator: torch.Generator | None = None
+
+
+Combiner = Callable[[list[Term], int, float, Options], tuple[torch.Tensor, torch.Tensor]]
+RankRule = Callable[[list[int], tuple[int, int], int | None], int]
+
+
+@dataclass(frozen=True)
+class CombineMethod:
+    """A registry entry: the math, the output-rank rule, and what the method needs."""
+
+    name: str
+    summary: str
+    combine: Combiner  # (terms, new rank k, out_scale, options) -> (A (k, n), B (m, k))
+    new_rank: RankRule  # (input ranks, (m, n), --rank) -> k
+    exact: bool = False  # ΔW equals Σ wᵢ·ΔWᵢ up to rounding
+    uses_density: bool = False
+    uses_sign: bool = False
+    random: bool = False
+    note: str = ""
+
+
+def sum_rank(ranks: list[int], dims: tuple[int, int], rank: int | None) -> int:
+    """cat: the ranks add up; ``--rank`` does not apply."""
+    if rank is not None:
+        raise UsageError("--rank does not apply to --method cat (its rank is the sum of the "
+                         "input ranks); use --method svd to choose a rank")
+    return sum(ranks)
+
+
+def truncated_rank(ranks: list[int], dims: tuple[int, int], rank: int | None) -> int:
+    """``--rank`` (default: the largest input rank), never above what the matrix can hold."""
+    want = rank if rank is not None else max(ranks)
+    return max(1, min(want, *dims))
+
+
+def equal_rank(ranks: list[int], dims: tuple[int, int], rank: int | None) -> int:
+    """linear: factors are averaged slot by slot, so every input must have the same rank."""
+    if len(set(ranks)) > 1:
+        raise UsageError(f"ranks {sorted(set(ranks))} differ; --method linear averages the "
+                         "factors and needs equal ranks: use --method cat or svd")
+    if rank is not None and rank != ranks[0]:
+        raise UsageError("--rank does not apply to --method linear (it keeps the input rank)")
+    return ranks[0]
+
+
+def truncate(target: torch.Tensor, k: int, out_scale: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-k factors of a dense ``target`` (m, n): A (k, n), B (m, k), √σ each side.
+
+    The dense methods end here, as PEFT's ``*_svd`` combinations and kohya's
+    ``svd_merge_lora.py`` do: a thin SVD (fp32, like theirs) and Eckart–Young truncation.
+    """
+    u, s, vh = torch.linalg.svd(target.float(), full_matrices=False)
+    root = (s[:k].double() / out_scale).sqrt()
+    return root[:, None] * vh[:k].double(), u[:, :k].double() * root[None, :]

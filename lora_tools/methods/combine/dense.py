@@ -1,0 +1,86 @@
+"""The steps of the dense merging methods (TIES, DARE, magnitude pruning) on ΔW tensors.
+
+Task tensors are stacked along a new first axis: ``stack: (t, m, n)`` for t adapters.
+The steps follow PEFT's ``peft.utils.merge_utils`` (the reference implementation of
+``add_weighted_adapter``), which follows the TIES and DARE papers:
+
+- trim (TIES, magnitude pruning): keep the ``⌊density·m·n⌋`` entries of largest |τ| per
+  task tensor, zero the rest.
+- drop (DARE): keep each entry with probability ``density`` (drop rate p = 1 − density)
+  and rescale the kept ones by ``1/(1 − p)``, so the expectation is unchanged.
+- elect (TIES): the sign of ``Σᵢ τ̂ᵢ`` (``total``) or of ``Σᵢ sign(τ̂ᵢ)`` (``frequency``)
+  per entry, ties counting as +; the weights are not part of the election, as in PEFT.
+- disjoint mean (TIES): per entry, the mean of ``wᵢ·τ̂ᵢ`` over the tasks whose sign agrees
+  with the elected one (zero where none does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lora_tools.methods.combine.base import Combiner, Options, Term, truncate
+
+Merge = Callable[[torch.Tensor, torch.Tensor, Options], torch.Tensor]
+
+
+def trim(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top ``⌊density·numel⌋`` entries of ``t`` by magnitude."""
+    if density >= 1:
+        return t
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = 1
+    return t * mask.reshape(t.shape)
+
+
+def drop(t: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE: Bernoulli(density) keep-mask, kept entries divided by density.
+
+    The mask is drawn on the CPU so a seed gives the same result on every device.
+    """
+    if density >= 1:
+        return t
+    keep = torch.bernoulli(torch.full(tuple(t.shape), density, dtype=torch.float32),
+                           generator=generator).to(t.device, t.dtype)
+    return t * keep / density
+
+
+def elect(stack: torch.Tensor, how: str) -> torch.Tensor:
+    """Boolean mask (t, m, n): where each task's sign agrees with the elected sign."""
+    sign = stack.sign()
+    votes = stack.sum(dim=0) if how == "total" else sign.sum(dim=0)
+    majority = torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
+    return sign == majority
+
+
+def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
+    """Σᵢ wᵢτ̂ᵢ·[agreeᵢ] / max(1, #agree), entry by entry."""
+    total = (weighted * agree).sum(dim=0)
+    return total / agree.sum(dim=0).clamp(min=1).to(weighted.dtype)
+
+
+def weights_like(stack: torch.Tensor, terms: list[Term]) -> torch.Tensor:
+    """The user weights as a (t, 1, 1) tensor to broadcast over the stack."""
+    w = torch.tensor([t.weight for t in terms], dtype=stack.dtype, device=stack.device)
+    return w.reshape(-1, *([1] * (stack.dim() - 1)))
+
+
+def dense_method(merge: Merge) -> Combiner:
+    """Wrap a ``merge(stack, weights, options) -> (m, n)`` as a combiner that goes back to
+    rank k by truncated SVD."""
+
+    def combine(terms: list[Term], k: int, out_scale: float, opts: Options
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        stack = torch.stack([t.delta() for t in terms], dim=0)
+        merged = merge(stack, weights_like(stack, terms), opts)
+        del stack
+        return truncate(merged, k, out_scale)
+
+    return combine
+
+
+def density(opts: Options) -> float:
+    assert opts.density is not None, "the library checks --density before calling"
+    return opts.density
