@@ -1,0 +1,79 @@
+"""``lora-tools convert IN -o OUT --to peft|kohya|loralib|safetensors|pt``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from lora_tools.commands.common import (
+    adapter_options,
+    emit,
+    handle_errors,
+    parse_enable_lora,
+    progress_wanted,
+    warn,
+)
+
+TARGETS = ("peft", "kohya", "loralib", "safetensors", "pt")
+
+
+@click.command("convert")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--out", "out", required=True, type=click.Path(),
+              help="Output: a folder (peft), a .safetensors/.pt file (kohya, loralib, "
+                   "checkpoints) or a folder of shards (--to safetensors).")
+@click.option("--to", "to", required=True, type=click.Choice(TARGETS),
+              help="Target: an adapter format (peft, kohya, loralib) or a checkpoint file "
+                   "form (safetensors, pt).")
+@click.option("--base", type=click.Path(exists=True),
+              help="Base checkpoint: settles module names (kohya), fused layers and "
+                   "orientation (loralib).")
+@click.option("--prefix", help="kohya name prefix, e.g. lora_unet_ or lora_te_ "
+                               "(default lora_unet_).")
+@adapter_options
+@click.option("--dtype", metavar="DTYPE", help="Cast floating tensors (fp32, fp16, bf16); "
+                                               "refused before writing if a value overflows.")
+@click.option("--shard-size", metavar="SIZE", help="Largest shard of a folder output, e.g. 2GB.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or text.")
+@handle_errors
+def command(source: str, out: str, to: str, **opts: Any) -> None:
+    """Convert an adapter between PEFT, kohya and loralib, or a checkpoint between
+    .bin/.pt and .safetensors (re-sharded, re-typed). ΔW is kept exactly: what the target
+    cannot hold (rsLoRA, fan_in_fan_out, fused qkv) is folded into weights or alpha, and
+    the output says so.
+
+    \b
+    Examples:
+      lora-tools convert my_peft_adapter/ --to kohya -o my_lora.safetensors
+      lora-tools convert my_lora.safetensors --to peft --base model_dir/ -o adapter_dir/
+      lora-tools convert gpt2_lora.pt --to peft --alpha 128 --enable-lora 1,0,1 \\
+          --base gpt2.pt -o out/
+      lora-tools convert pytorch_model.bin --to safetensors -o model_dir/ --shard-size 2GB
+    """
+    from lora_tools.convert import convert
+    from lora_tools.io import parse_size
+    from lora_tools.io.dtypes import parse_dtype
+    from lora_tools.merge import AdapterOptions
+
+    adapter_opts = AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
+                                  opts["fan_in_fan_out"])
+    summary = convert(
+        source, out, to, base=opts["base"], prefix=opts["prefix"], opts=adapter_opts,
+        dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
+        shard_size=parse_size(opts["shard_size"]) if opts["shard_size"] else None,
+        force=opts["force"], progress=progress_wanted(opts["quiet"], opts["as_json"]))
+    warn(summary.warnings, opts["quiet"])
+    emit(summary.to_dict(), opts["as_json"], describe, opts["quiet"])
+
+
+def describe(d: dict[str, Any]) -> str:
+    what = "tensors" if d["source_format"] == "checkpoint" else "modules"
+    lines = [f"converted {d['source']} ({d['source_format']}) -> {d['out']} ({d['to']}): "
+             f"{d['converted']} {what}"]
+    lines += [f"  note: {n}" for n in d["notes"]]
+    if d["bytes_written"]:
+        lines.append(f"  {d['bytes_written'] / 1e6:.1f} MB in {d['seconds']:.2f}s")
+    return "\n".join(lines)

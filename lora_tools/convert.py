@@ -1,0 +1,288 @@
+"""``convert``: adapters between PEFT, kohya and loralib; checkpoints between file forms.
+
+Adapters are read into the normalized form, brought to the target's layout by exact
+rewrites (:mod:`lora_tools.adapters.fold`: transposes, zero blocks, alpha rescaling) and
+written with :func:`~lora_tools.adapters.save.save_adapter`. What the target cannot hold
+is folded so that ΔW is unchanged, and every fold is reported. Checkpoints stream tensor
+by tensor through the engine; a dtype change is checked for overflow before writing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.adapters import Adapter, fold, load_adapter, names, require_alpha
+from lora_tools.adapters.mapping import resolve
+from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV
+from lora_tools.adapters.save import FactorModule, factor_modules, save_adapter
+from lora_tools.engine import output_specs, stream
+from lora_tools.errors import NumericError, UsageError
+from lora_tools.io import CheckpointWriter, open_checkpoint
+from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.io.dtypes import dtype_name
+from lora_tools.io.writer import TORCH_SUFFIXES
+from lora_tools.merge import AdapterOptions
+
+ADAPTER_TARGETS = ("peft", "kohya", "loralib")
+CHECKPOINT_TARGETS = ("safetensors", "pt")
+
+
+@dataclass
+class ConvertSummary:
+    source: str
+    out: str
+    to: str
+    source_format: str
+    converted: int
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    alphas: dict[str, float] = field(default_factory=dict)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | None = None,
+            prefix: str | None = None, opts: AdapterOptions | None = None,
+            dtype: torch.dtype | None = None, shard_size: int | None = None,
+            force: bool = False, progress: bool = False) -> ConvertSummary:
+    """Convert ``src`` to ``to`` (an adapter format or a checkpoint file form) at ``out``."""
+    if to in CHECKPOINT_TARGETS:
+        if base is not None or prefix is not None:
+            raise UsageError(f"--to {to} converts a checkpoint file; --base and --prefix are "
+                             "for adapter conversion (--to peft, kohya or loralib)")
+        return convert_checkpoint(src, out, to, dtype=dtype, shard_size=shard_size,
+                                  force=force, progress=progress)
+    if to not in ADAPTER_TARGETS:
+        raise UsageError(f"--to {to!r}: use one of "
+                         f"{', '.join(ADAPTER_TARGETS + CHECKPOINT_TARGETS)}")
+    if shard_size is not None:
+        raise UsageError("--shard-size is for checkpoint outputs (--to safetensors)")
+    return convert_adapter(src, out, to, base=base, prefix=prefix, opts=opts or AdapterOptions(),
+                           dtype=dtype, force=force)
+
+
+# -- adapters -----------------------------------------------------------------------------
+
+def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Path | None,
+                    prefix: str | None, opts: AdapterOptions, dtype: torch.dtype | None,
+                    force: bool) -> ConvertSummary:
+    adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
+                           fan_in_fan_out=opts.fan_in_fan_out)
+    require_alpha(adapter)
+    notes: list[str] = []
+    base_keys = settle(adapter, base, opts, notes)
+    modules = canonical(adapter, base_keys, opts, notes)
+    modules, meta = for_target(modules, to, prefix, base_keys, notes)
+    if dtype is not None:
+        modules = [fold.cast(m, dtype) for m in _check_cast(modules, dtype)]
+    template = dict(adapter.config) if adapter.format == "peft" else {}
+    save_adapter(modules, out, to, template=template, metadata=meta, force=force,
+                 inputs=[Path(src), *adapter.weight_files])
+    summary = ConvertSummary(str(src), str(out), to, adapter.format, len(modules), notes,
+                             [f"{adapter.path}: {n}" for n in adapter.notes])
+    if to == "loralib":
+        summary.alphas = {m.name: m.alpha for m in modules}
+        summary.notes.append(_loralib_alpha_note(modules))
+    return summary
+
+
+def settle(adapter: Adapter, base: str | Path | None, opts: AdapterOptions,
+           notes: list[str]) -> dict[str, str] | None:
+    """Match the adapter to ``base`` when given (kinds, orientation, module names).
+
+    Returns adapter module name -> base weight key, or None without a base.
+    """
+    if base is None:
+        if adapter.format == "loralib":
+            if opts.enable_lora is not None:
+                raise UsageError(f"{adapter.path}: which loralib modules are fused "
+                                 "(MergedLinear) is told by the base's shapes; pass --base")
+            if opts.fan_in_fan_out is None:
+                notes.append("loralib does not record layer orientation: taken as (out, in) "
+                             "weights (pass --fan-in-fan-out or --base to say otherwise)")
+        return None
+    reports, _ = resolve([adapter], open_checkpoint(base))
+    return {m.module.name: m.base_key for m in reports[0].matches}
+
+
+def canonical(adapter: Adapter, base_keys: dict[str, str] | None, opts: AdapterOptions,
+              notes: list[str]) -> list[FactorModule]:
+    """The adapter's modules with dotted names and PEFT semantics (kohya layouts restored)."""
+    modules = factor_modules(adapter)
+    for m, src in zip(modules, adapter.modules, strict=True):
+        if src.fan_in_fan_out is None:
+            m.fan_in_fan_out = bool(opts.fan_in_fan_out)
+    if adapter.format != "kohya":
+        return modules
+    layout = names.read_layout(adapter.source.metadata)
+    dotted = names.dotted_names([m.name for m in modules], layout, base_keys)
+    restored = [_restore(m, layout.get(m.name), opts) for m in modules]
+    for m in restored:
+        m.name = dotted[m.name]
+    if layout:
+        notes.append(f"layouts restored from the lora-tools record in {adapter.path.name}")
+    return restored
+
+
+def _restore(m: FactorModule, rec: names.KohyaRecord | None, opts: AdapterOptions
+             ) -> FactorModule:
+    """Undo the folds lora-tools made when it wrote this kohya module (exactly)."""
+    if rec is None:
+        return fold.transposed(m, LINEAR, True) if opts.fan_in_fan_out else m
+    if rec.kind == EMBEDDING:
+        m = fold.transposed(m, EMBEDDING)
+    elif rec.fan_in_fan_out:
+        m = fold.transposed(m, LINEAR, True)
+    if rec.alpha is not None:
+        folded = rec.alpha * math.sqrt(m.rank) if rec.rslora else rec.alpha
+        # The alpha tensor is fp32: only trust the record if it still describes the file.
+        if float(torch.tensor(folded, dtype=torch.float32)) == m.alpha:
+            m.alpha, m.rslora = rec.alpha, rec.rslora
+    return m
+
+
+def for_target(modules: list[FactorModule], to: str, prefix: str | None,
+               base_keys: dict[str, str] | None, notes: list[str]
+               ) -> tuple[list[FactorModule], dict[str, str]]:
+    """Fold what ``to`` cannot hold; rename for kohya. Returns modules and file metadata."""
+    _refuse(modules, to)
+    counts: dict[str, int] = {}
+
+    def count(what: str) -> None:
+        counts[what] = counts.get(what, 0) + 1
+
+    out = []
+    for m in modules:
+        if to != "loralib" and fold.is_merged(m):
+            m = fold.unfuse(m)
+            count("fused MergedLinear -> one module over the whole fused weight (zero B rows "
+                  "for the parts without LoRA; rank r·g, alpha·g)")
+        if to != "peft" and m.rslora:
+            m = fold.fold_rslora(m)
+            m.extra["alpha_before_fold"] = m.alpha / math.sqrt(m.rank)
+            count("rsLoRA folded into alpha (alpha·√r, same alpha/√r scale)")
+        out.append(m)
+    meta: dict[str, str] = {}
+    if to == "kohya":
+        out, meta = _to_kohya(out, prefix, base_keys, count)
+    if prefix is not None and to != "kohya":
+        raise UsageError("--prefix names kohya modules; it is only used with --to kohya")
+    notes.extend(f"{what}: {n} modules" for what, n in counts.items())
+    return out, meta
+
+
+def _refuse(modules: list[FactorModule], to: str) -> None:
+    bad = [m.name for m in modules if m.kind == LORALIB_CONV and to != "loralib"]
+    bad += [m.name for m in modules if m.kind == CONV and to == "loralib"]
+    if bad:
+        raise UsageError(
+            f"--to {to}: {len(bad)} conv modules ({', '.join(bad[:5])}) cannot be written "
+            "exactly: loralib's ConvLoRA factors (B @ A).view(W.shape) and PEFT/kohya's conv "
+            "factors span different matrices of the kernel; keep the source format, or merge")
+
+
+def _to_kohya(modules: list[FactorModule], prefix: str | None,
+              base_keys: dict[str, str] | None, count: Callable[[str], None]
+              ) -> tuple[list[FactorModule], dict[str, str]]:
+    pre = prefix or names.DEFAULT_PREFIX
+    records: dict[str, names.KohyaRecord] = {}
+    out = []
+    for m in modules:
+        path = names.base_module(base_keys[m.name]) if base_keys and m.name in base_keys else m.name
+        k = names.kohya_name(path, pre)
+        before = m.extra.get("alpha_before_fold")
+        records[k] = names.KohyaRecord(
+            m.name, m.kind, bool(m.fan_in_fan_out and m.kind == LINEAR), before is not None,
+            before if before is not None else m.alpha)
+        if m.kind == EMBEDDING:
+            count("embedding stored as a transposed linear pair (kohya has no embedding "
+                  "layout; lora-tools reads it back, kohya's own loaders skip it)")
+        elif m.fan_in_fan_out:
+            count("fan_in_fan_out folded: factors transposed so up @ down is ΔW as stored")
+        m = fold.as_plain(m)
+        m.name = k
+        out.append(m)
+    if len(records) != len(out):
+        raise UsageError("two modules get the same kohya name; pass --base so the names come "
+                         "from the base model")
+    if prefix is None and base_keys is None:
+        count(f"kohya names use the default prefix {pre} (pass --prefix lora_te_ for a text "
+              "encoder)")
+    return out, {names.LAYOUT_META: names.write_layout(records)}
+
+
+def _loralib_alpha_note(modules: list[FactorModule]) -> str:
+    alphas = sorted({m.alpha for m in modules})
+    shown = ", ".join(f"{a:g}" for a in alphas[:4])
+    return (f"loralib does not store alpha: it is in the file's metadata (lora_tools.alpha"
+            f"{'s' if len(alphas) > 1 else ''}); build the loralib layers with lora_alpha = "
+            f"{shown}{' ...' if len(alphas) > 4 else ''}")
+
+
+def _check_cast(modules: list[FactorModule], dtype: torch.dtype) -> list[FactorModule]:
+    for m in modules:
+        for t, which in ((m.a, "A"), (m.b, "B")):
+            if _overflows(t, dtype):
+                raise NumericError(f"{m.name}: factor {which} does not fit {dtype_name(dtype)} "
+                                   f"(max |x| = {float(t.abs().max()):.4g}); nothing was "
+                                   "written; use bf16 or fp32")
+    return modules
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+def convert_checkpoint(src: str | Path, out: str | Path, to: str, *,
+                       dtype: torch.dtype | None, shard_size: int | None, force: bool,
+                       progress: bool) -> ConvertSummary:
+    """Stream every tensor of ``src`` into ``out``: bytes copied, or cast once to ``dtype``."""
+    ck = open_checkpoint(src)
+    _check_target(Path(out), to, shard_size)
+    if dtype is not None:
+        check_overflow(ck, dtype)
+    meta = {**ck.metadata, "format": "pt"}
+    with CheckpointWriter(out, output_specs(ck, dtype), meta, shard_size=shard_size,
+                          source_folder=ck.folder, force=force, inputs=[Path(src)]) as writer:
+        stats = stream(ck, writer, {}, progress)
+    notes = [f"cast floating tensors to {dtype_name(dtype)}"] if dtype is not None else []
+    return ConvertSummary(str(src), str(out), to, "checkpoint", stats.tensors, notes,
+                          bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3))
+
+
+def _check_target(out: Path, to: str, shard_size: int | None) -> None:
+    is_torch = out.suffix in TORCH_SUFFIXES
+    if to == "pt" and not is_torch:
+        raise UsageError(f"{out}: --to pt writes one torch file; name it *.pt, *.bin or *.pth")
+    if to == "safetensors" and is_torch:
+        raise UsageError(f"{out}: --to safetensors needs a *.safetensors file or a folder")
+    if shard_size is not None and out.suffix in (".safetensors", *TORCH_SUFFIXES):
+        raise UsageError(f"{out}: --shard-size shards a folder output; give a folder path")
+
+
+def check_overflow(ck: Checkpoint, dtype: torch.dtype) -> None:
+    """Raise before anything is written if a finite value would become ±inf in ``dtype``."""
+    bad = []
+    for info in ck.infos():
+        if info.dtype.is_floating_point and torch.finfo(info.dtype).max > torch.finfo(dtype).max:
+            t = ck.get(info.name)
+            if _overflows(t, dtype):
+                bad.append(f"{info.name} (max |x| = {float(t.abs().max()):.4g})")
+    if bad:
+        raise NumericError(
+            f"{ck.path}: {len(bad)} tensors do not fit {dtype_name(dtype)} (largest finite "
+            f"{torch.finfo(dtype).max:.5g}): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+            "; nothing was written; use --dtype bf16 (same range as fp32) or keep fp32")
+
+
+def _overflows(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    if not t.is_floating_point():
+        return False
+    return bool((torch.isinf(t.to(dtype)) & torch.isfinite(t)).any())

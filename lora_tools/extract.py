@@ -1,0 +1,218 @@
+"""``extract``: a LoRA adapter from a fine-tune, as the best rank-k fit of TUNED − BASE.
+
+Both checkpoints are read one tensor pair at a time. Each changed layer weight
+ΔW: (out, in) (conv: (out, in, *k) seen as (out, in·k…)) gets a truncated SVD in fp32,
+ΔW ≈ U_k · diag(σ_k) · Vh_k, split as B = U_k·√(σ_k/s): (out, k), A = √(σ_k/s)·Vh_k: (k, in)
+with s = alpha / k, so ``s · B @ A`` is the rank-k truncation (Eckart–Young optimal).
+Only the factors stay in memory. Tensors that change but are not LoRA material (norms,
+biases, embeddings unless asked) are listed and can be saved whole.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR
+from lora_tools.adapters.names import base_module
+from lora_tools.adapters.save import FactorModule, save_adapter
+from lora_tools.convert import ADAPTER_TARGETS, for_target
+from lora_tools.delta import check_finite
+from lora_tools.device import resolve_device
+from lora_tools.errors import UsageError
+from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint
+from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.io.output import check_output
+from lora_tools.lowrank import FactorSVD, split
+from lora_tools.methods.resize_rules import ResizeRule, parse_rule, pick_rank
+
+# Module-path tokens of embedding tables (HF names: embed_tokens, wte, word_embeddings ...).
+EMBEDDING_RE = re.compile(r"(^|[._])(embed[a-z_]*|wte|wpe|shared)(\.|$)")
+OVERSAMPLE = 10
+
+
+@dataclass
+class ExtractOptions:
+    """How to factor: rank (the cap with ``dynamic``), stored alpha, SVD flavour, layout."""
+
+    rank: int
+    alpha: float | None = None
+    dynamic: str | None = None
+    randomized: bool = False
+    seed: int = 0
+    niter: int = 4
+    include_embeddings: bool = False
+    fan_in_fan_out: bool = False
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass
+class ExtractSummary:
+    base: str
+    tuned: str
+    out: str
+    to: str
+    device: str
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    rest: list[dict[str, Any]] = field(default_factory=list)
+    rest_out: str | None = None
+    unchanged: int = 0
+    missing_in_tuned: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def extract(base_path: str | Path, tuned_path: str | Path, out: str | Path,
+            opts: ExtractOptions, *, to: str = "peft", prefix: str | None = None,
+            save_rest: str | Path | None = None, device: str = "auto",
+            force: bool = False) -> ExtractSummary:
+    """Write an adapter at ``out`` whose ΔW approximates ``tuned − base`` layer by layer."""
+    rule = _check(opts, to)
+    base, tuned = open_checkpoint(base_path), open_checkpoint(tuned_path)
+    inputs = [Path(base_path), Path(tuned_path)]
+    check_output(Path(out), inputs, force)
+    if save_rest is not None:
+        check_output(Path(save_rest), inputs, force)
+    dev = resolve_device(device)
+    summary = ExtractSummary(str(base_path), str(tuned_path), str(out), to, str(dev))
+    modules: list[FactorModule] = []
+    for name in tuned.keys():
+        reason = _classify(name, base, tuned, opts, to)
+        if reason is not None and reason != "same":
+            summary.rest.append({"name": name, "shape": list(tuned.info(name).shape),
+                                 "reason": reason})
+            continue
+        done = factor_one(name, base, tuned, opts, rule, dev) if reason is None else None
+        if done is None:
+            summary.unchanged += 1
+        else:
+            modules.append(done[0])
+            summary.modules.append(done[1])
+    summary.missing_in_tuned = [k for k in base.keys() if k not in tuned]
+    _finish(summary, modules, opts, to, prefix, base, force, inputs)
+    if save_rest is not None and summary.rest:
+        write_rest(tuned, [r["name"] for r in summary.rest], save_rest, force, inputs)
+        summary.rest_out = str(save_rest)
+    elif summary.rest:
+        summary.warnings.append(f"{len(summary.rest)} changed tensors are not LoRA material and "
+                                "were not saved; pass --save-rest FILE to keep them")
+    return summary
+
+
+def _check(opts: ExtractOptions, to: str) -> tuple[ResizeRule, float] | None:
+    if to not in ADAPTER_TARGETS:
+        raise UsageError(f"--to {to!r}: extract writes an adapter: {', '.join(ADAPTER_TARGETS)}")
+    if opts.rank < 1:
+        raise UsageError(f"--rank {opts.rank}: the rank must be at least 1")
+    if opts.alpha is not None and opts.alpha <= 0:
+        raise UsageError(f"--alpha {opts.alpha}: alpha must be positive")
+    return parse_rule(opts.dynamic) if opts.dynamic else None
+
+
+def _classify(name: str, base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions,
+              to: str) -> str | None:
+    """None for LoRA material; "same" when bytes are equal; else why it is kept whole."""
+    if name not in base:
+        return "new in TUNED (not in BASE)"
+    bi, ti = base.info(name), tuned.info(name)
+    if bi.shape != ti.shape:
+        return f"shape changed from {list(bi.shape)}"
+    if bi.dtype == ti.dtype and bytes(base.raw(name)) == bytes(tuned.raw(name)):
+        return "same"
+    if not ti.dtype.is_floating_point:
+        return "not a floating tensor"
+    if len(ti.shape) < 2:
+        return "1-D (norm or bias): no low-rank form"
+    if not name.endswith(".weight"):
+        return "not a layer weight (name does not end in .weight)"
+    if len(ti.shape) == 2 and _is_embedding(name) and not opts.include_embeddings:
+        return "embedding (pass --include-embeddings to factor it)"
+    if len(ti.shape) > 2 and to == "loralib":
+        return "conv weight: loralib has no PEFT/kohya-style conv layout (use --to peft)"
+    return None
+
+
+def _is_embedding(name: str) -> bool:
+    return bool(EMBEDDING_RE.search(base_module(name)))
+
+
+def factor_one(name: str, base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions,
+               rule: tuple[ResizeRule, float] | None, dev: torch.device
+               ) -> tuple[FactorModule, dict[str, Any]] | None:
+    """Best rank-k factors of one tensor's change and its report line; None if no change."""
+    delta = tuned.get(name).to(dev, torch.float32) - base.get(name).to(dev, torch.float32)
+    check_finite(delta, f"TUNED − BASE for {name}")
+    if not bool(delta.any()):
+        return None  # bytes differ but values do not (-0.0, or only the dtype changed)
+    shape = tuple(delta.shape)
+    kind = CONV if delta.dim() > 2 else EMBEDDING if _is_embedding(name) else LINEAR
+    # M is what B @ A must equal: PEFT's embedding and fan_in_fan_out layers use (B @ A)ᵀ.
+    transpose = kind == EMBEDDING or (kind == LINEAR and opts.fan_in_fan_out)
+    mat = delta.T if transpose else delta.reshape(shape[0], -1)
+    svd = truncated_svd(mat, opts, rule)
+    k = min(opts.rank, int(svd.s.numel())) if rule is None else min(
+        opts.rank, pick_rank(rule[0], rule[1], svd.s))
+    alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
+    scale = alpha / k
+    a, b = split(svd, k, scale)
+    a, b = a.to(opts.dtype), b.to(opts.dtype)
+    total = float(torch.linalg.vector_norm(mat, dtype=torch.float64))
+    err = float(torch.linalg.vector_norm(mat - (b.float() @ a.float()) * scale,
+                                         dtype=torch.float64))
+    energy = float((svd.s[:k].double() ** 2).sum()) / total ** 2
+    if kind == CONV:
+        a = a.reshape(k, *shape[1:])
+        b = b.reshape(shape[0], k, *([1] * (len(shape) - 2)))
+    module = FactorModule(base_module(name), a.cpu(), b.cpu(), alpha, kind,
+                          fan_in_fan_out=kind == LINEAR and opts.fan_in_fan_out)
+    report = {"name": module.name, "tensor": name, "kind": kind, "shape": list(shape),
+              "rank": k, "rel_error": err / total, "energy": min(1.0, energy)}
+    return module, report
+
+
+def truncated_svd(mat: torch.Tensor, opts: ExtractOptions,
+                  rule: tuple[ResizeRule, float] | None) -> FactorSVD:
+    """SVD of M: (rows, cols) in fp32: full, or randomized (seeded) for the top values."""
+    if not opts.randomized:
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        return FactorSVD(u, s, vh)
+    q = min(opts.rank + OVERSAMPLE, *mat.shape)
+    devices = [mat.device] if mat.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(opts.seed)
+        u, s, v = torch.svd_lowrank(mat, q=q, niter=opts.niter)
+    return FactorSVD(u, s, v.T)
+
+
+def _finish(summary: ExtractSummary, modules: list[FactorModule], opts: ExtractOptions,
+            to: str, prefix: str | None, base: Checkpoint, force: bool,
+            inputs: list[Path]) -> None:
+    if not modules:
+        raise UsageError(f"{summary.tuned}: no layer weight differs from {summary.base}; "
+                         "there is nothing to extract (are these the same model?)")
+    if opts.randomized and opts.dynamic:
+        summary.notes.append("--dynamic with --randomized: the rule sees only the top "
+                             f"rank+{OVERSAMPLE} singular values of each module")
+    out_modules, meta = for_target(modules, to, prefix, None, summary.notes)
+    folder = base.folder
+    template = {"base_model_name_or_path": str(folder) if folder is not None else None}
+    meta["lora_tools.extracted_from"] = f"{Path(summary.tuned).name} - {Path(summary.base).name}"
+    save_adapter(out_modules, summary.out, to, template=template, metadata=meta, force=force,
+                 inputs=inputs)
+
+
+def write_rest(tuned: Checkpoint, names: list[str], out: str | Path, force: bool,
+               inputs: list[Path]) -> None:
+    """The changed non-LoRA tensors of TUNED, copied byte for byte into one checkpoint."""
+    specs = [TensorSpec(n, tuned.info(n).dtype, tuned.info(n).shape) for n in names]
+    meta = {"format": "pt", "lora_tools.extract_rest": "tensors of TUNED kept whole"}
+    with CheckpointWriter(out, specs, meta, force=force, inputs=inputs) as writer:
+        for n in names:
+            writer.write(n, tuned.raw(n))
