@@ -17,6 +17,7 @@ from lora_tools.engine import TensorFn, output_specs, stream
 from lora_tools.errors import ProvenanceError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.range_check import check_range
 
 
 @dataclass
@@ -73,9 +74,12 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     specs = output_specs(base, dtype)
     meta = provenance.metadata(base.metadata, records)
     inputs = [Path(base_path), *map(Path, adapter_paths)]
+    # fp16 overflow is refused before the output exists; no observer on this dry pass.
+    check_range(base, specs, build_work(adapters, reports, weights, sign, dev))
     with CheckpointWriter(out, specs, meta, shard_size=shard_size, source_folder=base.folder,
                           force=force, inputs=inputs) as writer:
         stats = stream(base, writer, work, progress)
+    warnings.extend(writer.notes)
     return MergeSummary(out=str(out), tensors=stats.tensors, changed=stats.changed,
                         copied=stats.copied, bytes_written=stats.bytes_written,
                         seconds=round(stats.seconds, 3), device=str(dev), adapters=records,

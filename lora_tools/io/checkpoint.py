@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lora_tools.errors import FormatError
+from lora_tools.errors import FormatError, UnsafeFileError
 from lora_tools.io import safetensors_file as stf
 from lora_tools.io.detect import SAFETENSORS, sniff
 from lora_tools.io.safetensors_file import TensorInfo
@@ -110,9 +110,25 @@ def read_zip_metadata(path: Path) -> dict[str, str]:
 
 
 def open_file(path: Path) -> Checkpoint:
-    if sniff(path) == SAFETENSORS:
+    kind = sniff(path)
+    _check_name(path, kind)
+    if kind == SAFETENSORS:
         return SafetensorsCheckpoint(path)
     return TorchCheckpoint(path)
+
+
+def _check_name(path: Path, kind: str) -> None:
+    """The name must not lie about the content: ``.safetensors`` promises no pickle."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors" and kind != SAFETENSORS:
+        raise UnsafeFileError(
+            f"{path}: named .safetensors but holds a torch pickle; a .safetensors name "
+            "promises a file that cannot run code, so it is not loaded. If you trust its "
+            "source, rename it to .pt (pickles are loaded with weights_only=True)")
+    if suffix in (".pt", ".pth", ".bin") and kind == SAFETENSORS:
+        raise FormatError(
+            f"{path}: named {suffix} but is a safetensors file; rename it to "
+            f"{path.with_suffix('.safetensors').name} so every tool reads it the same way")
 
 
 class FolderCheckpoint(Checkpoint):
@@ -141,13 +157,7 @@ class FolderCheckpoint(Checkpoint):
 
     def _load_index(self, index: Path) -> None:
         self.index_file = index
-        try:
-            doc = json.loads(index.read_text())
-            weight_map = doc["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, AssertionError):
-            raise FormatError(f"{index}: not a valid index file (needs a 'weight_map' object); "
-                              "re-save the model or remove the index") from None
+        weight_map = _read_index(index)
         for shard_name in dict.fromkeys(weight_map.values()):
             shard_path = self.path / shard_name
             if not shard_path.is_file():
@@ -156,7 +166,8 @@ class FolderCheckpoint(Checkpoint):
             self._add_shard(shard_path)
         missing = [k for k in weight_map if k not in self._infos]
         if missing:
-            raise FormatError(f"{index}: lists tensors that are in no shard: {', '.join(missing[:5])}")
+            raise FormatError(f"{index}: lists tensors that are in no shard: "
+                              f"{', '.join(missing[:5])}; download the shards again")
         for name, shard in weight_map.items():
             if self._where[name].name != shard:
                 raise FormatError(f"{index}: says {name!r} is in {shard} but it is in "
@@ -166,6 +177,12 @@ class FolderCheckpoint(Checkpoint):
         found = [path / n for n in SINGLE_NAMES if (path / n).is_file()]
         if not found:
             found = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+            if len(found) > 1:
+                # Taking one would silently drop the others' tensors from the output.
+                raise FormatError(
+                    f"{path}: {len(found)} weight files ({', '.join(p.name for p in found[:4])})"
+                    " and no *.index.json saying how they form one model; add the index "
+                    "file from the model's repository or pass a single file")
         if not found:
             raise FormatError(f"{path}: folder holds no weight file (*.safetensors, *.bin) "
                               "and no *.index.json")
@@ -188,6 +205,33 @@ class FolderCheckpoint(Checkpoint):
 
     def raw(self, name: str) -> bytes | bytearray | memoryview:
         return self._shards[self._where[name]].raw(name)
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight map: tensor names given once, shards plain files of the folder."""
+    dupes: list[str] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        keys = [k for k, _ in items]
+        dupes.extend(k for k in dict.fromkeys(keys) if keys.count(k) > 1)
+        return dict(items)
+
+    try:
+        doc = json.loads(index.read_text(), object_pairs_hook=pairs)
+        weight_map = doc["weight_map"]
+        assert isinstance(weight_map, dict)
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError, OSError):
+        raise FormatError(f"{index}: not a valid index file (needs a 'weight_map' object); "
+                          "re-save the model or remove the index") from None
+    if dupes:
+        raise FormatError(f"{index}: names {', '.join(map(repr, dupes[:5]))} more than once; "
+                          "the index is damaged: download it again")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise FormatError(f"{index}: tensor {name!r} points at {str(shard)[:80]!r}, which "
+                              "is not a file name inside the model folder; the index is "
+                              "damaged or hostile: download it again")
+    return weight_map
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -6,6 +6,7 @@ Face style folder (shards + index, non-weight files of the source folder copied)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from types import TracebackType
 from typing import Protocol
 
 from lora_tools.errors import OutputError
+from lora_tools.io import safety
 from lora_tools.io.checkpoint import INDEX_NAMES, METADATA_RECORD, WEIGHT_SUFFIXES
 from lora_tools.io.torch_zip import TorchZipWriter
 from lora_tools.io.writer import (
@@ -53,6 +55,7 @@ def check_output(out: Path, inputs: list[Path], force: bool) -> None:
         raise OutputError(f"{out}: already exists; pass --force to replace it")
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: the output folder does not exist; create it first")
+    safety.check_writable(out.parent)
 
 
 def temp_path(out: Path) -> Path:
@@ -71,15 +74,25 @@ class CheckpointWriter:
         self.metadata = metadata
         self.shard_size = shard_size or DEFAULT_SHARD_SIZE
         self.source_folder = source_folder
+        # Leftovers of a killed run go first: one may be the old OUT, put back.
+        self.notes = safety.clean_stale(self.out)
         check_output(self.out, inputs or [], force)
+        safety.check_space(self.out, sum(s.nbytes for s in specs))
         self.tmp = temp_path(self.out)
         self._writers: dict[str, _FileWriter] = {}
         self._open: list[_FileWriter] = []
+        self._signals = contextlib.ExitStack()
 
     def __enter__(self) -> CheckpointWriter:
         _remove(self.tmp)
+        self._signals.enter_context(safety.signals_raise(self.out))
         try:
             self._start()
+        except OSError as exc:
+            self._abort()
+            raise OutputError(f"{self.out}: cannot create the output ({exc.strerror or exc}); "
+                              f"check that {self.out.parent} is writable and has space, "
+                              "or choose another -o") from None
         except BaseException:
             self._abort()
             raise
@@ -103,12 +116,13 @@ class CheckpointWriter:
         n = len(shards)
         names = (["model.safetensors"] if n == 1 else
                  [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-        for fname, shard in zip(names, shards):
+        for fname, shard in zip(names, shards, strict=True):
             self._add(SafetensorsWriter(self.tmp / fname, shard, self.metadata), shard)
         if n > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs),
                                   **self.metadata},
-                     "weight_map": {s.name: f for f, sh in zip(names, shards) for s in sh}}
+                     "weight_map": {s.name: f for f, sh in zip(names, shards, strict=True)
+                                    for s in sh}}
             (self.tmp / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2))
 
     def _add(self, writer: _FileWriter, specs: list[TensorSpec]) -> None:
@@ -117,7 +131,11 @@ class CheckpointWriter:
             self._writers[s.name] = writer
 
     def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        self._writers[name].write(name, data)
+        try:
+            self._writers[name].write(name, data)
+        except OSError as exc:
+            # Disk full (ENOSPC) or a file size limit (EFBIG) mid-write.
+            raise _write_failed(self.out, exc) from None
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -128,10 +146,10 @@ class CheckpointWriter:
             for w in self._open:
                 w.close()
             self._commit()
+            self._signals.close()
         except OSError as exc:
             self._abort()
-            raise OutputError(f"{self.out}: writing failed ({exc.strerror or exc}); "
-                              "no output was left behind") from exc
+            raise _write_failed(self.out, exc) from None
         except BaseException:
             self._abort()
             raise
@@ -152,6 +170,13 @@ class CheckpointWriter:
             except OSError:
                 pass
         _remove(self.tmp)
+        self._signals.close()
+
+
+def _write_failed(out: Path, exc: OSError) -> OutputError:
+    return OutputError(f"{out}: writing failed ({exc.strerror or exc}); the partial output "
+                       f"was removed and {out.name} was not created: free disk space, raise "
+                       "the file size limit, or choose another -o")
 
 
 def _remove(path: Path) -> None:

@@ -52,10 +52,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if n > MAX_HEADER or n > size - 8:
             raise _fail(path, f"header length {n} is larger than the file allows ({size} bytes)")
         blob = fh.read(n)
-    try:
-        header = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"header is not valid JSON ({exc})") from None
+    header = _parse_json(path, blob)
     if not isinstance(header, dict):
         raise _fail(path, "header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -67,18 +64,43 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return infos, meta
 
 
+def _parse_json(path: Path, blob: bytes) -> object:
+    """The header JSON; a name given twice is refused (json would keep the last silently)."""
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in items:
+            if key in out:
+                raise _fail(path, f"the header names {key!r} twice")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(blob, object_pairs_hook=pairs)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and integers too long to parse;
+        # RecursionError a hostile nesting depth.
+        raise _fail(path, f"header is not valid JSON ({type(exc).__name__}: "
+                          f"{str(exc)[:120]})") from None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _entry(path: Path, name: str, e: object, data_start: int) -> TensorInfo:
     if not isinstance(e, dict):
         raise _fail(path, f"entry {name!r} is not an object")
     dt = e.get("dtype")
-    if dt not in ST_TO_TORCH:
-        raise _fail(path, f"tensor {name!r} has unknown dtype {dt!r}")
+    if not isinstance(dt, str) or dt not in ST_TO_TORCH:
+        raise _fail(path, f"tensor {name!r} has unknown dtype {str(dt)[:40]!r} (known: "
+                          f"{', '.join(ST_TO_TORCH)})")
     shape = e.get("shape")
     offs = e.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise _fail(path, f"tensor {name!r} has a bad shape {shape!r}")
-    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
-        raise _fail(path, f"tensor {name!r} has bad data_offsets {offs!r}")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise _fail(path, f"tensor {name!r} has a bad shape {str(shape)[:80]}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
+        raise _fail(path, f"tensor {name!r} has bad data_offsets {str(offs)[:80]}")
     dtype = ST_TO_TORCH[dt]
     nbytes = math.prod(shape) * itemsize(dtype)
     if offs[1] - offs[0] != nbytes or offs[0] < 0:
@@ -92,7 +114,8 @@ def _check_layout(path: Path, infos: dict[str, TensorInfo], data_start: int, siz
     for info in sorted(infos.values(), key=lambda i: (i.offset, i.nbytes)):
         if info.offset != pos:
             kind = "overlaps the previous tensor" if info.offset < pos else "leaves a gap"
-            raise _fail(path, f"tensor {info.name!r} {kind} (starts at {info.offset}, expected {pos})")
+            raise _fail(path, f"tensor {info.name!r} {kind} (starts at {info.offset}, "
+                              f"expected {pos})")
         pos += info.nbytes
     if pos != size:
         if pos > size:
@@ -120,7 +143,8 @@ def read_bytes(info: TensorInfo) -> bytearray:
     return buf
 
 
-def bytes_to_tensor(buf: bytearray | bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def bytes_to_tensor(buf: bytearray | bytes, dtype: torch.dtype,
+                    shape: tuple[int, ...]) -> torch.Tensor:
     if len(buf) == 0:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(buf, dtype=torch.uint8)

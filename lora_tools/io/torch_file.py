@@ -1,4 +1,4 @@
-"""Reading ``.pt/.pth/.bin`` torch files safely: ``weights_only=True`` always, mmap when possible."""
+"""Reading ``.pt/.pth/.bin`` torch files safely: ``weights_only=True`` always, mmap if possible."""
 
 from __future__ import annotations
 
@@ -25,20 +25,43 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            if path.suffix == ".safetensors":
+                # torch routes this suffix to its safetensors loader: read the bytes as torch.
+                with open(path, "rb") as fh:
+                    obj = torch.load(fh, map_location="cpu", weights_only=True)
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unpickling failed"
-        raise UnsafeFileError(
-            f"{path}: refused to load: the pickle asks for more than tensors "
-            f"({first[:200]}). lora-tools only loads pickles with weights_only=True; "
-            "convert the file with a trusted tool to .safetensors"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise _refusal(path, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged pickle can raise almost anything
+        # torch's unpickler fails on random or cut bytes with IndexError, KeyError,
+        # struct.error, BadZipFile...: all mean "not a readable checkpoint".
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise FormatError(
-            f"{path}: cannot read this torch file ({str(exc).splitlines()[0][:200]}); "
+            f"{path}: cannot read this torch file ({type(exc).__name__}: {first}); "
             "it is corrupt or truncated: re-download or re-save it"
         ) from None
     return _flatten(path, obj)
+
+
+def _refusal(path: Path, message: str) -> FormatError:
+    """An unpickling refusal: a forbidden global means code, anything else damage."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    # Only quote the line naming the global: torch's own advice (weights_only=False)
+    # is exactly what must not be done with a file from the internet.
+    code = next((ln for ln in lines if "GLOBAL" in ln), None)
+    if code is not None:
+        return UnsafeFileError(
+            f"{path}: refused to load: the pickle would run code ({code[:200]}). "
+            "lora-tools only loads pickles with weights_only=True and never runs code from "
+            "a file; get a .safetensors version of this checkpoint from a trusted source"
+        )
+    detail = next((ln for ln in lines if not ln.startswith("Weights only load failed")),
+                  "unpickling failed")
+    return FormatError(
+        f"{path}: cannot read this torch file ({detail[:200]}); it is corrupt, truncated or "
+        "not a state dict of tensors: re-download or re-save it"
+    )
 
 
 def _flatten(path: Path, obj: Any) -> dict[str, torch.Tensor]:
