@@ -1,0 +1,214 @@
+"""``inspect``: what an adapter or a checkpoint is, at a glance and in numbers.
+
+Header facts (modules, shapes, ranks, alphas, parameter counts, dtypes, sizes) come from
+file headers without reading tensor data. Per-module figures read each module's two
+factors once and work in factor space (see :mod:`lora_tools.stats_math`): with ΔW = s·B@A,
+A: (r, in), B: (out, r), the SVD of B@A costs O((in + out)·r²) and ΔW is never formed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_tools.adapters import Adapter
+from lora_tools.adapters.mapping import BaseIndex, match_adapter
+from lora_tools.adapters.model import LoraModule
+from lora_tools.device import resolve_device
+from lora_tools.errors import FormatError, UsageError
+from lora_tools.io import open_checkpoint
+from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.stats_checkpoint import CheckpointReport, inspect_checkpoint
+from lora_tools.stats_load import is_adapter, open_for_inspect
+from lora_tools.stats_math import (
+    FactorFigures,
+    factor_figures,
+    fused_groups,
+    module_group,
+    module_layer,
+)
+from lora_tools.stats_summary import summarize
+
+
+@dataclass
+class ModuleStats:
+    """Every figure of one module. Scale-dependent ones are None while alpha is unknown."""
+
+    name: str
+    group: str
+    layer: str | None
+    kind: str
+    rank: int
+    alpha: float | None
+    alpha_source: str
+    scale: float | None
+    rslora: bool
+    a_shape: list[int]
+    b_shape: list[int]
+    params: int
+    norm_a: float
+    norm_b: float
+    norm_ba: float | None
+    norm_delta: float | None
+    spectral_norm: float | None
+    singular_values: list[float] | None
+    singular_values_ba: list[float]
+    stable_rank: float | None
+    eff_rank_90: int | None
+    eff_rank_99: int | None
+    nan: int
+    inf: int
+    zero_a: bool
+    zero_b: bool
+    base_key: str | None = None
+    norm_base: float | None = None
+    rel_update: float | None = None
+    spectrum: list[float] = field(default_factory=list, repr=False)  # for the plot only
+
+
+@dataclass
+class AdapterReport:
+    path: str
+    format: str
+    files: list[str]
+    size_bytes: int
+    dtypes: list[str]
+    params: int
+    modules: list[ModuleStats]
+    summary: dict[str, Any]
+    dora_magnitudes: int = 0
+    base: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    top: int = 5
+    device: str = "cpu"
+    seconds: float = 0.0
+    plot: str | None = None
+    mode: str = "adapter"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for m in d["modules"]:
+            m.pop("spectrum", None)
+        return d
+
+
+def inspect_path(path: str | Path, *, base: str | Path | None = None, top: int = 5,
+                 alpha: float | None = None, enable_lora: tuple[bool, ...] | None = None,
+                 fan_in_fan_out: bool | None = None, device: str = "auto",
+                 plot: str | Path | None = None) -> AdapterReport | CheckpointReport:
+    """Inspect an adapter (any format) or a checkpoint; write a PNG to ``plot`` if given."""
+    p = Path(path)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file or folder")
+    if top < 1:
+        raise UsageError(f"--top {top}: give a count of 1 or more")
+    adapter = is_adapter(p)
+    if plot is not None:
+        from lora_tools.plot import check_target
+
+        if not adapter:
+            raise UsageError(f"--plot draws adapter spectra; {p} is a checkpoint without LoRA "
+                             "factors (leave out --plot)")
+        check_target(plot)
+    if not adapter:
+        if base is not None:
+            raise UsageError(f"--base is for adapters; {p} is a checkpoint without LoRA factors")
+        return inspect_checkpoint(p, top=top)
+    report = inspect_adapter(p, base=base, top=top, alpha=alpha, enable_lora=enable_lora,
+                             fan_in_fan_out=fan_in_fan_out, device=device)
+    if plot is not None:
+        from lora_tools.plot import write_plot
+
+        report.plot = str(write_plot(report, plot))
+    return report
+
+
+def inspect_adapter(path: Path, *, base: str | Path | None = None, top: int = 5,
+                    alpha: float | None = None, enable_lora: tuple[bool, ...] | None = None,
+                    fan_in_fan_out: bool | None = None, device: str = "auto") -> AdapterReport:
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    adapter, magnitudes = open_for_inspect(path, alpha, enable_lora, fan_in_fan_out)
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    keys, warnings = _match_base(adapter, base_ckpt) if base_ckpt is not None else ({}, [])
+    stats = []
+    for m in adapter.modules:
+        a, b = adapter.factors(m)
+        groups = fused_groups(m.kind, m.a_shape, m.b_shape, m.enable_lora)
+        figs = factor_figures(a, b, groups, dev)
+        del a, b
+        stats.append(module_stats(m, figs, top))
+        if m.name in keys and base_ckpt is not None:
+            _add_base(stats[-1], base_ckpt, keys[m.name])
+    report = AdapterReport(
+        path=str(path), format=adapter.format, files=[str(f) for f in adapter.weight_files],
+        size_bytes=sum(f.stat().st_size for f in adapter.weight_files),
+        dtypes=factors_dtype(adapter),
+        params=sum(s.params for s in stats), modules=stats, summary={},
+        dora_magnitudes=magnitudes, notes=list(adapter.notes), top=top, device=str(dev))
+    report.base = _base_summary(base_ckpt, report, len(keys)) if base_ckpt is not None else None
+    report.summary, health_warnings = summarize(stats, top)
+    report.warnings = warnings + health_warnings
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def module_stats(m: LoraModule, figs: FactorFigures, top: int) -> ModuleStats:
+    """Combine a module's header facts with its factor figures and its scale (if known)."""
+    scale = m.scale if m.alpha is not None else None
+    # ΔW = s·B@A: its singular values are |s|·σ(B@A); None while s or σ are unknown
+    mag = abs(scale) if scale is not None and figs.finite else None
+    sv = figs.sv
+    norm_ba = figs.norm_product
+    return ModuleStats(
+        name=m.name, group=module_group(m.name, m.kind), layer=module_layer(m.name, m.underscore),
+        kind=m.kind, rank=m.rank, alpha=m.alpha, alpha_source=m.alpha_source, scale=scale,
+        rslora=m.rslora, a_shape=list(m.a_shape), b_shape=list(m.b_shape),
+        params=math.prod(m.a_shape) + math.prod(m.b_shape), norm_a=figs.norm_a,
+        norm_b=figs.norm_b, norm_ba=norm_ba,
+        norm_delta=mag * norm_ba if mag is not None and norm_ba is not None else None,
+        spectral_norm=(mag * sv[0] if sv else 0.0) if mag is not None else None,
+        singular_values=[mag * s for s in sv[:top]] if mag is not None else None,
+        singular_values_ba=sv[:top], stable_rank=figs.stable_rank,
+        eff_rank_90=figs.effective_rank(0.90), eff_rank_99=figs.effective_rank(0.99),
+        nan=figs.nan, inf=figs.inf, zero_a=figs.zero_a, zero_b=figs.zero_b,
+        spectrum=[mag * s for s in sv] if mag is not None else list(sv))
+
+
+def _match_base(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, str], list[str]]:
+    """Module name -> base key; problems become warnings (inspect describes, it does not fail)."""
+    report = match_adapter(adapter, BaseIndex(base))
+    warnings = [f"{adapter.path}: {bad}" for bad in report.misfits]
+    if report.unmatched:
+        warnings.append(f"{len(report.unmatched)} modules match no tensor of {base.path}: "
+                        f"{', '.join(report.unmatched[:5])}"
+                        f"{' ...' if len(report.unmatched) > 5 else ''}; is this the right base?")
+    return {mt.module.name: mt.base_key for mt in report.matches}, warnings
+
+
+def _add_base(s: ModuleStats, base: Checkpoint, key: str) -> None:
+    """‖W‖_F of the matched base tensor, in fp64 chunks so memory follows the tensor."""
+    w = base.get(key).reshape(-1)
+    total = sum(float(c.double().square().sum()) for c in w.split(1 << 22))
+    s.base_key, s.norm_base = key, math.sqrt(total)
+    if s.norm_delta is not None and s.norm_base > 0:
+        s.rel_update = s.norm_delta / s.norm_base
+
+
+def _base_summary(base: Checkpoint, report: AdapterReport, matched: int) -> dict[str, Any]:
+    params = sum(math.prod(i.shape) for i in base.infos())
+    return {"path": str(base.path), "params": params, "matched_modules": matched,
+            "fraction_added": report.params / params if params else None}
+
+
+def factors_dtype(adapter: Adapter) -> list[str]:
+    """The dtypes of the factor tensors, read from headers."""
+    names = {m.a_key for m in adapter.modules} | {m.b_key for m in adapter.modules}
+    return sorted({str(adapter.source.info(k).dtype).removeprefix("torch.") for k in names})
+
+
+__all__ = ["AdapterReport", "CheckpointReport", "ModuleStats", "inspect_path"]
