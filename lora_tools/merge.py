@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from lora_tools.errors import ProvenanceError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.range_check import check_range
+
+# (name, input tensor as stored, Σ sign·wᵢ·ΔWᵢ in fp64, rounded output): sees each adapted
+# tensor as it streams by (unmerge's exactness report).
+Observer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -58,15 +63,15 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                    opts: AdapterOptions | None = None, dtype: torch.dtype | None = None,
                    device: str = "auto", shard_size: int | None = None, force: bool = False,
                    allow_unmatched: bool = False, progress: bool = False,
-                   op: str = "merge") -> MergeSummary:
+                   op: str = "merge", observe: Observer | None = None) -> MergeSummary:
     """Stream ``base + sign · Σ wᵢ·ΔWᵢ`` into ``out`` (merge: sign +1, unmerge: -1)."""
     weights = _weights(weights, len(adapter_paths))
     base = open_checkpoint(base_path)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     reports, warnings = resolve(adapters, base, allow_unmatched)
-    _check_history(base, adapters, op, force)
+    _check_history(base, adapters, op, force, weights)
     dev = resolve_device(device)
-    work = build_work(adapters, reports, weights, sign, dev)
+    work = build_work(adapters, reports, weights, sign, dev, observe)
     records = [provenance.adapter_record(a, w, op) for a, w in zip(adapters, weights)]
     for rec, a, r in zip(records, adapters, reports):
         rec["merged_modules"] = len(r.matches)
@@ -103,10 +108,12 @@ def _weights(weights: list[float] | None, n: int) -> list[float]:
     return list(weights)
 
 
-def _check_history(base: Checkpoint, adapters: list[Adapter], op: str, force: bool) -> None:
+def _check_history(base: Checkpoint, adapters: list[Adapter], op: str, force: bool,
+                   weights: list[float] | None = None) -> None:
     if force:
         return
-    net = provenance.merged_shas(provenance.read(base.metadata))
+    records = provenance.read(base.metadata)
+    net = provenance.merged_shas(records)
     for a in adapters:
         times = net.get(a.sha256, 0)
         if op == "merge" and times > 0:
@@ -117,10 +124,16 @@ def _check_history(base: Checkpoint, adapters: list[Adapter], op: str, force: bo
             raise ProvenanceError(f"{a.path}: {base.path}'s metadata records no merge of this "
                                   f"adapter (sha256 {a.sha256[:12]}); pass --force to "
                                   "subtract it anyway")
+        if op == "unmerge" and net and weights is not None:
+            problem = provenance.unmerge_mismatch(records, a, weights[adapters.index(a)])
+            if problem:
+                raise ProvenanceError(f"{a.path}: {problem}; unmerge with the same values "
+                                      "(or pass --force to subtract it as given)")
 
 
 def build_work(adapters: list[Adapter], reports: list[MatchReport], weights: list[float],
-               sign: float, dev: torch.device) -> dict[str, TensorFn]:
+               sign: float, dev: torch.device, observe: Observer | None = None
+               ) -> dict[str, TensorFn]:
     """One function per adapted base tensor, adding every adapter's delta in fp32."""
     per_key: dict[str, list[tuple[Adapter, Match, float]]] = {}
     start: dict[str, tuple[Adapter, str]] = {}
@@ -137,16 +150,25 @@ def build_work(adapters: list[Adapter], reports: list[MatchReport], weights: lis
     def apply(name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
         # PEFT loads saved embedding weights over the base before merging.
         src = start[name][0].source.get(start[name][1]) if name in start else w
-        acc = src.to(dev, torch.float32)
+        # copy=True: an fp32 CPU tensor would otherwise be updated in place, and a torch
+        # file's tensors are the reader's own (memory-mapped) storage.
+        acc = src.to(dev, torch.float32, copy=True)
         check_finite(acc, f"base tensor {name}")
+        total = torch.zeros(acc.shape, dtype=torch.float64, device=dev) if observe else None
         for adapter, match, weight in per_key[name]:
             a, b = adapter.factors(match.module)
             a, b = a.to(dev), b.to(dev)
             check_finite(a, f"{adapter.path}: {match.module.a_key}")
             check_finite(b, f"{adapter.path}: {match.module.b_key}")
             factor = match.module.scale * weight
-            acc += module_delta(match.module, a, b, factor, tuple(w.shape))
+            delta = module_delta(match.module, a, b, factor, tuple(w.shape))
+            acc += delta
+            if total is not None:
+                total += delta
         check_finite(acc, f"merged tensor {name}")
-        return acc.to(out).cpu()
+        result = acc.to(out).cpu()
+        if observe is not None and total is not None:
+            observe(name, w, total.cpu(), result)
+        return result
 
     return {key: apply for key in per_key}

@@ -47,3 +47,24 @@ def metadata(previous: dict[str, str], records: list[dict[str, Any]]) -> dict[st
     meta[VERSION_KEY] = __version__
     meta[KEY] = json.dumps(read(previous) + records, separators=(",", ":"))
     return meta
+
+
+def unmerge_mismatch(records: list[dict[str, Any]], adapter: Adapter, weight: float
+                     ) -> str | None:
+    """Why subtracting ``adapter`` at ``weight`` would not undo its recorded merge, if so.
+
+    Compared with the latest merge record of the same file (by sha256): the weight and the
+    module scales (a loralib ``--alpha`` that differs from the merge's shows up here).
+    """
+    merges = [r for r in records if r.get("sha256") == adapter.sha256 and r.get("op") == "merge"]
+    if not merges:
+        return None
+    rec = merges[-1]
+    if "weight" in rec and abs(float(rec["weight"]) - weight) > 1e-12 * max(1.0, abs(weight)):
+        return (f"the metadata records it merged with weight {float(rec['weight']):g}, "
+                f"not {weight:g}")
+    now = adapter_record(adapter, weight, "unmerge")["scales"]
+    if "scales" in rec and [round(float(s), 9) for s in rec["scales"]] != [round(s, 9) for s in now]:
+        return (f"the metadata records scales {rec['scales']} at merge, these options give "
+                f"{now} (check --alpha)")
+    return None

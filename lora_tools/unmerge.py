@@ -1,0 +1,154 @@
+"""``unmerge``: take adapters back out of a merged checkpoint, and say how exact it came out.
+
+``W = M − Σ wᵢ·sᵢ·BᵢAᵢ`` is computed in fp32 and rounded once, by the merge engine run with
+sign −1. In a 16-bit dtype the merge rounded ``W + ΔW`` away from ``W``, so the result can
+miss the base by a few units in the last place; each adapted tensor is therefore checked
+as it streams by:
+
+* with ``check_base``: against the real base, element by element;
+* without it: a proof per element. Every base that merges to ``M`` lies in the interval
+  of reals that round to ``M``, shifted by ``−ΔW``; when the unmerged value is the only
+  representable number in it, the base is recovered exactly, whatever it was. Otherwise
+  the farthest representable number in it bounds the error.
+
+See docs/unmerge-and-verify.md for the bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.errors import FormatError
+from lora_tools.io import open_checkpoint
+from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.merge import MergeSummary, apply_adapters
+from lora_tools.ulp import neighbours, ulp, ulp_error
+
+# Relative error of one fp32 rounding (24 significand bits).
+_FP32_ROUNDING = 2.0**-24
+
+
+@dataclass
+class TensorExactness:
+    """One adapted tensor. ``exact``: elements equal to the base (checked) or proven equal.
+
+    ``max_ulp``: the largest error in units of the last place of the merged value (the
+    precision ``M`` was stored with; the error stays under one such unit when the merge
+    rounded once); measured against the base when checked, else an upper bound.
+    ``unreachable``: elements no base could have merged to with these adapters (wrong
+    adapter, weight or alpha, or a merge that rounded twice, as PEFT does in 16-bit).
+    """
+
+    name: str
+    elements: int
+    exact: int
+    max_ulp: float
+    max_abs: float
+    unreachable: int = 0
+
+
+@dataclass
+class UnmergeSummary:
+    merge: MergeSummary
+    checked_against: str | None
+    tensors: list[TensorExactness] = field(default_factory=list)
+
+    @property
+    def total(self) -> dict[str, Any]:
+        t = self.tensors
+        n = sum(x.elements for x in t)
+        exact = sum(x.exact for x in t)
+        return {"elements": n, "exact": exact, "exact_fraction": exact / n if n else 1.0,
+                "max_ulp": max((x.max_ulp for x in t), default=0.0),
+                "max_abs": max((x.max_abs for x in t), default=0.0),
+                "unreachable": sum(x.unreachable for x in t),
+                "all_exact": exact == n}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.merge.to_dict()
+        d["exactness"] = {"mode": "checked" if self.checked_against else "proven",
+                          "base": self.checked_against, "total": self.total,
+                          "tensors": [asdict(x) for x in self.tensors]}
+        return d
+
+
+def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str | Path, *,
+            check_base: str | Path | None = None, **kwargs: Any) -> UnmergeSummary:
+    """Write ``MERGED − Σ wᵢ·ΔWᵢ`` to ``out``, with per-tensor exactness (see the module doc).
+
+    ``kwargs`` are :func:`lora_tools.merge.apply_adapters`'s (weights, opts, dtype, device,
+    shard_size, force, allow_unmatched, progress).
+    """
+    base = open_checkpoint(check_base) if check_base is not None else None
+    stats: list[TensorExactness] = []
+
+    # fp32 roundings the merge made before its final one: one per extra adapter, plus the
+    # fp32 sum itself when the output is 16-bit.
+    extra = len(adapter_paths) - 1
+
+    def observe(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor) -> None:
+        if base is None:
+            early = extra + (1 if u.element_size() < 4 else 0)
+            stats.append(proven_exactness(name, m, total, u, early))
+        else:
+            stats.append(checked_exactness(name, m, u, _base_tensor(base, name, u)))
+
+    summary = apply_adapters(merged_path, adapter_paths, out, sign=-1.0, op="unmerge",
+                             observe=observe, **kwargs)
+    return UnmergeSummary(summary, str(check_base) if check_base is not None else None, stats)
+
+
+def _base_tensor(base: Checkpoint, name: str, like: torch.Tensor) -> torch.Tensor:
+    if name not in base:
+        raise FormatError(f"--check-base {base.path}: has no tensor {name!r}; is it the base "
+                          "MERGED was made from?")
+    if tuple(base.info(name).shape) != tuple(like.shape):
+        raise FormatError(f"--check-base {base.path}: {name} has shape "
+                          f"{list(base.info(name).shape)}, the unmerged tensor "
+                          f"{list(like.shape)}; is it the base MERGED was made from?")
+    return base.get(name)
+
+
+def checked_exactness(name: str, m: torch.Tensor, u: torch.Tensor, w: torch.Tensor
+                      ) -> TensorExactness:
+    """Unmerged ``u`` against the real base ``w``, in ulps of the merged ``m`` (same shapes)."""
+    w = w.to(u.dtype)
+    err = ulp_error(u, w, u.dtype, ref=m)
+    diff = (u.double() - w.double()).abs()
+    return TensorExactness(name, u.numel(), int((u == w).sum()), _max(err), _max(diff))
+
+
+def proven_exactness(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor,
+                     early_roundings: int = 0) -> TensorExactness:
+    """Exactness of ``u = round(M + total)`` without the base (``total = −Σ wᵢ·ΔWᵢ``, fp64).
+
+    The bases ``W`` with ``round(W + ΔW) = M`` fill ``[lo, hi]``: the reals that round to
+    ``M`` (half a gap either side), shifted by ``total``. ``u`` is proven exact when neither
+    of its neighbours lies in it; ``early_roundings`` fp32 roundings before the last one
+    widen it. M, total, u: same shape.
+    """
+    m = m.to(u.dtype)
+    m64, u64 = m.double(), u.double()
+    below, above = (x.double() for x in neighbours(m))
+    centre = m64 + total.to(torch.float64)
+    slack = (m64.abs() + total.abs()) * (_FP32_ROUNDING * early_roundings)
+    lo = centre - (m64 - below) / 2 - slack
+    hi = centre + (above - m64) / 2 + slack
+    u_below, u_above = (x.double() for x in neighbours(u))
+    exact = (u_below < lo) & (u_above > hi) & (lo <= u64) & (u64 <= hi)
+    unreachable = (u64 < lo) | (u64 > hi)
+    reach = torch.maximum(u64 - lo, hi - u64).clamp_min(0)
+    # Candidates sit on the finer of u's two spacings (they differ at powers of two).
+    step = torch.minimum(u_above - u64, u64 - u_below)
+    bound_abs = torch.where(exact, torch.zeros_like(reach), torch.floor(reach / step) * step)
+    bound = bound_abs / ulp(m, u.dtype)
+    return TensorExactness(name, u.numel(), int(exact.sum()), _max(bound), _max(bound_abs),
+                           int(unreachable.sum()))
+
+
+def _max(t: torch.Tensor) -> float:
+    return float(t.max()) if t.numel() else 0.0
