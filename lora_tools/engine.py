@@ -52,6 +52,7 @@ def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn]
     bar = _bar(sum(s.nbytes for s in writer.specs), progress)
     for spec in writer.specs:
         info = base.info(spec.name)
+        data: bytes | bytearray | memoryview
         if spec.name in work:
             result = work[spec.name](spec.name, base.get(spec.name), spec.dtype)
             data = tensor_bytes(result)

@@ -138,8 +138,10 @@ def fit(m: LoraModule, shape: tuple[int, ...]) -> str | None:
             return None
         m.kind, m.rank = saved
         return f"{problem}; nor as a fused layer with --enable-lora"
-    if problem and m.kind == LINEAR and m.b_shape[0] < shape[0] and m.b_shape[0] < shape[1]:
-        problem += " (a fused qkv layer? pass --enable-lora, e.g. 1,0,1)"
+    if problem and m.kind == LINEAR and m.a_shape[1] in shape:
+        other = shape[1] if shape[0] == m.a_shape[1] else shape[0]
+        if other > m.b_shape[0]:
+            problem += " (a fused qkv layer? pass --enable-lora, e.g. 1,0,1)"
     return problem
 
 
@@ -169,7 +171,8 @@ def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = F
     """Match every adapter; raise MatchError unless all fit (or unmatched are allowed)."""
     index = BaseIndex(base)
     reports = [match_adapter(a, index) for a in adapters]
-    problems, warnings = [], []
+    problems: list[str] = []
+    warnings: list[str] = []
     for a, r in zip(adapters, reports):
         for bad in r.misfits:
             problems.append(f"{a.path}: {bad}")

@@ -83,18 +83,29 @@ def load_peft(path: Path, alpha: float | None = None) -> Adapter:
                          f"{CONFIG}; --alpha is for loralib files. Use 'lora-tools rescale' to "
                          "change it")
     source = open_file(weights)
-    unknown = sorted(set(cfg) - KNOWN_FIELDS)
-    notes = [f"ignored config fields that do not change the merge: {', '.join(unknown)}"] if unknown else []
+    notes = _unknown_fields(folder, cfg)
     modules, replacements = peft_modules(source, cfg)
     return Adapter(path=folder, format="peft", source=source, modules=modules, config=cfg,
                    notes=notes, weight_files=[weights], replacements=replacements)
+
+
+def _unknown_fields(folder: Path, cfg: dict[str, Any]) -> list[str]:
+    """Unset unknown fields are harmless; an unknown ``use_*`` flag set true is a variant."""
+    unknown = sorted(k for k in set(cfg) - KNOWN_FIELDS if cfg[k] not in (None, False, {}, []))
+    variants = [k for k in unknown if k.startswith("use_") and cfg[k] is True]
+    if variants:
+        raise FormatError(f"{folder / CONFIG}: {', '.join(variants)} is set: an adapter variant "
+                          "lora-tools does not know, whose merge math may differ; merge it with "
+                          "PEFT's merge_and_unload")
+    return [f"unknown config fields ignored: {', '.join(unknown)}"] if unknown else []
 
 
 def peft_modules(source: Checkpoint, cfg: dict[str, Any]
                  ) -> tuple[list[LoraModule], dict[str, str]]:
     """Modules from PEFT-named keys, resolved against the config's r/alpha and patterns,
     and the whole tensors PEFT saved beside them (``save_embedding_layers``)."""
-    modules, used = [], set()
+    modules: list[LoraModule] = []
+    used: set[str] = set()
     replacements = {k.removeprefix(PREFIX).replace(".base_layer.weight", ".weight"): k
                     for k in source.keys() if k.endswith(".base_layer.weight")}
     used.update(replacements.values())

@@ -20,7 +20,7 @@ class LibraryError(click.ClickException):
 
     def __init__(self, err: LoraToolsError) -> None:
         super().__init__(str(err))
-        self.exit_code = err.exit_code
+        setattr(self, "exit_code", err.exit_code)  # noqa: B010 - click reads it per instance
 
 
 def handle_errors(fn: F) -> F:
