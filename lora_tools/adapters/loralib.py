@@ -7,6 +7,7 @@ decided when the module meets its base tensor (see ``mapping.fit``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lora_tools.adapters.model import LINEAR, Adapter, LoraModule
@@ -14,6 +15,7 @@ from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint
 
 ALPHA_META = "lora_tools.alpha"
+ALPHAS_META = "lora_tools.alphas"  # JSON {module: alpha} when the alphas differ
 RECIPES = ("GPT-2 NLG (loralib examples/NLG): r=4, alpha=128 (scale 32); "
            "RoBERTa/DeBERTa NLU: alpha = 2*r (scale 2)")
 
@@ -31,7 +33,9 @@ def load_loralib(path: Path, source: Checkpoint, alpha: float | None,
         alpha, alpha_source = float(stored), "file metadata"
     else:
         alpha_source = "unknown: pass --alpha"
-    modules, used = [], set()
+    per_module = _per_module_alphas(source) if alpha_source != "--alpha" else {}
+    modules: list[LoraModule] = []
+    used: set[str] = set()
     for key in source.keys():
         if not key.endswith(".lora_A"):
             continue
@@ -44,8 +48,10 @@ def load_loralib(path: Path, source: Checkpoint, alpha: float | None,
             raise FormatError(f"{path}: {name}: loralib factors are 2-D, got A{list(a_shape)} "
                               f"B{list(b_shape)}")
         modules.append(LoraModule(
-            name=name, a_key=key, b_key=b_key, kind=LINEAR, rank=b_shape[1], alpha=alpha,
-            alpha_source=alpha_source, fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
+            name=name, a_key=key, b_key=b_key, kind=LINEAR, rank=b_shape[1],
+            alpha=per_module.get(name, alpha),
+            alpha_source="file metadata" if name in per_module else alpha_source,
+            fan_in_fan_out=fan_in_fan_out, enable_lora=enable_lora,
             a_shape=a_shape, b_shape=b_shape, weight_suffixes=(".weight", ".conv.weight")))
         used.update((key, b_key))
     rest = [k for k in source.keys() if k not in used]
@@ -53,3 +59,16 @@ def load_loralib(path: Path, source: Checkpoint, alpha: float | None,
              f"(e.g. {rest[0]})"] if rest else []
     return Adapter(path=path, format="loralib", source=source, modules=modules, notes=notes,
                    weight_files=[path])
+
+
+def _per_module_alphas(source: Checkpoint) -> dict[str, float]:
+    """Per-module alphas that lora-tools writes when an adapter's alphas differ."""
+    raw = source.metadata.get(ALPHAS_META)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+        return {str(k): float(v) for k, v in data.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise FormatError(f"{source.path}: metadata {ALPHAS_META} is not a JSON object of "
+                          "module alphas; pass --alpha") from None

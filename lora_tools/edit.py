@@ -1,0 +1,95 @@
+"""Shared plumbing of the commands that rewrite an adapter (rescale, resize).
+
+Reading: any format, with the old alpha settled for every module. Writing: the same
+format back, with per-module alphas (PEFT ``alpha_pattern``/``rank_pattern``, kohya alpha
+tensors, loralib metadata) and the source file's metadata carried over where still true.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools.adapters import Adapter, load_adapter
+from lora_tools.adapters.loralib import ALPHA_META
+from lora_tools.adapters.save import ALPHAS_META, FactorModule, save_adapter
+from lora_tools.errors import NumericError, UsageError
+from lora_tools.io.writer import TORCH_SUFFIXES
+
+# kohya's training metadata that a new rank or alpha makes stale.
+_KOHYA_DIM, _KOHYA_ALPHA = "ss_network_dim", "ss_network_alpha"
+
+
+def open_for_edit(path: str | Path, from_alpha: float | None = None) -> Adapter:
+    """Load an adapter and make sure every module has an alpha (``from_alpha`` fills gaps)."""
+    adapter = load_adapter(path)
+    if from_alpha is not None:
+        if adapter.format == "peft":
+            raise UsageError(f"{adapter.path}: a PEFT adapter stores its alpha in "
+                             "adapter_config.json; --from-alpha is only for files without one "
+                             "(loralib, kohya files without alpha tensors)")
+        for m in adapter.modules:
+            if m.alpha is None or m.alpha_source.startswith("kohya default"):
+                m.alpha, m.alpha_source = float(from_alpha), "--from-alpha"
+    missing = [m.name for m in adapter.modules if m.alpha is None]
+    if missing:
+        raise UsageError(f"{adapter.path}: this {adapter.format} file does not store alpha, so "
+                         f"the scale alpha/r of {len(missing)} modules is unknown; pass "
+                         "--from-alpha (GPT-2 NLG recipe: 128 with r=4; NLU: 2*r)")
+    return adapter
+
+
+def default_alpha(adapter: Adapter) -> float:
+    """The adapter-wide alpha: PEFT's ``lora_alpha``, else the most common module alpha."""
+    if adapter.format == "peft":
+        return float(adapter.config["lora_alpha"])  # type: ignore[arg-type]
+    counts = Counter(float(m.alpha) for m in adapter.modules if m.alpha is not None)
+    return counts.most_common(1)[0][0]
+
+
+def check_out(adapter: Adapter, out: str | Path) -> Path:
+    """PEFT writes a folder; kohya and loralib need a file name that says the container."""
+    p = Path(out)
+    if adapter.format != "peft" and p.suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise UsageError(f"{p}: a {adapter.format} adapter is one file; name the output "
+                         f"*.safetensors or *.pt (input: {adapter.path.name})")
+    return p
+
+
+def check_factors(t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise NumericError(f"{what}: NaN/Inf values; the adapter is damaged, or the new "
+                           "factors do not fit their dtype (pass --dtype fp32)")
+
+
+def carried_metadata(adapter: Adapter, modules: list[FactorModule],
+                     record: dict[str, Any]) -> dict[str, str]:
+    """The source metadata, minus what the new alphas/ranks make false, plus ``record``."""
+    meta = {k: v for k, v in adapter.source.metadata.items()
+            if k not in (ALPHA_META, ALPHAS_META, "format")}
+    if _KOHYA_DIM in meta:
+        ranks = {m.rank for m in modules}
+        meta[_KOHYA_DIM] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    if _KOHYA_ALPHA in meta:
+        alphas = {m.alpha for m in modules}
+        meta[_KOHYA_ALPHA] = _fmt(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+    meta["lora_tools.edit"] = json.dumps(record)
+    return meta
+
+
+def write_like(adapter: Adapter, modules: list[FactorModule], out: Path, force: bool,
+               record: dict[str, Any]) -> Path:
+    """Write ``modules`` in the adapter's own format (atomic, inputs never overwritten)."""
+    template = {k: v for k, v in adapter.config.items()} if adapter.format == "peft" else None
+    return save_adapter(modules, out, adapter.format, template=template,
+                        metadata=carried_metadata(adapter, modules, record), force=force,
+                        inputs=[adapter.path, *adapter.weight_files])
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() else repr(float(x))
