@@ -107,19 +107,13 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
     check_adapters(adapters)
     groups = plan(adapters, ws)
     fmt = output_format(fmt, adapters, groups)
-    ranks = {g.name: _new_rank(spec, g, rank) for g in groups}
-    alpha = float(max(ranks.values()))
-    if spec.random:
-        seed = secrets.randbits(31) if seed is None else seed
+    if spec.random and seed is None:
+        seed = secrets.randbits(31)
     dev = resolve_device(device)
     out_dtype = dtype or widest_dtype(groups)
-    modules, records = [], []
-    for g in groups:
-        fm, rec = combine_group(g, spec, ranks[g.name], alpha, options, seed, dev, out_dtype)
-        modules.append(fm)
-        records.append(rec)
+    modules, records, alpha = combine_groups(groups, spec, options, seed, dev, out_dtype)
     inputs = [{"adapter": str(a.path), "format": a.format, "sha256": a.sha256, "weight": w,
-               "modules": len(a.modules)} for a, w in zip(adapters, ws)]
+               "modules": len(a.modules)} for a, w in zip(adapters, ws, strict=True)]
     meta = {META_KEY: json.dumps({"method": spec.name, "rank": rank, "density": density,
                                   "majority_sign": majority_sign, "seed": seed,
                                   "inputs": inputs}, separators=(",", ":"))}
@@ -131,6 +125,20 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
         max_rel_error=max(r["rel_error"] for r in records), seed=seed, adapters=inputs,
         modules=records, notes=[spec.note] if spec.note else [],
         warnings=[f"{a.path}: {n}" for a in adapters for n in a.notes] + disjoint_warnings(groups))
+
+
+def combine_groups(groups: list[Group], spec: CombineMethod, options: Options,
+                   seed: int | None, dev: torch.device, dtype: torch.dtype
+                   ) -> tuple[list[FactorModule], list[dict[str, Any]], float]:
+    """Every module through ``spec``, one at a time; one alpha for all: the largest rank."""
+    ranks = {g.name: _new_rank(spec, g, options.rank) for g in groups}
+    alpha = float(max(ranks.values()))
+    modules, records = [], []
+    for g in groups:
+        fm, rec = combine_group(g, spec, ranks[g.name], alpha, options, seed, dev, dtype)
+        modules.append(fm)
+        records.append(rec)
+    return modules, records, alpha
 
 
 def method_options(spec: CombineMethod, rank: int | None, density: float | None,
@@ -176,18 +184,17 @@ def check_adapters(adapters: list[Adapter]) -> None:
 def plan(adapters: list[Adapter], weights: list[float]) -> list[Group]:
     """Group the modules by name, checking that each group agrees on layout and shape."""
     groups: dict[str, Group] = {}
-    for a, w in zip(adapters, weights):
+    for a, w in zip(adapters, weights, strict=True):
         for m in a.modules:
-            g = groups.setdefault(m.name, Group(m.name, m.kind, (m.b_shape[0], *m.b_shape[2:]),
-                                                tuple(m.a_shape[1:]), underscore=m.underscore))
-            if (m.kind, (m.b_shape[0], *m.b_shape[2:]), tuple(m.a_shape[1:])) != (
-                    g.kind, g.out_shape, g.in_shape):
+            layout = (m.kind, (m.b_shape[0], *m.b_shape[2:]), tuple(m.a_shape[1:]))
+            g = groups.setdefault(m.name, Group(m.name, *layout, underscore=m.underscore))
+            if layout != (g.kind, g.out_shape, g.in_shape):
                 first = g.members[0]
                 raise MatchError(
-                    f"{m.name}: {first.adapter.path} has a {g.kind} layer with B{list(first.module.b_shape)} "
-                    f"A{list(first.module.a_shape)}, but {a.path} a {m.kind} layer with "
-                    f"B{list(m.b_shape)} A{list(m.a_shape)}; the adapters were trained for "
-                    "different models")
+                    f"{m.name}: {first.adapter.path} has a {g.kind} layer with "
+                    f"B{list(first.module.b_shape)} A{list(first.module.a_shape)}, but "
+                    f"{a.path} a {m.kind} layer with B{list(m.b_shape)} A{list(m.a_shape)}; "
+                    "the adapters were trained for different models")
             if m.fan_in_fan_out is not None:
                 if g.fan_in_fan_out is not None and g.fan_in_fan_out != m.fan_in_fan_out:
                     raise MatchError(f"{m.name}: {a.path} stores it with fan_in_fan_out="

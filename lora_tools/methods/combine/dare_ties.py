@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lora_tools.methods.combine.base import CombineMethod, Options, truncated_rank
-from lora_tools.methods.combine.dense import density, dense_method, disjoint_mean, drop, elect
+from lora_tools.methods.combine.dense import dense_method, density, disjoint_mean, drop, elect
 
 
 def merge(stack: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lora_tools.methods.combine.base import CombineMethod, Options, truncated_rank
-from lora_tools.methods.combine.dense import density, dense_method, trim
+from lora_tools.methods.combine.dense import dense_method, density, trim
 
 
 def merge(stack: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from lora_tools.methods.combine.base import CombineMethod, Options, truncated_rank
-from lora_tools.methods.combine.dense import density, dense_method, disjoint_mean, elect, trim
+from lora_tools.methods.combine.dense import dense_method, density, disjoint_mean, elect, trim
 
 
 def merge(stack: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:
