@@ -79,14 +79,14 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
                            fan_in_fan_out=opts.fan_in_fan_out)
     require_alpha(adapter)
     notes: list[str] = []
-    base_keys = settle(adapter, base, opts, notes)
+    base_keys, whole = settle(adapter, to, base, opts, notes)
     modules = canonical(adapter, base_keys, opts, notes)
     modules, meta = for_target(modules, to, prefix, base_keys, notes)
     if dtype is not None:
         modules = [fold.cast(m, dtype) for m in _check_cast(modules, dtype)]
     template = dict(adapter.config) if adapter.format == "peft" else {}
     save_adapter(modules, out, to, template=template, metadata=meta, force=force,
-                 inputs=[Path(src), *adapter.weight_files])
+                 inputs=[Path(src), *adapter.weight_files], whole=whole)
     summary = ConvertSummary(str(src), str(out), to, adapter.format, len(modules), notes,
                              [f"{adapter.path}: {n}" for n in adapter.notes])
     if to == "loralib":
@@ -95,12 +95,21 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
     return summary
 
 
-def settle(adapter: Adapter, base: str | Path | None, opts: AdapterOptions,
-           notes: list[str]) -> dict[str, str] | None:
+def settle(adapter: Adapter, to: str, base: str | Path | None, opts: AdapterOptions,
+           notes: list[str]) -> tuple[dict[str, str] | None, dict[str, torch.Tensor]]:
     """Match the adapter to ``base`` when given (kinds, orientation, module names).
 
-    Returns adapter module name -> base weight key, or None without a base.
+    Returns adapter module name -> base weight key (None without a base), and the whole
+    tensors to carry over (PEFT's saved embedding weights, for a PEFT target).
     """
+    whole = {k: adapter.source.get(k) for k in adapter.replacements.values()}
+    if whole and to == "peft":
+        notes.append(f"{len(whole)} whole tensors PEFT saved beside the factors (embedding "
+                     "weights) carried over")
+    elif whole and base is None:
+        raise UsageError(f"{adapter.path}: holds whole tensors PEFT saved ({next(iter(whole))})"
+                         f" that {to} files cannot hold; pass --base to check that they equal "
+                         "the base's, so they can be left out")
     if base is None:
         if adapter.format == "loralib":
             if opts.enable_lora is not None:
@@ -109,9 +118,18 @@ def settle(adapter: Adapter, base: str | Path | None, opts: AdapterOptions,
             if opts.fan_in_fan_out is None:
                 notes.append("loralib does not record layer orientation: taken as (out, in) "
                              "weights (pass --fan-in-fan-out or --base to say otherwise)")
-        return None
-    reports, _ = resolve([adapter], open_checkpoint(base))
-    return {m.module.name: m.base_key for m in reports[0].matches}
+        return None, whole
+    ck = open_checkpoint(base)
+    report = resolve([adapter], ck)[0][0]
+    if whole and to != "peft":
+        differ = [a for b, a in report.replacements.items() if not torch.equal(
+            ck.get(b), whole[a].to(ck.info(b).dtype))]
+        if differ:
+            raise UsageError(f"{adapter.path}: the saved whole tensors {', '.join(differ)} differ "
+                             f"from {base}'s, and {to} files cannot hold them; keep PEFT")
+        notes.append(f"{len(whole)} whole tensors PEFT saved are equal to the base's: left out")
+        whole = {}
+    return {m.module.name: m.base_key for m in report.matches}, whole
 
 
 def canonical(adapter: Adapter, base_keys: dict[str, str] | None, opts: AdapterOptions,
@@ -177,6 +195,9 @@ def for_target(modules: list[FactorModule], to: str, prefix: str | None,
     if prefix is not None and to != "kohya":
         raise UsageError("--prefix names kohya modules; it is only used with --to kohya")
     notes.extend(f"{what}: {n} modules" for what, n in counts.items())
+    if to == "kohya" and prefix is None and base_keys is None:
+        notes.append(f"kohya names use the default prefix {names.DEFAULT_PREFIX} (pass "
+                     "--prefix lora_te_ for a text encoder, or --base)")
     return out, meta
 
 
@@ -214,9 +235,6 @@ def _to_kohya(modules: list[FactorModule], prefix: str | None,
     if len(records) != len(out):
         raise UsageError("two modules get the same kohya name; pass --base so the names come "
                          "from the base model")
-    if prefix is None and base_keys is None:
-        count(f"kohya names use the default prefix {pre} (pass --prefix lora_te_ for a text "
-              "encoder)")
     return out, {names.LAYOUT_META: names.write_layout(records)}
 
 

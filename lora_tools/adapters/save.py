@@ -56,8 +56,13 @@ class FactorModule:
 
 def save_adapter(modules: list[FactorModule], out: str | Path, fmt: str, *,
                  template: dict[str, Any] | None = None, metadata: dict[str, str] | None = None,
-                 force: bool = False, inputs: list[Path] | None = None) -> Path:
-    """Write ``modules`` as a ``fmt`` adapter at ``out`` (a folder for PEFT, else a file)."""
+                 force: bool = False, inputs: list[Path] | None = None,
+                 whole: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``modules`` as a ``fmt`` adapter at ``out`` (a folder for PEFT, else a file).
+
+    ``whole``: PEFT only, tensors stored as they are beside the factors (the embedding
+    weights PEFT saves as ``<module>.base_layer.weight``), keyed as in the PEFT file.
+    """
     if fmt not in FORMATS:
         raise UsageError(f"unknown adapter format {fmt!r}; use one of {', '.join(FORMATS)}")
     if not modules:
@@ -65,7 +70,9 @@ def save_adapter(modules: list[FactorModule], out: str | Path, fmt: str, *,
     meta = {"format": "pt", "lora_tools.version": __version__, **(metadata or {})}
     out = Path(out)
     if fmt == "peft":
-        return _save_peft(modules, out, template or {}, meta, force, inputs or [])
+        return _save_peft(modules, out, template or {}, meta, force, inputs or [], whole)
+    if whole:
+        raise UsageError(f"{out}: {fmt} files cannot hold whole tensors ({next(iter(whole))})")
     tensors = _kohya_tensors(modules) if fmt == "kohya" else _loralib_tensors(modules, meta)
     _write_tensors(tensors, out, meta, force, inputs or [])
     return out
@@ -136,7 +143,8 @@ def _num(x: float) -> float | int:
 
 
 def _save_peft(modules: list[FactorModule], out: Path, template: dict[str, Any],
-               meta: dict[str, str], force: bool, inputs: list[Path]) -> Path:
+               meta: dict[str, str], force: bool, inputs: list[Path],
+               whole: dict[str, torch.Tensor] | None = None) -> Path:
     for m in modules:
         if m.kind not in (LINEAR, CONV, EMBEDDING):
             raise UsageError(f"{m.name}: PEFT has no {m.kind} layout; convert it first")
@@ -146,6 +154,7 @@ def _save_peft(modules: list[FactorModule], out: Path, template: dict[str, Any],
                         else (".lora_A.weight", ".lora_B.weight"))
         tensors[PREFIX + m.name + a_suf] = m.a.contiguous()
         tensors[PREFIX + m.name + b_suf] = m.b.contiguous()
+    tensors.update({k: v.contiguous() for k, v in (whole or {}).items()})
     check_output(out, inputs, force)
     staging = temp_path(out)
     staging.mkdir(exist_ok=True)
