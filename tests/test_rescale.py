@@ -45,6 +45,14 @@ def run(*args: str) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
+def run_json(*args: str) -> dict:  # type: ignore[type-arg]
+    """The --json document (stdout; warnings go to stderr, mixed in by older click)."""
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    return json.loads(text if text.startswith("{") else text[text.index("\n{") + 1:])
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.floats(min_value=1e-6, max_value=1e6, allow_nan=False), st.booleans())
 def test_split_rule(f: float, negative: bool) -> None:
@@ -100,10 +108,8 @@ def test_peft_rescale_is_bit_exact_in_peft_and_merge(tmp_path: Path) -> None:
 def test_strength_scales_delta_and_rslora_keeps_it(tmp_path: Path) -> None:
     peft_adapter(tiny_llama(), tmp_path / "ad", r=4, lora_alpha=8)
     before = deltas(tmp_path / "ad")
-    code, text = run("rescale", str(tmp_path / "ad"), "--strength", "-0.3", "-o",
-                     str(tmp_path / "s"), "--json")
-    assert code == 0, text
-    summary = json.loads(text)
+    summary = run_json("rescale", str(tmp_path / "ad"), "--strength", "-0.3", "-o",
+                       str(tmp_path / "s"))
     assert [m["new_alpha"] for m in summary["modules"]] == [pytest.approx(8 * 0.3)] * 6
     after = deltas(tmp_path / "s")
     for k in before:
@@ -119,10 +125,9 @@ def test_strength_scales_delta_and_rslora_keeps_it(tmp_path: Path) -> None:
 def test_rslora_with_new_alpha_non_power_of_two(tmp_path: Path) -> None:
     peft_adapter(tiny_llama(), tmp_path / "ad", r=3, lora_alpha=6)
     before = deltas(tmp_path / "ad")
-    code, text = run("rescale", str(tmp_path / "ad"), "--rslora", "--alpha", "5", "-o",
-                     str(tmp_path / "rs"), "--json")
-    assert code == 0, text
-    assert json.loads(text)["exact"] is False
+    summary = run_json("rescale", str(tmp_path / "ad"), "--rslora", "--alpha", "5", "-o",
+                       str(tmp_path / "rs"))
+    assert summary["exact"] is False
     after = deltas(tmp_path / "rs")
     scale = 5 / math.sqrt(3)
     assert open_for_edit(tmp_path / "rs").modules[0].scale == pytest.approx(scale)
