@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_tools.combine import rel_error
-from lora_tools.methods.combine import METHODS, Options, Term, dare_linear, dare_ties, magnitude_prune, ties
+from lora_tools.methods.combine import (
+    METHODS,
+    Options,
+    Term,
+    dare_linear,
+    dare_ties,
+    magnitude_prune,
+    ties,
+)
 from lora_tools.ops import lora_scale
 
 
