@@ -80,9 +80,12 @@ def clean_stale(out: Path) -> list[str]:
 def check_space(out: Path, nbytes: int) -> None:
     """Refuse before writing when the disk holding ``out`` cannot take ``nbytes``."""
     try:
-        free = shutil.disk_usage(out.parent).free
+        usage = shutil.disk_usage(out.parent)
     except OSError:
         return  # no answer (some network filesystems): the write itself will tell
+    if usage.total == 0:
+        return  # a pseudo filesystem reports no size at all: nothing to compare with
+    free = usage.free
     need = nbytes + SPACE_MARGIN
     if need > free:
         raise OutputError(
