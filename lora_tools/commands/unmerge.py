@@ -81,6 +81,6 @@ def _row(t: dict[str, Any], proven: bool) -> str:
     line = (f"  {t['name']}: {t['exact']}/{n} exact ({100 * t['exact'] / max(1, n):.2f}%), "
             f"max error {bound}{t['max_ulp']:.3g} ulp ({t['max_abs']:.3g} abs)")
     if t.get("unreachable"):
-        line += (f", {t['unreachable']} elements no base merges to (wrong adapter, weight or "
-                 "alpha, or a merge that rounded twice)")
+        line += (f"; {t['unreachable']} elements no base merges to (wrong adapter, weight or "
+                 "alpha, or a merge that rounded twice): the bound does not cover them")
     return line

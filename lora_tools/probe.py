@@ -1,0 +1,93 @@
+"""Functional probe for ``verify``: ``W'x`` against ``Wx + s·B(Ax)`` on seeded random inputs.
+
+The reference applies the factors one after the other, as the layer does at run time,
+never forming ΔW; so it checks the layouts (transposes, fused groups) that the dense
+formulas in :mod:`lora_tools.ops` encode, independently of them. Computed in fp64.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from lora_tools.adapters.model import EMBEDDING, LINEAR, MERGED, LoraModule
+
+PROBE_KINDS = (LINEAR, EMBEDDING, MERGED)
+COLUMNS = 4
+# Rounding errors are independent of x, so ‖(M − E)x‖ concentrates near √k·‖M − E‖_F;
+# 3× is far in the chi-square tail for out·k ≥ 4 degrees of freedom.
+_SPREAD = 3.0
+# fp32 error of the recomputed merge relative to its magnitude (r ≤ a few thousand terms).
+_FP32_COMPUTE = 2.0**-20
+
+
+@dataclass
+class ProbeTerm:
+    """One adapter's contribution: its module, factors A: (r, in), B: (out, r), ``w·s``."""
+
+    module: LoraModule
+    a: torch.Tensor
+    b: torch.Tensor
+    factor: float
+
+
+def applies(shape: tuple[int, ...], terms: list[ProbeTerm]) -> bool:
+    return len(shape) == 2 and all(t.module.kind in PROBE_KINDS for t in terms)
+
+
+def inputs(name: str, columns: int, seed: int) -> torch.Tensor:
+    """Seeded inputs x: (in, COLUMNS), fp64; the tensor name varies the seed per layer."""
+    g = torch.Generator().manual_seed((seed + zlib.crc32(name.encode())) % 2**63)
+    return torch.randn(columns, COLUMNS, generator=g, dtype=torch.float64)
+
+
+def factor_apply(t: ProbeTerm, x: torch.Tensor) -> torch.Tensor:
+    """``ΔW·x`` in the stored layout, from the factors. x: (cols of the stored tensor, k)."""
+    a, b, m = t.a.double(), t.b.double(), t.module
+    if m.kind == MERGED:
+        assert m.enable_lora is not None
+        return t.factor * _merged_apply(a, b, m.enable_lora, bool(m.fan_in_fan_out), x)
+    if m.kind == EMBEDDING or m.fan_in_fan_out:
+        return t.factor * (a.T @ (b.T @ x))  # stored (in, out) = (B @ A)ᵀ
+    return t.factor * (b @ (a @ x))
+
+
+def _merged_apply(a: torch.Tensor, b: torch.Tensor, enable: tuple[bool, ...], fifo: bool,
+                  x: torch.Tensor) -> torch.Tensor:
+    """loralib MergedLinear: enabled group j uses A rows j·r.. and B rows j·part.. ."""
+    groups = sum(enable)
+    r, part = a.shape[0] // groups, b.shape[0] // groups
+    slots = [i for i, on in enumerate(enable) if on]
+    out = x.new_zeros((a.shape[1] if fifo else part * len(enable), x.shape[1]))
+    for j, slot in enumerate(slots):
+        aj, bj = a[j * r:(j + 1) * r], b[j * part:(j + 1) * part]
+        rows = slice(slot * part, (slot + 1) * part)
+        if fifo:
+            out += aj.T @ (bj.T @ x[rows])
+        else:
+            out[rows] = bj @ (aj @ x)
+    return out
+
+
+def probe(name: str, merged: torch.Tensor, start: torch.Tensor, expected: torch.Tensor,
+          terms: list[ProbeTerm], seed: int) -> tuple[float, float]:
+    """(relative error ‖W'x − (Wx + Σ s·B(Ax))‖ / ‖Wx + Σ s·B(Ax)‖, the bound it must meet).
+
+    merged W', start W and expected E (the recomputed merge, fp32): same 2-D shape. The
+    bound allows the rounding that the element check already measured (‖W' − E‖_F) and
+    E's own fp32 error; a wrong layout or scale adds ‖ΔW‖-sized error and exceeds it.
+    """
+    x = inputs(name, merged.shape[1], seed)
+    want = start.double() @ x
+    for t in terms:
+        want += factor_apply(t, x)
+    got = merged.double() @ x
+    norm = float(want.norm()) or 1.0
+    rel = float((got - want).norm()) / norm
+    e64 = expected.double()
+    rounding = float((merged.double() - e64).norm())
+    compute = _FP32_COMPUTE * float(torch.maximum(e64.abs(), start.double().abs()).norm())
+    bound = _SPREAD * COLUMNS**0.5 * (rounding + compute) / norm
+    return rel, bound

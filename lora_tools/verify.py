@@ -1,0 +1,258 @@
+"""``verify``: prove that a merged checkpoint is exactly base + adapters, in one streaming pass.
+
+For every tensor of BASE, in file order, with one tensor of each checkpoint in memory:
+
+* adapted tensors are recomputed in fp32 by the merge engine itself and compared with
+  MERGED elementwise, in units of the last place (ulp) of the stored dtype, taken at the
+  larger of the merged value and the update (the update's own rounding is that big);
+  then a functional probe (:mod:`lora_tools.probe`) checks ``W'x`` against ``Wx + s·B(Ax)``;
+* untouched tensors must be byte-identical (after the cast, when ``dtype`` is given);
+* names, shapes and dtypes must match, and no value may be NaN or Inf.
+
+Tensors of MERGED that BASE lacks are reported too. The result lists every failing tensor
+with what failed and by how much; nothing is raised for a failed check.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_tools import probe as probe_mod
+from lora_tools import provenance
+from lora_tools.adapters import Adapter
+from lora_tools.adapters.mapping import MatchReport, resolve
+from lora_tools.device import resolve_device
+from lora_tools.engine import TensorFn, out_dtype
+from lora_tools.errors import UsageError
+from lora_tools.io import open_checkpoint
+from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.io.dtypes import dtype_name
+from lora_tools.io.safetensors_file import TensorInfo
+from lora_tools.merge import AdapterOptions, _weights, build_work, open_adapters
+from lora_tools.ulp import ulp_error
+
+DEFAULT_TOLERANCE_ULP = 1.0
+
+
+@dataclass
+class Failure:
+    """One failed check: the tensor, which check (missing, extra, shape, dtype, nonfinite,
+    values, bytes, probe) and by how much, in words and as a number where there is one."""
+
+    name: str
+    check: str
+    detail: str
+    amount: float | None = None
+
+
+@dataclass
+class AdaptedCheck:
+    name: str
+    elements: int
+    max_ulp: float
+    over_tolerance: int
+    probe_rel_error: float | None = None
+    probe_bound: float | None = None
+
+
+@dataclass
+class VerifyReport:
+    merged: str
+    base: str
+    tolerance_ulp: float
+    device: str
+    tensors: int = 0
+    adapted: list[AdaptedCheck] = field(default_factory=list)
+    untouched: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        probes = [a.probe_rel_error for a in self.adapted if a.probe_rel_error is not None]
+        d.update(ok=self.ok, max_ulp=max((a.max_ulp for a in self.adapted), default=0.0),
+                 max_probe_rel_error=max(probes, default=None), probed=len(probes))
+        return d
+
+
+def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[str | Path], *,
+           weights: list[float] | None = None, opts: AdapterOptions | None = None,
+           dtype: torch.dtype | None = None, tolerance: float | None = None,
+           device: str = "auto", seed: int = 0, allow_unmatched: bool = False
+           ) -> VerifyReport:
+    """Check ``merged_path`` against ``base_path`` + adapters (see the module doc).
+
+    ``tolerance``: allowed error of adapted tensors in ulps of the stored dtype (default
+    1: a correctly rounded merge is within 0.5, one that rounded ΔW first, as PEFT does
+    in 16-bit, within 1). ``dtype``: the output dtype the merge was asked for, if any.
+    """
+    tol = DEFAULT_TOLERANCE_ULP if tolerance is None else float(tolerance)
+    if not tol >= 0:
+        raise UsageError(f"--tolerance {tolerance}: give a number of ulps >= 0, e.g. 1")
+    t0 = time.perf_counter()
+    weights = _weights(weights, len(adapter_paths))
+    merged, base = open_checkpoint(merged_path), open_checkpoint(base_path)
+    adapters = open_adapters(adapter_paths, opts or AdapterOptions())
+    reports, warnings = resolve(adapters, base, allow_unmatched)
+    dev = resolve_device(device)
+    rep = VerifyReport(str(merged_path), str(base_path), tol, str(dev), warnings=warnings)
+    rep.warnings += _provenance_notes(merged, adapters)
+    checker = _Checker(merged, base, build_work(adapters, reports, weights, 1.0, dev),
+                       _probe_plan(adapters, reports, weights), dtype, tol, seed)
+    for info in base.infos():
+        rep.failures += checker.check(info, rep)
+    for name in merged.keys():
+        if name not in base:
+            rep.failures.append(Failure(name, "extra", "in MERGED but not in BASE"))
+    rep.seconds = round(time.perf_counter() - t0, 3)
+    return rep
+
+
+@dataclass
+class _Plan:
+    """Per adapted base key: (adapter, module, weight) terms, and a saved whole tensor
+    that replaces the base before the deltas (PEFT's saved embeddings), if any."""
+
+    terms: dict[str, list[tuple[Adapter, Any, float]]] = field(default_factory=dict)
+    starts: dict[str, tuple[Adapter, str]] = field(default_factory=dict)
+
+
+def _probe_plan(adapters: list[Adapter], reports: list[MatchReport], weights: list[float]
+                ) -> _Plan:
+    plan = _Plan()
+    for a, r, w in zip(adapters, reports, weights):
+        for m in r.matches:
+            plan.terms.setdefault(m.base_key, []).append((a, m.module, w))
+        for base_key, key in r.replacements.items():
+            plan.starts[base_key] = (a, key)
+    return plan
+
+
+def _provenance_notes(merged: Checkpoint, adapters: list[Adapter]) -> list[str]:
+    net = {sha for sha, n in provenance.merged_shas(provenance.read(merged.metadata)).items()
+           if n > 0}
+    if not net:
+        return []
+    given = {a.sha256 for a in adapters}
+    notes = [f"{a.path}: MERGED's metadata does not record merging this adapter"
+             for a in adapters if a.sha256 not in net]
+    if net - given:
+        notes.append(f"MERGED's metadata records {len(net - given)} merged adapter(s) not "
+                     "given here")
+    return notes
+
+
+class _Checker:
+    """The per-tensor checks; holds the inputs so each check reads one tensor pair."""
+
+    def __init__(self, merged: Checkpoint, base: Checkpoint, work: dict[str, TensorFn],
+                 plan: _Plan, dtype: torch.dtype | None, tol: float, seed: int) -> None:
+        self.merged, self.base, self.work, self.plan = merged, base, work, plan
+        self.dtype, self.tol, self.seed = dtype, tol, seed
+
+    def check(self, info: TensorInfo, rep: VerifyReport) -> list[Failure]:
+        name = info.name
+        rep.tensors += 1
+        if name not in self.merged:
+            return [Failure(name, "missing", "in BASE but not in MERGED")]
+        got, want = self.merged.info(name), out_dtype(info.dtype, self.dtype)
+        rep.bytes_read += got.nbytes + info.nbytes
+        fails = []
+        if tuple(got.shape) != tuple(info.shape):
+            fails.append(Failure(name, "shape", f"shape {list(got.shape)}, expected "
+                                 f"{list(info.shape)}"))
+        if got.dtype != want:
+            fails.append(Failure(name, "dtype", f"dtype {dtype_name(got.dtype)}, expected "
+                                 f"{dtype_name(want)}" + ("" if self.dtype else
+                                                          " (the base's; --dtype if the "
+                                                          "merge changed it)")))
+        if fails:
+            return fails
+        if name in self.work:
+            return self._adapted(name, rep)
+        rep.untouched += 1
+        return self._untouched(name, want)
+
+    def _untouched(self, name: str, want: torch.dtype) -> list[Failure]:
+        m = self.merged.get(name)
+        b = self.base.get(name)
+        fails = _nonfinite(name, m)
+        if b.dtype != want:
+            b = b.to(want)
+        mb, bb = _bits(m), _bits(b)
+        if not torch.equal(mb, bb):
+            differ = int((mb != bb).sum())
+            diff = (m.double() - b.double()).abs().nan_to_num(float("inf"))
+            worst = float(diff.max()) if diff.numel() else 0.0
+            fails.append(Failure(name, "bytes", f"untouched tensor differs from BASE: "
+                                 f"{differ} of {m.numel()} elements, max |diff| {worst:.3g}",
+                                 worst))
+        return fails
+
+    def _adapted(self, name: str, rep: VerifyReport) -> list[Failure]:
+        m, w = self.merged.get(name), self.base.get(name)
+        expected = self.work[name](name, w, torch.float32)
+        fails = _nonfinite(name, m)
+        finite = torch.isfinite(m)
+        ref = torch.maximum(expected.abs(), (expected - w.float()).abs())
+        err = torch.where(finite, ulp_error(m, expected, m.dtype, ref=ref), 0.0)
+        over = err > self.tol
+        res = AdaptedCheck(name, m.numel(), float(err.max()) if err.numel() else 0.0,
+                           int(over.sum()))
+        if res.over_tolerance:
+            idx = int(err.reshape(-1).argmax())
+            fails.append(Failure(name, "values", (
+                f"{res.over_tolerance} of {res.elements} elements off by up to "
+                f"{res.max_ulp:.4g} ulp (tolerance {self.tol:g}); worst at flat index {idx}: "
+                f"merged {float(m.reshape(-1)[idx]):.6g}, expected "
+                f"{float(expected.reshape(-1)[idx]):.6g}"), res.max_ulp))
+        if not fails:
+            fails += self._probe(name, m, w, expected, res)
+        rep.adapted.append(res)
+        return fails
+
+    def _probe(self, name: str, m: torch.Tensor, w: torch.Tensor, expected: torch.Tensor,
+               res: AdaptedCheck) -> list[Failure]:
+        terms = []
+        for adapter, module, weight in self.plan.terms.get(name, []):
+            a, b = adapter.factors(module)
+            terms.append(probe_mod.ProbeTerm(module, a, b, module.scale * weight))
+        if not terms or not probe_mod.applies(tuple(m.shape), terms):
+            return []
+        start = w
+        if name in self.plan.starts:
+            holder, key = self.plan.starts[name]
+            start = holder.source.get(key)
+        rel, bound = probe_mod.probe(name, m, start, expected, terms, self.seed)
+        res.probe_rel_error, res.probe_bound = rel, bound
+        if rel > bound:
+            return [Failure(name, "probe", f"W'x vs Wx + s·B(Ax): relative error {rel:.3g}, "
+                            f"more than the {bound:.3g} rounding allows", rel)]
+        return []
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Each element's bit pattern, so -0.0/+0.0 and NaN payloads count as different."""
+    flat = t.contiguous().reshape(-1)
+    return flat.view(_INT_OF_SIZE[flat.element_size()]) if flat.numel() else flat
+
+
+def _nonfinite(name: str, t: torch.Tensor) -> list[Failure]:
+    if not t.is_floating_point():
+        return []
+    bad = int((~torch.isfinite(t)).sum())
+    return [Failure(name, "nonfinite", f"{bad} NaN/Inf values", bad)] if bad else []
