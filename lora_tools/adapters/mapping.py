@@ -46,12 +46,13 @@ class BaseIndex:
         self.base = base
         self._by_last: dict[str, list[tuple[str, str]]] = {}
         for key in base.keys():
+            # ``x.conv.weight`` is indexed as module ``x`` (loralib ConvLoRA) and as module
+            # ``x.conv`` (a PEFT/kohya module named conv, e.g. diffusers' downsamplers).
             for suffix in (".conv.weight", ".weight"):
                 if key.endswith(suffix):
                     path = key[: -len(suffix)]
                     last = path.rsplit(".", 1)[-1]
                     self._by_last.setdefault(last, []).append((path, key))
-                    break
 
     def candidates(self, module: LoraModule) -> list[str]:
         if module.underscore:
@@ -71,7 +72,7 @@ class BaseIndex:
         out = []
         for paths in self._by_last.values():
             for path, key in paths:
-                if not key.endswith(".weight") or key.endswith(".conv.weight"):
+                if key != path + ".weight":
                     continue
                 u = path.replace(".", "_")
                 if u == name:

@@ -50,10 +50,7 @@ def kohya_name(module: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 def base_module(key: str) -> str:
     """Module path of a base weight key (``a.b.weight`` -> ``a.b``)."""
-    for suffix in (".conv.weight", ".weight"):
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return key
+    return key.removesuffix(".weight")
 
 
 def read_layout(metadata: dict[str, str]) -> dict[str, KohyaRecord]:
