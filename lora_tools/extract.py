@@ -82,19 +82,7 @@ def extract(base_path: str | Path, tuned_path: str | Path, out: str | Path,
         check_output(Path(save_rest), inputs, force)
     dev = resolve_device(device)
     summary = ExtractSummary(str(base_path), str(tuned_path), str(out), to, str(dev))
-    modules: list[FactorModule] = []
-    for name in tuned.keys():
-        reason = _classify(name, base, tuned, opts, to)
-        if reason is not None and reason != "same":
-            summary.rest.append({"name": name, "shape": list(tuned.info(name).shape),
-                                 "reason": reason})
-            continue
-        done = factor_one(name, base, tuned, opts, rule, dev) if reason is None else None
-        if done is None:
-            summary.unchanged += 1
-        else:
-            modules.append(done[0])
-            summary.modules.append(done[1])
+    modules = scan(base, tuned, opts, rule, to, dev, summary)
     summary.missing_in_tuned = [k for k in base.keys() if k not in tuned]
     _finish(summary, modules, opts, to, prefix, base, force, inputs)
     if save_rest is not None and summary.rest:
@@ -116,25 +104,58 @@ def _check(opts: ExtractOptions, to: str) -> tuple[ResizeRule, float] | None:
     return parse_rule(opts.dynamic) if opts.dynamic else None
 
 
-def _classify(name: str, base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions,
-              to: str) -> str | None:
-    """None for LoRA material; "same" when bytes are equal; else why it is kept whole."""
+def scan(base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions,
+         rule: tuple[ResizeRule, float] | None, to: str, dev: torch.device,
+         summary: ExtractSummary) -> list[FactorModule]:
+    """One pass over TUNED, one tensor pair in memory: factor, keep whole, or skip."""
+    modules = []
+    for name in tuned.keys():
+        reason = _unpaired(name, base, tuned)
+        if reason is None:
+            b, t = base.get(name), tuned.get(name)
+            if _same_bytes(b, t):
+                summary.unchanged += 1
+                continue
+            reason = _not_lora(name, t, opts, to)
+            done = factor_one(name, b, t, opts, rule, dev) if reason is None else None
+            if done is not None:
+                modules.append(done[0])
+                summary.modules.append(done[1])
+            elif reason is None:
+                summary.unchanged += 1  # bytes differ, values do not (-0.0, dtype change)
+            del b, t
+        if reason is not None:
+            summary.rest.append({"name": name, "shape": list(tuned.info(name).shape),
+                                 "reason": reason})
+    return modules
+
+
+def _unpaired(name: str, base: Checkpoint, tuned: Checkpoint) -> str | None:
     if name not in base:
         return "new in TUNED (not in BASE)"
-    bi, ti = base.info(name), tuned.info(name)
-    if bi.shape != ti.shape:
-        return f"shape changed from {list(bi.shape)}"
-    if bi.dtype == ti.dtype and bytes(base.raw(name)) == bytes(tuned.raw(name)):
-        return "same"
-    if not ti.dtype.is_floating_point:
+    if base.info(name).shape != tuned.info(name).shape:
+        return f"shape changed from {list(base.info(name).shape)}"
+    return None
+
+
+def _same_bytes(b: torch.Tensor, t: torch.Tensor) -> bool:
+    if b.dtype != t.dtype:
+        return False
+    flat = [x.contiguous().reshape(-1).view(torch.uint8) for x in (b, t)]
+    return torch.equal(flat[0], flat[1])
+
+
+def _not_lora(name: str, t: torch.Tensor, opts: ExtractOptions, to: str) -> str | None:
+    """Why a changed tensor is kept whole; None for LoRA material."""
+    if not t.is_floating_point():
         return "not a floating tensor"
-    if len(ti.shape) < 2:
+    if t.dim() < 2:
         return "1-D (norm or bias): no low-rank form"
     if not name.endswith(".weight"):
         return "not a layer weight (name does not end in .weight)"
-    if len(ti.shape) == 2 and _is_embedding(name) and not opts.include_embeddings:
+    if t.dim() == 2 and _is_embedding(name) and not opts.include_embeddings:
         return "embedding (pass --include-embeddings to factor it)"
-    if len(ti.shape) > 2 and to == "loralib":
+    if t.dim() > 2 and to == "loralib":
         return "conv weight: loralib has no PEFT/kohya-style conv layout (use --to peft)"
     return None
 
@@ -143,11 +164,11 @@ def _is_embedding(name: str) -> bool:
     return bool(EMBEDDING_RE.search(base_module(name)))
 
 
-def factor_one(name: str, base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions,
+def factor_one(name: str, base: torch.Tensor, tuned: torch.Tensor, opts: ExtractOptions,
                rule: tuple[ResizeRule, float] | None, dev: torch.device
                ) -> tuple[FactorModule, dict[str, Any]] | None:
     """Best rank-k factors of one tensor's change and its report line; None if no change."""
-    delta = tuned.get(name).to(dev, torch.float32) - base.get(name).to(dev, torch.float32)
+    delta = tuned.to(dev, torch.float32) - base.to(dev, torch.float32)
     check_finite(delta, f"TUNED − BASE for {name}")
     if not bool(delta.any()):
         return None  # bytes differ but values do not (-0.0, or only the dtype changed)
@@ -156,7 +177,7 @@ def factor_one(name: str, base: Checkpoint, tuned: Checkpoint, opts: ExtractOpti
     # M is what B @ A must equal: PEFT's embedding and fan_in_fan_out layers use (B @ A)ᵀ.
     transpose = kind == EMBEDDING or (kind == LINEAR and opts.fan_in_fan_out)
     mat = delta.T if transpose else delta.reshape(shape[0], -1)
-    svd = truncated_svd(mat, opts, rule)
+    svd = truncated_svd(mat, opts)
     k = min(opts.rank, int(svd.s.numel())) if rule is None else min(
         opts.rank, pick_rank(rule[0], rule[1], svd.s))
     alpha = float(opts.alpha if opts.alpha is not None else opts.rank)
@@ -177,8 +198,7 @@ def factor_one(name: str, base: Checkpoint, tuned: Checkpoint, opts: ExtractOpti
     return module, report
 
 
-def truncated_svd(mat: torch.Tensor, opts: ExtractOptions,
-                  rule: tuple[ResizeRule, float] | None) -> FactorSVD:
+def truncated_svd(mat: torch.Tensor, opts: ExtractOptions) -> FactorSVD:
     """SVD of M: (rows, cols) in fp32: full, or randomized (seeded) for the top values."""
     if not opts.randomized:
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
