@@ -107,6 +107,7 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
     check_adapters(adapters)
     groups = plan(adapters, ws)
     fmt = output_format(fmt, adapters, groups)
+    whole = whole_tensors(adapters, fmt)
     if spec.random and seed is None:
         seed = secrets.randbits(31)
     dev = resolve_device(device)
@@ -118,7 +119,7 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
                                   "majority_sign": majority_sign, "seed": seed,
                                   "inputs": inputs}, separators=(",", ":"))}
     save_adapter(modules, out, fmt, template=peft_template(adapters), metadata=meta,
-                 force=force, inputs=[Path(p) for p in adapter_paths])
+                 force=force, inputs=[Path(p) for p in adapter_paths], whole=whole)
     return CombineSummary(
         out=str(out), format=fmt, method=spec.name, exact=spec.exact, alpha=alpha,
         dtype=dtype_name(out_dtype), device=str(dev), seconds=round(time.perf_counter() - t0, 3),
@@ -171,14 +172,30 @@ def parse_weights(weights: list[float] | None, n: int) -> list[float]:
 
 def check_adapters(adapters: list[Adapter]) -> None:
     for a in adapters:
-        if a.replacements:
-            raise UsageError(f"{a.path}: the adapter also saves whole tensors "
-                             f"({', '.join(list(a.replacements.values())[:3])}); an adapter "
-                             "cannot carry them combined: merge the adapters instead")
         for m in a.modules:
             if m.enable_lora is not None or m.kind not in (LINEAR, CONV, EMBEDDING):
                 raise UsageError(f"{a.path}: {m.name}: fused loralib layers (--enable-lora) "
                                  "cannot be combined without their base; merge them instead")
+
+
+def whole_tensors(adapters: list[Adapter], fmt: str) -> dict[str, torch.Tensor]:
+    """The whole tensors PEFT saves beside the factors (embedding weights), carried into the
+    output unchanged; inputs that hold the same one must agree on it."""
+    whole: dict[str, torch.Tensor] = {}
+    owner: dict[str, Path] = {}
+    for a in adapters:
+        for key in a.replacements.values():
+            t = a.source.get(key)
+            if key in whole and not torch.equal(whole[key], t):
+                raise UsageError(f"{key}: {owner[key]} and {a.path} save different whole "
+                                 "tensors (resized vocabularies?), one adapter cannot hold "
+                                 "both; merge the adapters into the base instead")
+            whole.setdefault(key, t)
+            owner.setdefault(key, a.path)
+    if whole and fmt != "peft":
+        raise UsageError(f"{next(iter(whole))}: the inputs hold whole tensors PEFT saved "
+                         "beside the factors; only a PEFT output can carry them: --format peft")
+    return whole
 
 
 def plan(adapters: list[Adapter], weights: list[float]) -> list[Group]:

@@ -27,7 +27,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     peft_adapter(tiny_llama(), d / "a2", seed=2, r=2, lora_alpha=3, use_rslora=True,
                  target_modules=["q_proj", "k_proj"])
     peft_adapter(tiny_llama(), d / "a4", seed=4, r=4, lora_alpha=16,
-                 target_modules=["q_proj", "v_proj"])
+                 target_modules=["q_proj", "v_proj", "embed_tokens"])
     g = torch.Generator().manual_seed(3)
     lib = [FactorModule(f"model.layers.{i}.self_attn.{p}", torch.randn(3, 32, generator=g),
                         torch.randn(n, 3, generator=g) * 0.1, 6.0)
@@ -140,11 +140,15 @@ def test_methods_agree_with_peft_add_weighted_adapter(files: dict[str, Path], me
                             density=0.5 if extra else None)
     seen = 0
     for name, mod in pm.named_modules():
-        if isinstance(mod, LoraLayer) and "ours" in mod.lora_A:
+        if isinstance(mod, LoraLayer) and ("ours" in mod.lora_A
+                                           or "ours" in mod.lora_embedding_A):
             want, got = mod.get_delta_weight("peft"), mod.get_delta_weight("ours")
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
             seen += 1
-    assert seen == 6
+    assert seen == 7  # q, v of two layers, down of a1, a4's embed_tokens
+    saved = read(out / "adapter_model.safetensors")  # PEFT's saved embedding weights kept
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert torch.equal(saved[key], read(files["a4"] / "adapter_model.safetensors")[key])
 
 
 def test_svd_report_is_the_optimal_error(files: dict[str, Path]) -> None:
@@ -179,12 +183,15 @@ def test_kohya_inputs_stay_kohya(files: dict[str, Path]) -> None:
     for i, r in ((1, 2), (2, 3)):
         mods = [FactorModule(f"lora_te_layer_{j}_q", torch.randn(r, 8, generator=g),
                              torch.randn(6, r, generator=g), float(i * r)) for j in range(2)]
+        mods.append(FactorModule("lora_unet_conv", torch.randn(r, 4, 3, 3, generator=g),
+                                 torch.randn(5, r, 1, 1, generator=g), 1.0, kind="conv"))
         save_adapter(mods, d / f"k{i}.safetensors", "kohya")
     paths = [d / "k1.safetensors", d / "k2.safetensors"]
     ok("combine", *paths, "-o", d / "k12.safetensors", "--format", "same", "-w", "2,-1")
     assert load_adapter(d / "k12.safetensors").format == "kohya"
     got, want = deltas(d / "k12.safetensors"), weighted_sum(paths, [2, -1])
-    assert all(rel(got[k], want[k]) < 1e-6 for k in want)
+    assert set(got) == set(want) and all(rel(got[k], want[k]) < 1e-6 for k in want)
+    assert load_adapter(d / "k12.safetensors").module("lora_unet_conv").a_shape == (5, 4, 3, 3)
     res = run("combine", *paths, "-o", d / "k12_peft")
     assert res.exit_code != 0 and "--format kohya" in res.output
 
