@@ -80,6 +80,7 @@ class AdapterReport:
     modules: list[ModuleStats]
     summary: dict[str, Any]
     dora_magnitudes: int = 0
+    whole_tensors: list[dict[str, Any]] = field(default_factory=list)
     base: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -149,7 +150,8 @@ def inspect_adapter(path: Path, *, base: str | Path | None = None, top: int = 5,
         size_bytes=sum(f.stat().st_size for f in adapter.weight_files),
         dtypes=factors_dtype(adapter),
         params=sum(s.params for s in stats), modules=stats, summary={},
-        dora_magnitudes=magnitudes, notes=list(adapter.notes), top=top, device=str(dev))
+        dora_magnitudes=magnitudes, whole_tensors=whole_tensors(adapter),
+        notes=list(adapter.notes), top=top, device=str(dev))
     report.base = _base_summary(base_ckpt, report, len(keys)) if base_ckpt is not None else None
     report.summary, health_warnings = summarize(stats, top)
     report.warnings = warnings + health_warnings
@@ -203,6 +205,19 @@ def _base_summary(base: Checkpoint, report: AdapterReport, matched: int) -> dict
     params = sum(math.prod(i.shape) for i in base.infos())
     return {"path": str(base.path), "params": params, "matched_modules": matched,
             "fraction_added": report.params / params if params else None}
+
+
+def whole_tensors(adapter: Adapter) -> list[dict[str, Any]]:
+    """Full tensors PEFT saved beside the factors (``save_embedding_layers``), from headers.
+
+    On merge they replace the base's tensor instead of adding to it.
+    """
+    out = []
+    for base_name, key in getattr(adapter, "replacements", {}).items():
+        info = adapter.source.info(key)
+        out.append({"replaces": base_name, "key": key, "shape": list(info.shape),
+                    "params": math.prod(info.shape)})
+    return out
 
 
 def factors_dtype(adapter: Adapter) -> list[str]:

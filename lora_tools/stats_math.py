@@ -156,10 +156,14 @@ _NOISE = ("base_model.model.", "model.", "transformer.", "language_model.", "dec
 
 
 def module_layer(name: str, underscore: bool = False) -> str | None:
-    """The module's block: its path up to the last number (``layers.3``, ``h.0``), or None."""
+    """The module's block: its path up to the last number (``layers.3``, ``h.0``), or None.
+
+    A number that ends the path (``to_out.0``, ``ff.net.2``) indexes a part of the block,
+    not the block, so it does not count.
+    """
     path = strip_prefix(name) if underscore else name
     last = None
-    for m in re.finditer(r"(?:^|[._])\d+(?=[._]|$)", path):
+    for m in re.finditer(r"(?:^|[._])\d+(?=[._])", path):
         last = m
     if last is None:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 WIDTH = 100
@@ -25,9 +26,14 @@ def num(x: float | None, fmt: str = ".3g") -> str:
 
 
 def short(name: str, width: int) -> str:
+    """A module name without the usual wrapper prefixes, cut from the left to ``width``."""
     for noise in _NOISE:
         name = name.removeprefix(noise)
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    return clip(name, width)
+
+
+def clip(text: str, width: int = WIDTH - 11) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def field(label: str, text: str) -> str:
@@ -37,8 +43,9 @@ def field(label: str, text: str) -> str:
 def adapter_lines(d: dict[str, Any]) -> list[str]:
     s = d["summary"]
     files = len(d["files"])
-    lines = [field("adapter", f"{d['path']}  ({d['format']} · {files} file{'s' * (files > 1)} "
-                              f"· {size(d['size_bytes'])} · {', '.join(d['dtypes'])})")]
+    lines = [field("adapter", clip(d["path"])),
+             field("format", f"{d['format']} · {files} file{'s' * (files > 1)} · "
+                             f"{size(d['size_bytes'])} · {', '.join(d['dtypes'])}")]
     params = f"{d['params']:,} params"
     if d["base"] and d["base"]["fraction_added"] is not None:
         b = d["base"]
@@ -50,9 +57,14 @@ def adapter_lines(d: dict[str, Any]) -> list[str]:
     lines.append(field("flags", f"rsLoRA {_rslora(s)} · DoRA {dora}"))
     lines += ["", *alpha_lines(s["alphas"]), "", *module_lines(d), "", *layer_lines(d)]
     lines += ["", field("health", _health(s["health"]))]
-    lines += [field("note", n) for n in d["notes"]]
+    notes = list(d["notes"]) + [
+        f"whole tensor {w['replaces']} ({'×'.join(map(str, w['shape']))}) saved beside the "
+        "factors: merge puts it in place of the base's" for w in d["whole_tensors"]]
+    for n in notes:
+        lines += [field("note" if i == 0 else "", part)
+                  for i, part in enumerate(textwrap.wrap(n, WIDTH - 11))]
     if d.get("plot"):
-        lines.append(field("plot", d["plot"]))
+        lines.append(field("plot", clip(d["plot"])))
     lines.append(field("took", f"{d['seconds']:.2f}s on {d['device']}"))
     return lines
 
@@ -76,7 +88,7 @@ def alpha_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-_COLS = "{:<2}{:<28} {:<8} {:>4} {:>8} {:>9} {:>9} {:>6} {:>4} {:>4} {:>9}"
+_COLS = "{:<2}{:<27} {:<9} {:>4} {:>8} {:>9} {:>9} {:>6} {:>4} {:>4} {:>9}"
 
 
 def module_lines(d: dict[str, Any]) -> list[str]:
@@ -109,7 +121,7 @@ def _row(m: dict[str, Any], known: bool) -> str:
     flag = "!" if m["nan"] or m["inf"] or m["zero_a"] or m["zero_b"] else ""
     sigma = m["spectral_norm"] if known else (m["singular_values_ba"] or [None])[0]
     rel = "-" if m["rel_update"] is None and m["norm_base"] is None else num(m["rel_update"])
-    return _COLS.format(flag, short(m["name"], 28), m["group"], m["rank"], num(m["scale"], ".4g"),
+    return _COLS.format(flag, short(m["name"], 27), m["group"], m["rank"], num(m["scale"], ".4g"),
                         num(_strength(m, known)), num(sigma), num(m["stable_rank"]),
                         num(m["eff_rank_90"], "d"), num(m["eff_rank_99"], "d"), rel)
 
@@ -138,8 +150,9 @@ def _health(h: dict[str, int]) -> str:
 
 
 def checkpoint_lines(d: dict[str, Any]) -> list[str]:
-    lines = [field("checkpoint", f"{d['path']}  ({d['shards']} file{'s' * (d['shards'] > 1)} "
-                                 f"· {size(d['size_bytes'])})"),
+    lines = [field("checkpoint", clip(d["path"])),
+             field("size", f"{size(d['size_bytes'])} in {d['shards']} "
+                           f"file{'s' * (d['shards'] > 1)}"),
              field("tensors", f"{d['tensors']:,} · {d['params']:,} params")]
     lines.append(field("dtypes", " · ".join(f"{k} {v['tensors']} tensors {size(v['bytes'])}"
                                             for k, v in d["dtypes"].items())))
