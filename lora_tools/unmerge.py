@@ -91,6 +91,7 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
     extra = len(adapter_paths) - 1
 
     def observe(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor) -> None:
+        m, total, u = m.cpu(), total.cpu(), u.cpu()  # the engine may hand device tensors
         if base is None:
             early = extra + (1 if u.element_size() < 4 else 0)
             stats.append(proven_exactness(name, m, total, u, early))
@@ -122,14 +123,23 @@ def checked_exactness(name: str, m: torch.Tensor, u: torch.Tensor, w: torch.Tens
     return TensorExactness(name, u.numel(), int((u == w).sum()), _max(err), _max(diff))
 
 
-def proven_exactness(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor,
-                     early_roundings: int = 0) -> TensorExactness:
-    """Exactness of ``u = round(M + total)`` without the base (``total = −Σ wᵢ·ΔWᵢ``, fp64).
+@dataclass
+class Proof:
+    """Per element (shape of the tensor): proven exact, unreachable, and the error bound."""
+
+    exact: torch.Tensor
+    unreachable: torch.Tensor
+    bound_abs: torch.Tensor
+
+
+def prove(m: torch.Tensor, total: torch.Tensor, u: torch.Tensor, early_roundings: int = 0
+          ) -> Proof:
+    """What MERGED alone says about ``u = round(M + total)`` (``total = −Σ wᵢ·ΔWᵢ``, fp64).
 
     The bases ``W`` with ``round(W + ΔW) = M`` fill ``[lo, hi]``: the reals that round to
-    ``M`` (half a gap either side), shifted by ``total``. ``u`` is proven exact when neither
-    of its neighbours lies in it; ``early_roundings`` fp32 roundings before the last one
-    widen it. M, total, u: same shape.
+    ``M`` (half a gap either side), shifted by ``total``. ``u`` is proven exact when it lies
+    in it and neither of its neighbours does; ``early_roundings`` fp32 roundings before the
+    last one widen it. M, total, u: same shape; M and u in the output dtype.
     """
     m = m.to(u.dtype)
     m64, u64 = m.double(), u.double()
@@ -140,14 +150,20 @@ def proven_exactness(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.T
     hi = centre + (above - m64) / 2 + slack
     u_below, u_above = (x.double() for x in neighbours(u))
     exact = (u_below < lo) & (u_above > hi) & (lo <= u64) & (u64 <= hi)
-    unreachable = (u64 < lo) | (u64 > hi)
     reach = torch.maximum(u64 - lo, hi - u64).clamp_min(0)
     # Candidates sit on the finer of u's two spacings (they differ at powers of two).
     step = torch.minimum(u_above - u64, u64 - u_below)
     bound_abs = torch.where(exact, torch.zeros_like(reach), torch.floor(reach / step) * step)
-    bound = bound_abs / ulp(m, u.dtype)
-    return TensorExactness(name, u.numel(), int(exact.sum()), _max(bound), _max(bound_abs),
-                           int(unreachable.sum()))
+    return Proof(exact, (u64 < lo) | (u64 > hi), bound_abs)
+
+
+def proven_exactness(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor,
+                     early_roundings: int = 0) -> TensorExactness:
+    """:func:`prove` summed up for one tensor; the bound in ulps of the merged value."""
+    proof = prove(m, total, u, early_roundings)
+    bound = proof.bound_abs / ulp(m, u.dtype)
+    return TensorExactness(name, u.numel(), int(proof.exact.sum()), _max(bound),
+                           _max(proof.bound_abs), int(proof.unreachable.sum()))
 
 
 def _max(t: torch.Tensor) -> float:
