@@ -24,10 +24,10 @@ from lora_tools.adapters.save import FactorModule, factor_modules, save_adapter
 from lora_tools.engine import output_specs, stream
 from lora_tools.errors import NumericError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint
-from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.writer import TORCH_SUFFIXES
 from lora_tools.merge import AdapterOptions
+from lora_tools.range_check import check_range, limit_of, peak
 
 ADAPTER_TARGETS = ("peft", "kohya", "loralib")
 CHECKPOINT_TARGETS = ("safetensors", "pt")
@@ -247,9 +247,10 @@ def _loralib_alpha_note(modules: list[FactorModule]) -> str:
 
 
 def _check_cast(modules: list[FactorModule], dtype: torch.dtype) -> list[FactorModule]:
+    limit = limit_of(dtype)
     for m in modules:
         for t, which in ((m.a, "A"), (m.b, "B")):
-            if _overflows(t, dtype):
+            if limit is not None and peak(t) > limit:
                 raise NumericError(f"{m.name}: factor {which} does not fit {dtype_name(dtype)} "
                                    f"(max |x| = {float(t.abs().max()):.4g}); nothing was "
                                    "written; use bf16 or fp32")
@@ -264,10 +265,10 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *,
     """Stream every tensor of ``src`` into ``out``: bytes copied, or cast once to ``dtype``."""
     ck = open_checkpoint(src)
     _check_target(Path(out), to, shard_size)
-    if dtype is not None:
-        check_overflow(ck, dtype)
+    specs = output_specs(ck, dtype)
+    check_range(ck, specs, {})  # a cast to fp16 that overflows is refused before writing
     meta = {**ck.metadata, "format": "pt"}
-    with CheckpointWriter(out, output_specs(ck, dtype), meta, shard_size=shard_size,
+    with CheckpointWriter(out, specs, meta, shard_size=shard_size,
                           source_folder=ck.folder, force=force, inputs=[Path(src)]) as writer:
         stats = stream(ck, writer, {}, progress)
     notes = [f"cast floating tensors to {dtype_name(dtype)}"] if dtype is not None else []
@@ -283,24 +284,3 @@ def _check_target(out: Path, to: str, shard_size: int | None) -> None:
         raise UsageError(f"{out}: --to safetensors needs a *.safetensors file or a folder")
     if shard_size is not None and out.suffix in (".safetensors", *TORCH_SUFFIXES):
         raise UsageError(f"{out}: --shard-size shards a folder output; give a folder path")
-
-
-def check_overflow(ck: Checkpoint, dtype: torch.dtype) -> None:
-    """Raise before anything is written if a finite value would become ±inf in ``dtype``."""
-    bad = []
-    for info in ck.infos():
-        if info.dtype.is_floating_point and torch.finfo(info.dtype).max > torch.finfo(dtype).max:
-            t = ck.get(info.name)
-            if _overflows(t, dtype):
-                bad.append(f"{info.name} (max |x| = {float(t.abs().max()):.4g})")
-    if bad:
-        raise NumericError(
-            f"{ck.path}: {len(bad)} tensors do not fit {dtype_name(dtype)} (largest finite "
-            f"{torch.finfo(dtype).max:.5g}): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
-            "; nothing was written; use --dtype bf16 (same range as fp32) or keep fp32")
-
-
-def _overflows(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    if not t.is_floating_point():
-        return False
-    return bool((torch.isinf(t.to(dtype)) & torch.isfinite(t)).any())
