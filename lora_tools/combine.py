@@ -173,6 +173,11 @@ def parse_weights(weights: list[float] | None, n: int) -> list[float]:
 def check_adapters(adapters: list[Adapter]) -> None:
     for a in adapters:
         for m in a.modules:
+            if m.magnitude_key is not None:
+                raise UsageError(f"{a.path}: a DoRA adapter ({m.name} has a magnitude vector): "
+                                 "its update (m/‖W+ΔW‖)·(W+ΔW) depends on the base weight and "
+                                 "is not a low-rank ΔW, so it cannot be summed with others; "
+                                 "merge the adapters one after another instead")
             if m.enable_lora is not None or m.kind not in (LINEAR, CONV, EMBEDDING):
                 raise UsageError(f"{a.path}: {m.name}: fused loralib layers (--enable-lora) "
                                  "cannot be combined without their base; merge them instead")

@@ -37,6 +37,9 @@ class MatchReport:
     unmatched: list[str] = field(default_factory=list)
     misfits: list[str] = field(default_factory=list)
     replacements: dict[str, str] = field(default_factory=dict)  # base key -> adapter key
+    # base key -> (adapter key of the rows, row indices): PEFT trainable tokens
+    token_rows: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    resized: dict[str, tuple[int, ...]] = field(default_factory=dict)  # base key -> new shape
 
 
 class BaseIndex:
@@ -82,8 +85,11 @@ class BaseIndex:
         return out
 
 
-def match_adapter(adapter: Adapter, index: BaseIndex) -> MatchReport:
+def match_adapter(adapter: Adapter, index: BaseIndex, resize_vocab: bool = False
+                  ) -> MatchReport:
     report = MatchReport()
+    _match_replacements(adapter, index, report, resize_vocab)
+    _match_token_rows(adapter, index, report)
     for m in adapter.modules:
         keys = index.candidates(m)
         if not keys:
@@ -93,29 +99,63 @@ def match_adapter(adapter: Adapter, index: BaseIndex) -> MatchReport:
             report.misfits.append(f"{m.name}: matches several base tensors "
                                   f"({', '.join(keys[:3])}); the base holds more than one model")
             continue
-        problem = fit(m, index.base.info(keys[0]).shape)
+        # A resized vocabulary: the LoRA applies to the adapter's saved, larger tensor.
+        shape = report.resized.get(keys[0], index.base.info(keys[0]).shape)
+        problem = fit(m, shape)
         if problem:
             report.misfits.append(f"{m.name} -> {keys[0]}: {problem}")
         else:
             report.matches.append(Match(m, keys[0]))
-    _match_replacements(adapter, index, report)
     return report
 
 
-def _match_replacements(adapter: Adapter, index: BaseIndex, report: MatchReport) -> None:
+def _one_key(index: BaseIndex, target: str, key: str, report: MatchReport) -> str | None:
+    """The base key of a whole tensor (``path.weight`` / ``path.bias``) saved in an adapter."""
+    path, _, param = target.rpartition(".")
+    probe = LoraModule(path, key, key, LINEAR, 0, None, "")
+    keys = index.candidates(probe)
+    if len(keys) != 1:
+        report.misfits.append(f"{key}: the saved whole tensor matches {len(keys)} base "
+                              "tensors, not one")
+        return None
+    base_key = keys[0].removesuffix("weight") + param
+    if base_key not in index.base:
+        report.misfits.append(f"{key}: the base has no {base_key} for it to replace")
+        return None
+    return base_key
+
+
+def _match_replacements(adapter: Adapter, index: BaseIndex, report: MatchReport,
+                        resize_vocab: bool) -> None:
     for target, key in adapter.replacements.items():
-        probe = LoraModule(target.removesuffix(".weight"), key, key, LINEAR, 0, None, "")
-        keys = index.candidates(probe)
-        if len(keys) != 1:
-            report.misfits.append(f"{key}: the saved whole tensor matches {len(keys)} base "
-                                  "tensors, not one")
+        base_key = _one_key(index, target, key, report)
+        if base_key is None:
             continue
-        have, want = adapter.source.info(key).shape, index.base.info(keys[0]).shape
+        have, want = adapter.source.info(key).shape, index.base.info(base_key).shape
+        grown = len(have) == 2 and have[1:] == want[1:] and have[0] > want[0]
+        if have != want and not (grown and resize_vocab):
+            hint = (" (a resized vocabulary: pass --resize-vocab to extend the base with "
+                    "the adapter's rows)" if grown else "")
+            report.misfits.append(f"{key}: saved tensor {list(have)} vs base {base_key} "
+                                  f"{list(want)}{hint}")
+            continue
         if have != want:
-            report.misfits.append(f"{key}: saved tensor {list(have)} vs base {keys[0]} "
-                                  f"{list(want)} (a resized vocabulary is not supported yet)")
+            report.resized[base_key] = tuple(have)
+        report.replacements[base_key] = key
+
+
+def _match_token_rows(adapter: Adapter, index: BaseIndex, report: MatchReport) -> None:
+    for target, (key, rows) in adapter.token_rows.items():
+        base_key = _one_key(index, target, key, report)
+        if base_key is None:
             continue
-        report.replacements[keys[0]] = key
+        n, dim = index.base.info(base_key).shape[0], index.base.info(base_key).shape[-1]
+        if max(rows, default=0) >= n or adapter.source.info(key).shape[-1] != dim:
+            report.misfits.append(f"{key}: token rows {max(rows)} / width "
+                                  f"{adapter.source.info(key).shape[-1]} do not fit {base_key} "
+                                  f"{list(index.base.info(base_key).shape)}")
+            continue
+        report.token_rows[base_key] = (key, rows)
 
 
 def fit(m: LoraModule, shape: tuple[int, ...]) -> str | None:
@@ -167,11 +207,11 @@ def _fit_loralib_conv(m: LoraModule, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = False
-            ) -> tuple[list[MatchReport], list[str]]:
+def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = False,
+            resize_vocab: bool = False) -> tuple[list[MatchReport], list[str]]:
     """Match every adapter; raise MatchError unless all fit (or unmatched are allowed)."""
     index = BaseIndex(base)
-    reports = [match_adapter(a, index) for a in adapters]
+    reports = [match_adapter(a, index, resize_vocab) for a in adapters]
     problems: list[str] = []
     warnings: list[str] = []
     for a, r in zip(adapters, reports):

@@ -40,6 +40,8 @@ class LoraModule:
     b_shape: tuple[int, ...] = ()
     weight_suffixes: tuple[str, ...] = (".weight",)
     underscore: bool = False  # kohya: match the base by underscore form
+    magnitude_key: str | None = None  # DoRA: the magnitude vector m, one per output feature
+    bias_key: str | None = None  # PEFT lora_bias: lora_B's bias, added to the layer's bias
 
     @property
     def scale(self) -> float:
@@ -71,7 +73,10 @@ class Adapter:
     # Whole tensors that replace a base tensor before the delta is added, as PEFT does
     # with the embedding weights it saves (``<module>.base_layer.weight``):
     # module path + ".weight" -> key in ``source``.
+    # Also PEFT's ``modules_to_save`` (a whole trained copy of a layer: ``.weight``/``.bias``).
     replacements: dict[str, str] = field(default_factory=dict)
+    # PEFT trainable tokens: module path + ".weight" -> (key of the (n, dim) rows, row indices).
+    token_rows: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     _sha: str | None = None
 
     def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,9 +27,12 @@ KNOWN_FIELDS = {
     "use_qalora", "qalora_group_size", "alora_invocation_tokens", "arrow_config",
     "ensure_weight_tying", "peft_version", "use_bdlora", "bdlora_config",
 }
+MAGNITUDE_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+BIAS_SUFFIX = ".lora_B.bias"
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+# How PEFT names a trained whole copy of a layer in memory; saved files drop it.
+_SAVED_COPY = (".modules_to_save.default", ".modules_to_save")
 _UNSUPPORTED_TRUE = {
-    "use_dora": "DoRA adapters (use_dora=true) are not supported yet",
-    "lora_bias": "lora_bias=true adapters are not supported yet",
     "layer_replication": "layer_replication is not supported",
     "use_qalora": "QA-LoRA adapters are not supported",
 }
@@ -86,7 +89,8 @@ def load_peft(path: Path, alpha: float | None = None) -> Adapter:
     notes = _unknown_fields(folder, cfg)
     modules, replacements = peft_modules(source, cfg)
     return Adapter(path=folder, format="peft", source=source, modules=modules, config=cfg,
-                   notes=notes, weight_files=[weights], replacements=replacements)
+                   notes=notes, weight_files=[weights], replacements=replacements,
+                   token_rows=trainable_tokens(source, cfg))
 
 
 def _unknown_fields(folder: Path, cfg: dict[str, Any]) -> list[str]:
@@ -108,6 +112,7 @@ def peft_modules(source: Checkpoint, cfg: dict[str, Any]
     used: set[str] = set()
     replacements = {k.removeprefix(PREFIX).replace(".base_layer.weight", ".weight"): k
                     for k in source.keys() if k.endswith(".base_layer.weight")}
+    replacements.update(saved_copies(source, cfg))
     used.update(replacements.values())
     for key in source.keys():
         for a_suf, (b_suf, kind) in _A_SUFFIXES.items():
@@ -119,12 +124,13 @@ def peft_modules(source: Checkpoint, cfg: dict[str, Any]
                 raise FormatError(f"{source.path}: {key} has no matching {b_key}")
             modules.append(_module(source, cfg, stem, key, b_key, kind))
             used.update((key, b_key))
+    used.update(attach_extras(source, cfg, modules))
     rest = [k for k in source.keys() if k not in used]
     if rest:
         raise FormatError(
-            f"{source.path}: keys that are not LoRA factors: {', '.join(rest[:5])}"
-            f"{' ...' if len(rest) > 5 else ''} (modules_to_save, DoRA magnitudes and "
-            "trainable tokens are not supported yet)")
+            f"{source.path}: keys that are neither LoRA factors, DoRA magnitudes, lora_bias, "
+            f"trainable tokens nor modules_to_save copies: {', '.join(rest[:5])}"
+            f"{' ...' if len(rest) > 5 else ''}; is modules_to_save missing from {CONFIG}?")
     if not modules:
         raise FormatError(f"{source.path}: no lora_A/lora_B keys found; is this a PEFT adapter?")
     return modules, replacements
@@ -152,3 +158,68 @@ def _module(source: Checkpoint, cfg: dict[str, Any], stem: str, a_key: str, b_ke
                       alpha=float(alpha), alpha_source=source_name,
                       rslora=bool(cfg.get("use_rslora", False)), fan_in_fan_out=fifo,
                       a_shape=a_shape, b_shape=b_shape)
+
+
+def _listed(path: str, names: Any) -> bool:
+    """PEFT's target test for modules_to_save / trainable tokens: the name or a dotted tail."""
+    return any(path == n or path.endswith("." + n) for n in (names or []))
+
+
+def saved_copies(source: Checkpoint, cfg: dict[str, Any]) -> dict[str, str]:
+    """``modules_to_save``: whole trained tensors of listed layers -> base path + param."""
+    out: dict[str, str] = {}
+    for key in source.keys():
+        stem, _, param = key.removeprefix(PREFIX).rpartition(".")
+        for mark in _SAVED_COPY:
+            stem = stem.replace(mark, "")
+        if param in ("weight", "bias") and _listed(stem, cfg.get("modules_to_save")) \
+                and not key.endswith(".base_layer.weight"):
+            out[f"{stem}.{param}"] = key
+    return out
+
+
+def attach_extras(source: Checkpoint, cfg: dict[str, Any], modules: list[LoraModule]
+                  ) -> set[str]:
+    """Give modules their DoRA magnitude and lora_bias keys; the keys used (tokens too)."""
+    by_stem = {m.a_key.removesuffix(".lora_A.weight").removesuffix(".lora_embedding_A"): m
+               for m in modules}
+    used: set[str] = set()
+    for key in source.keys():
+        mag = next((s for s in MAGNITUDE_SUFFIXES if key.endswith(s)), None)
+        if mag is not None and key[: -len(mag)] in by_stem:
+            by_stem[key[: -len(mag)]].magnitude_key = key
+        elif key.endswith(BIAS_SUFFIX) and key[: -len(BIAS_SUFFIX)] in by_stem:
+            by_stem[key[: -len(BIAS_SUFFIX)]].bias_key = key
+        elif not key.endswith(TOKENS_SUFFIX):
+            continue
+        used.add(key)
+    missing = [m.name for m in modules if m.magnitude_key is None]
+    if cfg.get("use_dora") and missing and len(missing) < len(modules):
+        raise FormatError(f"{source.path}: use_dora is set but modules {', '.join(missing[:3])} "
+                          "have no lora_magnitude_vector; the file is incomplete, re-save it")
+    return used
+
+
+def trainable_tokens(source: Checkpoint, cfg: dict[str, Any]
+                     ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """PEFT trainable tokens: module path + ".weight" -> (key of the new rows, row indices).
+
+    ``trainable_token_indices`` is a list (the input embedding) or {module name: list}.
+    """
+    spec = cfg.get("trainable_token_indices")
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key in source.keys():
+        if not key.endswith(TOKENS_SUFFIX):
+            continue
+        path = key.removeprefix(PREFIX)[: -len(TOKENS_SUFFIX)]
+        if isinstance(spec, dict):
+            idx = next((v for n, v in spec.items() if _listed(path, [n])), None)
+        else:
+            idx = spec
+        rows = source.info(key).shape[0]
+        if not isinstance(idx, list) or len(idx) != rows:
+            raise FormatError(f"{source.path}: {key} holds {rows} token rows but {CONFIG}'s "
+                              f"trainable_token_indices gives {idx!r} for {path}; the config "
+                              "does not belong to these weights")
+        out[path + ".weight"] = (key, tuple(int(i) for i in idx))
+    return out

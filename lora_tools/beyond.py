@@ -1,0 +1,194 @@
+"""Merge work beyond ``W + Σ s·B@A``: DoRA, lora_bias, modules_to_save, trainable tokens,
+resized vocabularies and dequantized bases.
+
+Each base tensor that needs any of these gets a :class:`SpecialWork`, run whole (never by
+row blocks: DoRA's norm spans a whole row or column) and in PEFT's order: the saved whole
+tensor (modules_to_save, saved embedding) replaces the base, trainable-token rows replace
+theirs, then the adapters are applied one after another, a DoRA one as
+``(m / ‖W₀ + ΔW‖)·(W + ΔW)`` with ``W₀`` the tensor before any adapter. fp32, rounded once.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lora_tools import dora
+from lora_tools.adapters.mapping import Match, MatchReport
+from lora_tools.adapters.model import Adapter
+from lora_tools.delta import check_finite, module_delta
+from lora_tools.errors import MatchError, ProvenanceError, UsageError
+from lora_tools.io.checkpoint import Checkpoint
+
+Dequant = Callable[[str, torch.Tensor], torch.Tensor]
+Observer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
+NormKey = tuple[str, str]  # (adapter sha256, base key)
+
+
+@dataclass
+class SpecialWork:
+    """Whole-tensor work for one base tensor (a TensorFn for the engine).
+
+    ``terms``: (adapter, match, sign·weight) in merge order; ``bias_terms`` the same for a
+    bias tensor fed by lora_bias. ``norms`` collects the DoRA norms a merge computed, or
+    holds those a merge stored, for an unmerge (``sign`` < 0).
+    """
+
+    device: torch.device
+    sign: float = 1.0
+    terms: list[tuple[Adapter, Match, float]] = field(default_factory=list)
+    bias_terms: list[tuple[Adapter, Match, float]] = field(default_factory=list)
+    replace: tuple[Adapter, str] | None = None
+    tokens: list[tuple[Adapter, str, tuple[int, ...]]] = field(default_factory=list)
+    dequant: Dequant | None = None
+    norms: dict[NormKey, torch.Tensor] = field(default_factory=dict)
+    observe: Observer | None = None
+    blockable: bool = False
+
+    @property
+    def has_dora(self) -> bool:
+        return any(m.module.magnitude_key for _, m, _ in self.terms)
+
+    def __call__(self, name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+        base = self.dequant(name, w) if self.dequant else w
+        src = self.replace[0].source.get(self.replace[1]) if self.replace else base
+        # copy=True: the tensor may be the reader's own storage; it is updated in place.
+        acc = src.to(self.device, torch.float32, copy=True)
+        check_finite(acc, f"base tensor {name}")
+        for adapter, key, rows in self.tokens:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            acc = acc.index_copy(0, index, adapter.source.get(key).to(self.device, torch.float32))
+        start = acc.clone() if self.has_dora or self.observe else acc
+        acc = (self._lora(name, acc, start) if self.sign > 0 or not self.has_dora
+               else self._undo(name, acc))
+        for adapter, match, weight in self.bias_terms:
+            assert match.module.bias_key is not None
+            b = adapter.source.get(match.module.bias_key).to(self.device, torch.float32)
+            check_finite(b, f"{adapter.path}: {match.module.bias_key}")
+            acc += b * (match.module.scale * weight)
+        check_finite(acc, f"merged tensor {name}")
+        result = acc.to(out).cpu()
+        if self.observe is not None and not self.has_dora:
+            self.observe(name, w, (acc.double() - start.double()).cpu(), result)
+        return result
+
+    def _delta(self, adapter: Adapter, match: Match, weight: float,
+               shape: tuple[int, ...]) -> torch.Tensor:
+        a, b = adapter.factors(match.module)
+        check_finite(a, f"{adapter.path}: {match.module.a_key}")
+        check_finite(b, f"{adapter.path}: {match.module.b_key}")
+        factor = match.module.scale * weight
+        return module_delta(match.module, a.to(self.device), b.to(self.device), factor, shape)
+
+    def _magnitude(self, adapter: Adapter, match: Match) -> tuple[torch.Tensor, str]:
+        m = match.module
+        assert m.magnitude_key is not None
+        mag = adapter.source.get(m.magnitude_key).to(self.device, torch.float32)
+        check_finite(mag, f"{adapter.path}: {m.magnitude_key}")
+        return mag, dora.layout_of(m.kind, m.fan_in_fan_out)
+
+    def _lora(self, name: str, acc: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        for adapter, match, weight in self.terms:
+            delta = self._delta(adapter, match, weight, tuple(acc.shape))
+            if match.module.magnitude_key is None:
+                acc += delta
+                continue
+            mag, layout = self._magnitude(adapter, match)
+            norm = dora.weight_norm(w0, delta, layout)
+            self.norms[(adapter.sha256, name)] = norm.cpu()
+            acc = dora.apply(acc, delta, mag, norm, layout)
+        return acc
+
+    def _undo(self, name: str, acc: torch.Tensor) -> torch.Tensor:
+        for adapter, match, weight in reversed(self.terms):
+            if match.module.magnitude_key is None:
+                acc += self._delta(adapter, match, weight, tuple(acc.shape))
+                continue
+            norm = self.norms.get((adapter.sha256, name))
+            if norm is None:
+                raise ProvenanceError(
+                    f"{adapter.path}: {match.module.name} is a DoRA layer; undoing it needs "
+                    f"the norms ‖W₀ + ΔW‖ of {name} that lora-tools stores when it merges, "
+                    "and the merged file's metadata holds none (merged by another tool?). "
+                    "Merge again from the original base instead")
+            mag, layout = self._magnitude(adapter, match)
+            delta = self._delta(adapter, match, -weight, tuple(acc.shape))
+            acc = dora.unapply(acc, delta, mag, norm.to(self.device), layout)
+        return acc
+
+
+def needs_special(report: MatchReport) -> set[str]:
+    """Base keys of one adapter's report that plain row-block sums cannot do."""
+    keys = set(report.replacements) | set(report.token_rows)
+    keys.update(m.base_key for m in report.matches if m.module.magnitude_key)
+    return keys
+
+
+def bias_key(base: Checkpoint, adapter: Adapter, match: Match) -> str:
+    key = match.base_key.removesuffix("weight") + "bias"
+    if key not in base:
+        raise MatchError(f"{adapter.path}: {match.module.name} has a lora_bias "
+                         f"({match.module.bias_key}) but the base has no {key} to add it to; "
+                         "PEFT cannot merge it either (lora_bias needs a layer with a bias)")
+    return key
+
+
+def special_work(base: Checkpoint, adapters: list[Adapter], reports: list[MatchReport],
+                 weights: list[float], sign: float, dev: torch.device,
+                 observe: Observer | None = None) -> dict[str, SpecialWork]:
+    """SpecialWork for every base key that needs it (plain keys are left to the caller)."""
+    out: dict[str, SpecialWork] = {}
+
+    def get(key: str) -> SpecialWork:
+        return out.setdefault(key, SpecialWork(dev, sign, observe=observe))
+
+    keys = set().union(*(needs_special(r) for r in reports)) if reports else set()
+    for a, r, w in zip(adapters, reports, weights):
+        for m in r.matches:
+            if m.base_key in keys:
+                get(m.base_key).terms.append((a, m, sign * w))
+            if m.module.bias_key:
+                get(bias_key(base, a, m)).bias_terms.append((a, m, sign * w))
+        whole = {**r.replacements, **{k: v[0] for k, v in r.token_rows.items()}}
+        if whole and sign < 0:
+            raise UsageError(f"{a.path}: holds whole saved tensors or token rows "
+                             f"({', '.join(list(whole.values())[:3])}); the base's original "
+                             "values cannot be recovered by unmerging: take them from the "
+                             "original base checkpoint (merge again from it)")
+        for base_key, adapter_key in r.replacements.items():
+            get(base_key).replace = (a, adapter_key)
+        for base_key, (adapter_key, rows) in r.token_rows.items():
+            get(base_key).tokens.append((a, adapter_key, rows))
+    return out
+
+
+def collect_norms(base: Checkpoint, work: dict[str, SpecialWork]) -> dict[str, dict[str, str]]:
+    """A pass over the DoRA tensors: adapter sha256 -> {base key: norm (fp32, base64)}.
+
+    The norms go into the merge's provenance, written before any tensor, so they are
+    computed ahead (each DoRA tensor is computed twice).
+    """
+    out: dict[str, dict[str, str]] = {}
+    for name, fn in work.items():
+        if fn.has_dora and fn.sign > 0:
+            fn(name, base.get(name), torch.float32)
+            for (sha, key), norm in fn.norms.items():
+                raw = norm.to(torch.float32).contiguous().numpy().tobytes()
+                out.setdefault(sha, {})[key] = base64.b64encode(raw).decode()
+    return out
+
+
+def stored_norms(records: list[dict[str, Any]]) -> dict[NormKey, torch.Tensor]:
+    """The DoRA norms of the latest merge record of each adapter, for an unmerge."""
+    out: dict[NormKey, torch.Tensor] = {}
+    for rec in records:
+        if rec.get("op") != "merge" or not isinstance(rec.get("dora_norms"), dict):
+            continue
+        for key, b64 in rec["dora_norms"].items():
+            raw = bytearray(base64.b64decode(b64))
+            out[(str(rec.get("sha256")), key)] = torch.frombuffer(raw, dtype=torch.float32)
+    return out
