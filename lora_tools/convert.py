@@ -22,7 +22,7 @@ from lora_tools.adapters.mapping import resolve
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV
 from lora_tools.adapters.save import FactorModule, factor_modules, save_adapter
 from lora_tools.engine import output_specs, stream
-from lora_tools.errors import NumericError, UsageError
+from lora_tools.errors import FormatError, NumericError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.writer import TORCH_SUFFIXES
@@ -78,6 +78,7 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
     require_alpha(adapter)
+    _check_all_keys(adapter, to)
     notes: list[str] = []
     base_keys, whole = settle(adapter, to, base, opts, notes)
     modules = canonical(adapter, base_keys, opts, notes)
@@ -93,6 +94,20 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
         summary.alphas = {m.name: m.alpha for m in modules}
         summary.notes.append(_loralib_alpha_note(modules))
     return summary
+
+
+def _check_all_keys(adapter: Adapter, to: str) -> None:
+    """Every tensor of the source must be carried over; the readers skip some (loralib)."""
+    used = set(adapter.replacements.values())
+    for m in adapter.modules:
+        used.update((m.a_key, m.b_key))
+    left = [k for k in adapter.source.keys() if k not in used
+            and not (adapter.format == "kohya" and k.endswith(".alpha"))]
+    if left:
+        raise FormatError(
+            f"{adapter.path}: {len(left)} tensors are not LoRA factors and would be lost "
+            f"converting to {to}: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}; "
+            "save them separately (e.g. loralib's bias='lora_only' biases) and remove them")
 
 
 def settle(adapter: Adapter, to: str, base: str | Path | None, opts: AdapterOptions,

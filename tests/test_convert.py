@@ -215,6 +215,17 @@ def test_foreign_kohya_needs_base_for_names(llama: dict[str, Path], tmp_path: Pa
     peft_merge(tiny_llama, tmp_path / "p")  # PEFT loads it: names resolved to real modules
 
 
+def test_keys_that_would_be_lost_are_an_error(llama: dict[str, Path], tmp_path: Path) -> None:
+    sd = read(llama["adapter"] / "adapter_model.safetensors")
+    loralib_sd = {k.removeprefix("base_model.model.").replace(".weight", ""): v
+                  for k, v in sd.items()}
+    loralib_sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)  # bias='lora_only'
+    src = state_dict_file(loralib_sd, tmp_path / "l.pt")
+    out = run("convert", src, "--to", "peft", "--alpha", "8", "-o", tmp_path / "p", ok=False)
+    assert "q_proj.bias" in out and "would be lost" in out
+    assert not (tmp_path / "p").exists()
+
+
 def test_kohya_layout_record_is_written(llama: dict[str, Path], tmp_path: Path) -> None:
     kohya = tmp_path / "k.safetensors"
     run("convert", llama["adapter"], "--to", "kohya", "-o", kohya, "--base", llama["base"])
