@@ -3,7 +3,8 @@
     python bench/resize.py                       # fp64 on CPU, median of 3 runs each
     python bench/resize.py --device cuda --runs 5 --dtype fp32
 
-Llama-7B-shaped modules (4096×4096 attention, 4096×11008 MLP) with rank-64 factors. Each
+Llama-7B-shaped modules (4096×4096 attention, 4096×11008 MLP; ``--all-shapes`` adds
+11008×4096) with rank-64 factors. Each
 path produces the rank-32 factors of the best approximation of ``s · B @ A``:
 ``factors`` is what ``lora-tools resize`` runs (``lowrank.factor_svd`` + ``split``), O((in +
 out)·r²); ``full SVD`` forms the out×in ΔW and runs ``torch.linalg.svd`` on it. Both use
@@ -24,7 +25,8 @@ from lora_tools.device import resolve_device
 from lora_tools.io.dtypes import parse_dtype
 from lora_tools.lowrank import factor_svd, split
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): q/o, up/gate, down
+SHAPES = [(4096, 4096), (4096, 11008)]  # (out, in): q/o_proj, down_proj
+MORE_SHAPES = [(11008, 4096)]  # up/gate_proj: like down_proj, transposed
 RANK, KEEP, SCALE = 64, 32, 2.0
 
 
@@ -60,13 +62,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp64", help="fp64 (what resize uses) or fp32")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--all-shapes", action="store_true", help="also time 11008 x 4096")
     args = ap.parse_args()
     dev, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     print(f"torch {torch.__version__}, {dev}, {dtype}, {torch.get_num_threads()} threads, "
           f"rank {RANK} -> {KEEP}, median of {args.runs}")
     print(f"{'shape (out x in)':>18} {'factors (s)':>12} {'full SVD (s)':>13} {'ratio':>8}")
     gen = torch.Generator().manual_seed(0)
-    for out, inn in SHAPES:
+    for out, inn in SHAPES + (MORE_SHAPES if args.all_shapes else []):
         a = (torch.randn(RANK, inn, generator=gen) / inn ** 0.5).to(dev, dtype)
         b = (torch.randn(out, RANK, generator=gen) / RANK ** 0.5).to(dev, dtype)
         via_factors(a, b)  # warm-up (library loading, allocator)
