@@ -170,7 +170,7 @@ def _restore(m: FactorModule, rec: names.KohyaRecord | None, opts: AdapterOption
              ) -> FactorModule:
     """Undo the folds lora-tools made when it wrote this kohya module (exactly)."""
     if rec is None:
-        return fold.transposed(m, LINEAR, True) if opts.fan_in_fan_out else m
+        return fold.transposed(m, LINEAR, True) if opts.fan_in_fan_out and m.kind == LINEAR else m
     if rec.kind == EMBEDDING:
         m = fold.transposed(m, EMBEDDING)
     elif rec.fan_in_fan_out:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_tools import provenance
+from lora_tools import beyond_plan, provenance, quant
 from lora_tools.adapters import Adapter, load_adapter, require_alpha
 from lora_tools.adapters.mapping import Match, MatchReport, resolve
 from lora_tools.delta import check_finite, module_delta
@@ -63,26 +63,45 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                    opts: AdapterOptions | None = None, dtype: torch.dtype | None = None,
                    device: str = "auto", shard_size: int | None = None, force: bool = False,
                    allow_unmatched: bool = False, progress: bool = False,
-                   op: str = "merge", observe: Observer | None = None) -> MergeSummary:
-    """Stream ``base + sign · Σ wᵢ·ΔWᵢ`` into ``out`` (merge: sign +1, unmerge: -1)."""
+                   op: str = "merge", observe: Observer | None = None,
+                   resize_vocab: bool = False, untie: bool = False,
+                   dequantize: bool = False) -> MergeSummary:
+    """Stream ``base + sign · Σ wᵢ·ΔWᵢ`` into ``out`` (merge: sign +1, unmerge: -1).
+
+    Beyond plain LoRA (``beyond_plan``): DoRA, lora_bias, modules_to_save, trainable
+    tokens; ``resize_vocab`` (larger saved embeddings/heads), ``untie`` (an adapter that
+    touches one side of tied weights), ``dequantize`` (fp8 bases).
+    """
     weights = _weights(weights, len(adapter_paths))
     base = open_checkpoint(base_path)
+    deq = quant.prepare(base, dequantize)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
-    reports, warnings = resolve(adapters, base, allow_unmatched)
+    reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab)
     _check_history(base, adapters, op, force, weights)
     dev = resolve_device(device)
     work = build_work(adapters, reports, weights, sign, dev, observe)
+    req = beyond_plan.Request(sign, dev, dtype, untie, deq, observe)
+    extra = beyond_plan.plan(base, adapters, reports, weights, output_specs(base, dtype),
+                             work, req)
+    base, specs = extra.base, extra.specs
+    work.update(extra.work)
     records = [provenance.adapter_record(a, w, op) for a, w in zip(adapters, weights)]
     for rec, a, r in zip(records, adapters, reports):
         rec["merged_modules"] = len(r.matches)
+        rec.update(extra.records.get(a.sha256, {}))
         warnings.extend(f"{a.path}: {n}" for n in a.notes)
-    specs = output_specs(base, dtype)
+    warnings.extend(extra.warnings)
     meta = provenance.metadata(base.metadata, records)
     inputs = [Path(base_path), *map(Path, adapter_paths)]
     # fp16 overflow is refused before the output exists; no observer on this dry pass.
-    check_range(base, specs, build_work(adapters, reports, weights, sign, dev))
+    dry: dict[str, TensorFn] = build_work(adapters, reports, weights, sign, dev)
+    dry.update({k: replace(fn, observe=None) for k, fn in extra.work.items()})
+    check_range(base, specs, dry)
+    if extra.config and Path(out).suffix:
+        warnings.append(f"{out} is a single file: set {extra.config} in the model's "
+                        "config.json yourself (a folder output gets it written)")
     with CheckpointWriter(out, specs, meta, shard_size=shard_size, source_folder=base.folder,
-                          force=force, inputs=inputs) as writer:
+                          force=force, inputs=inputs, config_updates=extra.config) as writer:
         stats = stream(base, writer, work, progress)
     warnings.extend(writer.notes)
     return MergeSummary(out=str(out), tensors=stats.tensors, changed=stats.changed,

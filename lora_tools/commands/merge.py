@@ -27,6 +27,15 @@ from lora_tools.commands.common import (
 @adapter_options
 @click.option("--allow-unmatched", is_flag=True,
               help="Skip adapter modules that match no base tensor (listed as a warning).")
+@click.option("--resize-vocab", is_flag=True,
+              help="Accept saved embeddings/heads with more rows than the base: the base is "
+                   "extended with the adapter's rows and config vocab_size updated.")
+@click.option("--untie", is_flag=True,
+              help="The adapter changes one side of tied weights (embed_tokens / lm_head): "
+                   "write both tensors and set tie_word_embeddings=false.")
+@click.option("--dequantize", is_flag=True,
+              help="fp8 base (weight_scale / weight_scale_inv): dequantize it exactly to "
+                   "bf16 (or --dtype) and merge into that.")
 @run_options
 @handle_errors
 def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
@@ -62,6 +71,9 @@ def library_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
         "shard_size": parse_size(opts["shard_size"]) if opts["shard_size"] else None,
         "force": opts["force"],
         "allow_unmatched": opts["allow_unmatched"],
+        "resize_vocab": opts.get("resize_vocab", False),
+        "untie": opts.get("untie", False),
+        "dequantize": opts.get("dequantize", False),
         "progress": progress_wanted(opts["quiet"], opts["as_json"]),
     }
 

@@ -23,12 +23,13 @@ def sniff(path: Path) -> str:
         raise FormatError(f"{path}: the file is empty; re-download or re-save it")
     if head[:4] == b"PK\x03\x04":
         return TORCH_ZIP
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return TORCH_LEGACY
+    # safetensors first: a header of 0x280..0x580 bytes also starts with b"\x80\x02".."\x05".
     if len(head) == 9 and head[8:9] == b"{":
         n = struct.unpack("<Q", head[:8])[0]
         if n > 0:
             return SAFETENSORS
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return TORCH_LEGACY
     hint = ""
     if path.suffix == ".safetensors":
         hint = " although its name ends in .safetensors"

@@ -67,8 +67,11 @@ class CheckpointWriter:
 
     def __init__(self, out: str | Path, specs: list[TensorSpec], metadata: dict[str, str],
                  *, shard_size: int | None = None, source_folder: Path | None = None,
-                 force: bool = False, inputs: list[Path] | None = None) -> None:
+                 force: bool = False, inputs: list[Path] | None = None,
+                 config_updates: dict[str, object] | None = None) -> None:
         self.out = Path(out)
+        # config.json changes of a folder output (None drops a key): untied, resized vocab.
+        self.config_updates = config_updates or {}
         self.kind = output_kind(self.out)
         self.specs = specs
         self.metadata = metadata
@@ -112,6 +115,8 @@ class CheckpointWriter:
         self.tmp.mkdir()
         if self.source_folder is not None:
             _copy_side_files(self.source_folder, self.tmp)
+        if self.config_updates:
+            _update_config(self.tmp / "config.json", self.config_updates)
         shards = plan_shards(self.specs, self.shard_size)
         n = len(shards)
         names = (["model.safetensors"] if n == 1 else
@@ -193,3 +198,14 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             continue
         if p.is_file() and p.suffix not in WEIGHT_SUFFIXES:
             shutil.copy2(p, dst / p.name)
+
+
+def _update_config(path: Path, updates: dict[str, object]) -> None:
+    """Apply ``updates`` to a copied config.json (a value of None removes the key)."""
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in updates.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
