@@ -217,6 +217,11 @@ def whole_tensors(adapter: Adapter) -> list[dict[str, Any]]:
         info = adapter.source.info(key)
         out.append({"replaces": base_name, "key": key, "shape": list(info.shape),
                     "params": math.prod(info.shape)})
+    # PEFT trainable tokens: rows that replace those rows of the base tensor.
+    for base_name, (key, rows) in getattr(adapter, "token_rows", {}).items():
+        info = adapter.source.info(key)
+        out.append({"replaces": base_name, "key": key, "shape": list(info.shape),
+                    "params": math.prod(info.shape), "rows": list(rows)})
     return out
 
 

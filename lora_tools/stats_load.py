@@ -1,7 +1,7 @@
 """Opening a path for ``inspect``: adapter or checkpoint, and DoRA adapters read as-is.
 
-``merge`` refuses DoRA adapters; ``inspect`` still describes them: their LoRA factors are
-read like any PEFT adapter's and the magnitude vectors are counted, not applied.
+DoRA adapters: their LoRA factors are read like any PEFT adapter's; the magnitude vectors
+are counted and summarized in a note (``merge`` applies them as PEFT does).
 """
 
 from __future__ import annotations
@@ -75,8 +75,19 @@ def _load_dora(folder: Path, path: Path) -> tuple[Adapter, int]:
     inner = open_file(weights)
     view = _WithoutMagnitudes(inner)
     magnitudes = len(inner) - len(view)
-    note = ("DoRA adapter: figures describe s·B@A; the magnitude vectors rescale the merged "
-            "columns and are not included (merge does not support DoRA yet)")
+    note = ("DoRA adapter: figures describe s·B@A; merge rescales each output feature by "
+            f"m/‖W+ΔW‖ ({_magnitude_summary(inner)})")
     modules, replacements = peft_modules(view, cfg)
     return Adapter(path=folder, format="peft", source=view, modules=modules, config=cfg,
                    notes=[note], weight_files=[weights], replacements=replacements), magnitudes
+
+
+def _magnitude_summary(source: Checkpoint) -> str:
+    """min / mean / max of all DoRA magnitude entries m (one per output feature)."""
+    from lora_tools.dora import magnitude_stats
+
+    mags = [source.get(k).reshape(-1).double() for k in source.keys() if k.endswith(MAGNITUDE)]
+    if not mags:
+        return "no magnitude vectors found"
+    st = magnitude_stats(torch.cat(mags))
+    return f"m: min {st['min']:.4g}, mean {st['mean']:.4g}, max {st['max']:.4g}"

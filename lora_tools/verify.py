@@ -26,6 +26,7 @@ from lora_tools import probe as probe_mod
 from lora_tools import provenance
 from lora_tools.adapters import Adapter
 from lora_tools.adapters.mapping import MatchReport, resolve
+from lora_tools.beyond import special_work
 from lora_tools.device import resolve_device
 from lora_tools.engine import TensorFn, out_dtype
 from lora_tools.errors import UsageError
@@ -108,8 +109,11 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     dev = resolve_device(device)
     rep = VerifyReport(str(merged_path), str(base_path), tol, str(dev), warnings=warnings)
     rep.warnings += _provenance_notes(merged, adapters)
-    checker = _Checker(merged, base, build_work(adapters, reports, weights, 1.0, dev),
-                       _probe_plan(adapters, reports, weights), dtype, tol, seed)
+    work = build_work(adapters, reports, weights, 1.0, dev)
+    # DoRA, lora_bias, modules_to_save, trainable tokens: the merge's own special work.
+    work.update(special_work(base, adapters, reports, weights, 1.0, dev))
+    checker = _Checker(merged, base, work, _probe_plan(adapters, reports, weights), dtype,
+                       tol, seed)
     for info in base.infos():
         rep.failures += checker.check(info, rep)
     for name in merged.keys():
@@ -230,6 +234,8 @@ class _Checker:
             terms.append(probe_mod.ProbeTerm(module, a, b, module.scale * weight))
         if not terms or not probe_mod.applies(tuple(m.shape), terms):
             return []
+        if any(t.module.magnitude_key for t in terms):
+            return []  # DoRA: W' is not W + s·B@A; the elementwise check covers it
         start = w
         if name in self.plan.starts:
             holder, key = self.plan.starts[name]

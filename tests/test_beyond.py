@@ -220,3 +220,14 @@ def test_fp8_block_scale_expansion() -> None:
     full = expand_scale(scale, (200, 130), "x.weight_scale_inv")
     assert full.shape == (200, 130)
     assert full[127, 127] == 1 and full[127, 128] == 2 and full[128, 0] == 3 and full[199, 129] == 4
+
+
+def test_inspect_lists_saved_copies_and_token_rows(tmp_path: Path) -> None:
+    pm = peft_adapter(llama(), tmp_path / "a", modules_to_save=["lm_head"],
+                      trainable_token_indices={"embed_tokens": [1, 2]})
+    train_tokens(pm, tmp_path / "a")
+    res = run("inspect", tmp_path / "a", "--json")
+    assert res.exit_code == 0, res.output
+    whole = {w["replaces"]: w for w in json.loads(res.output)["whole_tensors"]}
+    assert set(whole) == {"lm_head.weight", "model.embed_tokens.weight"}
+    assert whole["model.embed_tokens.weight"]["rows"] == [1, 2]

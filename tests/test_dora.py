@@ -128,6 +128,7 @@ def test_inspect_shows_magnitudes(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["dora_magnitudes"] == 6
+    assert any("m: min" in n for n in data["notes"])
 
 
 @settings(max_examples=20, deadline=None)
@@ -146,3 +147,16 @@ def test_apply_matches_paper_and_unapply_inverts(out: int, inp: int, seed: int,
     got = dora.apply(w, d, m, norm, layout)
     assert torch.allclose(got if layout == dora.ROWS else got.T, paper.to(got.dtype))
     assert torch.allclose(dora.unapply(got, d, m, norm, layout), w, atol=1e-10)
+
+
+def test_verify_accepts_dora_merge_and_catches_a_change(tmp_path: Path) -> None:
+    base, ref = _dora_pair(tiny_llama(), tmp_path)
+    merged = state_dict_file(ref, tmp_path / "peft_merged.safetensors")
+    res = CliRunner().invoke(cli, ["verify", str(merged), "--base", str(base), "-a",
+                                   str(tmp_path / "adapter")])
+    assert res.exit_code == 0, res.output
+    ref["model.layers.0.self_attn.q_proj.weight"][3, 4] += 1e-3
+    bad = state_dict_file(ref, tmp_path / "bad.safetensors")
+    res = CliRunner().invoke(cli, ["verify", str(bad), "--base", str(base), "-a",
+                                   str(tmp_path / "adapter")])
+    assert res.exit_code == 1 and "q_proj" in res.output
