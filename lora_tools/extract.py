@@ -204,7 +204,8 @@ def truncated_svd(mat: torch.Tensor, opts: ExtractOptions) -> FactorSVD:
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         return FactorSVD(u, s, vh)
     q = min(opts.rank + OVERSAMPLE, *mat.shape)
-    devices = [mat.device] if mat.device.type == "cuda" else []
+    devices = ([mat.device.index if mat.device.index is not None else torch.cuda.current_device()]
+               if mat.device.type == "cuda" else [])
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(opts.seed)
         u, s, v = torch.svd_lowrank(mat, q=q, niter=opts.niter)
