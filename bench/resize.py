@@ -4,11 +4,11 @@
     python bench/resize.py --device cuda --runs 5 --dtype fp32
 
 Llama-7B-shaped modules (4096×4096 attention, 4096×11008 MLP; ``--all-shapes`` adds
-11008×4096) with rank-64 factors. Each
-path produces the rank-32 factors of the best approximation of ``s · B @ A``:
-``factors`` is what ``lora-tools resize`` runs (``lowrank.factor_svd`` + ``split``), O((in +
-out)·r²); ``full SVD`` forms the out×in ΔW and runs ``torch.linalg.svd`` on it. Both use
-the same dtype and device; their singular values are checked to agree before timing.
+11008×4096) with rank-64 factors. Each path produces the rank-32 factors of the best
+approximation of ``s · B @ A``. ``factors`` is what ``lora-tools resize`` runs
+(``lowrank.factor_svd`` + ``split``), O((in + out)·r²); ``full SVD`` forms the out×in
+ΔW and runs ``torch.linalg.svd`` on it. Both use the same dtype and device; their
+singular values are checked to agree before timing.
 Prints the medians and their ratio.
 """
 
