@@ -26,3 +26,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name != "cpu":
         raise DeviceError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
+
+
+# Below this many bytes of tensors to compute, start-up and transfers cost more than a GPU saves.
+AUTO_CUDA_MIN_BYTES = 256 * 2**20
+
+
+def choose_device(name: str, work_bytes: int) -> str:
+    """``auto`` becomes ``cuda`` only when a GPU is present and the job is big enough."""
+    if (name or "auto").lower() != "auto":
+        return name
+    if torch.cuda.is_available() and work_bytes >= AUTO_CUDA_MIN_BYTES:
+        return "cuda"
+    return "cpu"

@@ -1,24 +1,38 @@
-"""The streaming engine: one pass over a checkpoint, one tensor in memory at a time.
+"""The streaming engine: one pass over a checkpoint, reading, computing and writing overlapped.
 
-Tensors with work attached are loaded, transformed and written; the rest are copied as
-raw bytes (or only cast, when the output dtype differs). The writer was given the whole
-plan up front, so nothing is buffered beyond the tensor in hand.
+Every base tensor becomes one item of work, or several row blocks when its working set is
+larger than the memory cap. Tensors with work attached are read, transformed and written;
+untouched ones are copied file to file by the kernel (never through torch), or only cast
+when the output dtype differs. Items go through a three-stage pipeline (read ‖ compute ‖
+write, see ``pipeline.py``) whose byte budget bounds memory; the writer was given the
+whole plan up front, so nothing is buffered beyond the items in flight.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.output import CheckpointWriter
+from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.io.writer import TensorSpec, tensor_bytes
+from lora_tools.pipeline import Pipeline
+from lora_tools.rows import plan_rows
+from lora_tools.transfer import Mover, mover_for, read_rows
 
 TensorFn = Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
+
+DEFAULT_MAX_MEMORY = 1 << 30
+# fp32 working copies a work function holds per element (accumulator, delta, scaled delta)
+WORK_FP32_COPIES = 3
+COMPUTE_THREADS = 1
 
 
 @dataclass
@@ -28,6 +42,23 @@ class StreamStats:
     copied: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    blocks: int = 0  # row blocks written for tensors larger than the memory cap
+    peak_in_flight: int = 0  # largest number of bytes the pipeline's budget held
+    over_cap: list[str] = field(default_factory=list)  # computed whole although too large
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of the pipeline: a whole tensor, or rows ``[start, stop)`` of it."""
+
+    spec: TensorSpec
+    info: TensorInfo
+    mode: str  # "copy" (bytes as stored), "cast" (dtype change only) or "work"
+    start: int = 0
+    stop: int = 0
+    whole: bool = True
+    last: bool = True
+    cost: int = 0
 
 
 def output_specs(base: Checkpoint, dtype: torch.dtype | None) -> list[TensorSpec]:
@@ -42,36 +73,125 @@ def out_dtype(src: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
 
 
 def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn],
-           progress: bool = False) -> StreamStats:
+           progress: bool = False, *, max_memory: int | None = None, overlap: bool = True,
+           device: torch.device | None = None) -> StreamStats:
     """Write every tensor of ``base`` through ``writer``, applying ``work[name]`` where given.
 
-    A work function gets the name, the base tensor as stored and the output dtype, and
-    returns the output tensor in that dtype (rounded once, by the function).
+    A work function gets the name, the base tensor as stored (on ``device``) and the output
+    dtype, and returns the output tensor in that dtype (rounded once, by the function). A
+    function with a ``rows(name, w_rows, start, stop, dtype, last)`` method and a true
+    ``blockable`` attribute can be run by row blocks when the tensor is larger than
+    ``max_memory`` (default 1 GiB); any other is run whole and named in ``over_cap``.
+    ``overlap=False`` runs the same stages one after another (for benchmarks and tests).
     """
     stats, t0 = StreamStats(), time.perf_counter()
+    mover = mover_for(device or torch.device("cpu"))
+    cap = max_memory or DEFAULT_MAX_MEMORY
+    items = list(_plan(base, writer.specs, work, cap, mover, stats))
     bar = _bar(sum(s.nbytes for s in writer.specs), progress)
-    for spec in writer.specs:
-        info = base.info(spec.name)
-        data: bytes | bytearray | memoryview
-        if spec.name in work:
-            result = work[spec.name](spec.name, base.get(spec.name), spec.dtype)
-            data = tensor_bytes(result)
-            stats.changed += 1
-        elif spec.dtype == info.dtype:
-            data = base.raw(spec.name)
-            stats.copied += 1
-        else:
-            data = tensor_bytes(base.get(spec.name).to(spec.dtype))
-        writer.write(spec.name, data)
-        stats.tensors += 1
-        stats.bytes_written += len(data)
+    stages = _Stages(base, writer, work, mover, stats, bar)
+    pipe = Pipeline(stages.read, stages.compute, stages.write, lambda it: it.cost, cap)
+    threads = torch.get_num_threads()
+    # The CPU math runs on cache-sized blocks, where an OpenMP team costs more than it
+    # saves (and on a busy machine far more); parallelism comes from the three stages.
+    torch.set_num_threads(COMPUTE_THREADS)
+    try:
+        pipe.run(items, overlap)
+    finally:
+        torch.set_num_threads(threads)
         if bar is not None:
-            bar.update(len(data))
-        del data
-    if bar is not None:
-        bar.close()
+            bar.close()
+    stats.peak_in_flight = pipe.budget.peak
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def item_cost(info: TensorInfo, spec: TensorSpec, mode: str, mover: Mover) -> int:
+    """Bytes an item holds in host memory from its read until its write is done."""
+    if mode == "copy":
+        return 0 if info.offset >= 0 else info.nbytes  # file ranges are copied by the kernel
+    numel = info.nbytes // max(1, info.dtype.itemsize)
+    fp32 = 0 if mover.pin or mode == "cast" else WORK_FP32_COPIES * 4 * numel
+    return info.nbytes + spec.nbytes + fp32
+
+
+def _plan(base: Checkpoint, specs: list[TensorSpec], work: dict[str, TensorFn], cap: int,
+          mover: Mover, stats: StreamStats) -> Iterator[Item]:
+    device_cap = mover.free_bytes()
+    for spec in specs:
+        info = base.info(spec.name)
+        mode = "work" if spec.name in work else "copy" if spec.dtype == info.dtype else "cast"
+        cost = item_cost(info, spec, mode, mover)
+        dev_cost = info.nbytes + spec.nbytes + WORK_FP32_COPIES * 4 * math.prod(spec.shape)
+        too_big = cost > cap or (device_cap is not None and dev_cost > device_cap // 2)
+        if mode == "copy" or not too_big or not info.shape:
+            yield Item(spec, info, mode, 0, info.shape[0] if info.shape else 0, cost=cost)
+            continue
+        if mode == "work" and not getattr(work[spec.name], "blockable", False):
+            stats.over_cap.append(spec.name)
+            yield Item(spec, info, mode, 0, info.shape[0], cost=cost)
+            continue
+        rows = info.shape[0]
+        limit = cap // 3 if device_cap is None else min(cap // 3, device_cap // 4)
+        per_row = max(cost, dev_cost if device_cap is not None else 0) // max(1, rows)
+        blocks = plan_rows(rows, per_row, limit)
+        for i, (start, stop) in enumerate(blocks):
+            yield Item(spec, info, mode, start, stop, whole=len(blocks) == 1,
+                       last=i == len(blocks) - 1, cost=cost * (stop - start) // rows)
+
+
+class _Stages:
+    """The three stages of the pipeline, run in their own threads."""
+
+    def __init__(self, base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn],
+                 mover: Mover, stats: StreamStats, bar: Any) -> None:
+        self.base, self.writer, self.work, self.mover = base, writer, work, mover
+        self.stats, self.bar = stats, bar
+
+    def read(self, it: Item) -> Any:
+        if it.mode == "copy":
+            return None if it.info.offset >= 0 else self.base.raw(it.spec.name)
+        host = read_rows(self.base, it.info, it.start, it.stop, pin=self.mover.pin)
+        return self.mover.upload(host)
+
+    def compute(self, it: Item, payload: Any) -> Any:
+        if it.mode == "copy":
+            return payload
+        return self.mover.download(self.mover.run(lambda w: self._apply(it, w), payload))
+
+    def _apply(self, it: Item, w: torch.Tensor) -> torch.Tensor:
+        name, dtype = it.spec.name, it.spec.dtype
+        if it.mode == "cast":
+            return w.to(dtype)
+        fn = self.work[name]
+        rows = getattr(fn, "rows", None)
+        if rows is None:
+            return fn(name, w, dtype)
+        # ``rows`` leaves the result on the device, for the download stream to fetch.
+        return rows(name, w, it.start, it.stop, dtype, last=it.last,  # type: ignore[no-any-return]
+                    whole=it.whole)
+
+    def write(self, it: Item, result: Any) -> None:
+        name, nbytes = it.spec.name, it.spec.nbytes
+        if it.mode == "copy" and result is None:
+            self.writer.copy_range(name, it.info.file, it.info.offset, it.info.nbytes)
+        elif it.mode == "copy":
+            self.writer.write(name, result)
+        else:
+            data = tensor_bytes(self.mover.host(result))
+            if it.whole:
+                self.writer.write(name, data)
+            else:
+                self.writer.write_chunk(name, data, final=it.last)
+                self.stats.blocks += 1
+            nbytes = len(data)
+        if it.last:
+            self.stats.tensors += 1
+            self.stats.changed += it.mode == "work"
+            self.stats.copied += it.mode == "copy"
+        self.stats.bytes_written += nbytes
+        if self.bar is not None:
+            self.bar.update(nbytes)
 
 
 def _bar(total: int, progress: bool):  # type: ignore[no-untyped-def]

@@ -36,6 +36,12 @@ from lora_tools.commands.common import (
 @click.option("--dequantize", is_flag=True,
               help="fp8 base (weight_scale / weight_scale_inv): dequantize it exactly to "
                    "bf16 (or --dtype) and merge into that.")
+@click.option("--max-memory", metavar="SIZE",
+              help="Cap on tensor memory in flight, e.g. 512MB (default 1GiB); larger "
+                   "tensors are processed in row blocks.")
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="Overlap reading, computing and writing (off: one step after another, "
+                   "for comparison).")
 @run_options
 @handle_errors
 def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
@@ -75,6 +81,8 @@ def library_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
         "untie": opts.get("untie", False),
         "dequantize": opts.get("dequantize", False),
         "progress": progress_wanted(opts["quiet"], opts["as_json"]),
+        "max_memory": parse_size(opts["max_memory"]) if opts.get("max_memory") else None,
+        "overlap": opts.get("overlap", True),
     }
 
 

@@ -19,6 +19,7 @@ from lora_tools.io import safety
 from lora_tools.io.checkpoint import INDEX_NAMES, METADATA_RECORD, WEIGHT_SUFFIXES
 from lora_tools.io.torch_zip import TorchZipWriter
 from lora_tools.io.writer import (
+    COPY_CHUNK,
     TMP_MARK,
     TORCH_SUFFIXES,
     SafetensorsWriter,
@@ -31,6 +32,8 @@ DEFAULT_SHARD_SIZE = 5 * 10**9
 
 class _FileWriter(Protocol):
     def write(self, name: str, data: bytes | bytearray | memoryview) -> None: ...
+    def write_chunk(self, name: str, data: bytes | bytearray | memoryview,
+                    final: bool) -> None: ...
     def close(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -140,6 +143,31 @@ class CheckpointWriter:
             self._writers[name].write(name, data)
         except OSError as exc:
             # Disk full (ENOSPC) or a file size limit (EFBIG) mid-write.
+            raise _write_failed(self.out, exc) from None
+
+    def write_chunk(self, name: str, data: bytes | bytearray | memoryview, final: bool) -> None:
+        """Part of a tensor's bytes, in order; ``final`` ends the tensor."""
+        try:
+            self._writers[name].write_chunk(name, data, final)
+        except OSError as exc:
+            raise _write_failed(self.out, exc) from None
+
+    def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
+        """A tensor's bytes copied straight from a file (untouched tensors): in-kernel
+        where the output allows it, else by chunks, never the whole tensor in memory."""
+        w = self._writers[name]
+        try:
+            if isinstance(w, SafetensorsWriter):
+                w.copy_range(name, src, offset, nbytes)
+                return
+            with open(src, "rb", buffering=0) as fh:
+                for done in range(0, max(nbytes, 1), COPY_CHUNK):
+                    chunk = os.pread(fh.fileno(), min(COPY_CHUNK, nbytes - done), offset + done)
+                    if len(chunk) != min(COPY_CHUNK, nbytes - done):
+                        raise OutputError(f"{src}: ended early while copying {name} "
+                                          "(truncated file); re-download or re-save it")
+                    w.write_chunk(name, chunk, final=done + len(chunk) == nbytes)
+        except OSError as exc:
             raise _write_failed(self.out, exc) from None
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,

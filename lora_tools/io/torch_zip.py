@@ -14,7 +14,7 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -60,6 +60,7 @@ class TorchZipWriter:
         self._zip = zipfile.ZipFile(self._fh, "w", compression=zipfile.ZIP_STORED,
                                     allowZip64=True)
         self._prefix = "archive"
+        self._chunked: tuple[str, IO[bytes], int] | None = None  # record open for write_chunk
         self._keys: dict[str, tuple[str, int]] = {}
         stubs: dict[str, _TensorStub] = {}
         for i, (name, dtype, shape) in enumerate(specs):
@@ -74,15 +75,33 @@ class TorchZipWriter:
             self._record(f"extra/{rec}", data)
 
     def _record(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        with self._open_record(name, len(data)) as out:
+            out.write(data)
+
+    def _open_record(self, name: str, size: int) -> IO[bytes]:
         info = zipfile.ZipInfo(f"{self._prefix}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
         info.compress_type = zipfile.ZIP_STORED
-        info.file_size = len(data)
+        info.file_size = size
         zip64 = info.file_size * 1.05 > zipfile.ZIP64_LIMIT
         start = self._fh.tell() + 30 + len(info.filename.encode()) + (20 if zip64 else 0)
         pad = -(start + 4) % ALIGN
         info.extra = struct.pack("<HH", _PAD_ID, pad) + b"Z" * pad
-        with self._zip.open(info, "w", force_zip64=zip64) as out:
-            out.write(data)
+        return self._zip.open(info, "w", force_zip64=zip64)
+
+    def write_chunk(self, name: str, data: bytes | bytearray | memoryview, final: bool) -> None:
+        """Part of a tensor's bytes (row blocks); ``final`` ends its record, size checked."""
+        if self._chunked is None:
+            key, nbytes = self._keys[name]
+            self._chunked = (name, self._open_record(f"data/{key}", nbytes), nbytes)
+        current, out, left = self._chunked
+        if current != name or len(data) > left or (final and len(data) != left):
+            raise ValueError(f"{name}: chunk of {len(data)} bytes does not fit the record of "
+                             f"{current} ({left} bytes left)")
+        out.write(data)
+        self._chunked = (name, out, left - len(data))
+        if final:
+            out.close()
+            self._chunked = None
 
     def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
         key, nbytes = self._keys[name]

@@ -8,12 +8,14 @@ only when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -58,6 +60,7 @@ class SafetensorsWriter:
         blob += b" " * (-len(blob) % 8)
         self._order = [s.name for s in specs]
         self._next = 0
+        self._partial = 0  # bytes of the current tensor given so far through write_chunk
         self._fh = open(path, "wb")
         self._fh.write(struct.pack("<Q", len(blob)) + blob)
 
@@ -70,6 +73,27 @@ class SafetensorsWriter:
         self._fh.write(data)
         self._next += 1
 
+    def write_chunk(self, name: str, data: bytes | bytearray | memoryview, final: bool) -> None:
+        """Part of a tensor's bytes (row blocks); ``final`` ends the tensor, size checked."""
+        expected = self._order[self._next]
+        if name != expected:
+            raise ValueError(f"writer expected {expected!r}, got {name!r}")
+        self._partial += len(data)
+        if self._partial > self._sizes[name] or (final and self._partial != self._sizes[name]):
+            raise ValueError(f"{name}: {self._partial} bytes given, {self._sizes[name]} expected")
+        self._fh.write(data)
+        if final:
+            self._partial = 0
+            self._next += 1
+
+    def copy_range(self, name: str, src: Path, offset: int, nbytes: int) -> None:
+        """A tensor's bytes copied from ``src`` by the kernel, never through Python."""
+        if nbytes != self._sizes[name] or self._partial:
+            raise ValueError(f"{name}: {nbytes} bytes to copy, {self._sizes[name]} expected")
+        self.write_chunk(name, b"", final=False)  # checks the order
+        copy_file_bytes(src, offset, nbytes, self._fh)
+        self._next += 1
+
     def close(self) -> None:
         if self._next != len(self._order):
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
@@ -79,6 +103,38 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._fh.close()
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+COPY_CHUNK = 16 * 2**20
+
+
+def copy_file_bytes(src: Path, offset: int, nbytes: int, dst: BinaryIO) -> None:
+    """Append ``nbytes`` of ``src`` from ``offset`` to ``dst`` with ``copy_file_range``
+    (in-kernel, no user-space buffer), or by 16 MiB chunks where the kernel cannot."""
+    dst.flush()
+    pos = dst.tell()
+    done = 0
+    with open(src, "rb", buffering=0) as fh:
+        kernel = hasattr(os, "copy_file_range")
+        while done < nbytes:
+            if kernel:
+                try:
+                    got = os.copy_file_range(fh.fileno(), dst.fileno(), nbytes - done,
+                                             offset + done, pos + done)
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    kernel = False
+                    continue
+            else:
+                chunk = os.pread(fh.fileno(), min(COPY_CHUNK, nbytes - done), offset + done)
+                got = os.pwrite(dst.fileno(), chunk, pos + done) if chunk else 0
+            if got <= 0:
+                raise OutputError(f"{src}: ended {nbytes - done} bytes early while copying "
+                                  "(truncated file); re-download or re-save it")
+            done += got
+    dst.seek(pos + nbytes)
 
 
 def parse_size(text: str) -> int:

@@ -1,0 +1,142 @@
+"""Shared pieces of the benchmarks: the cached 1B Llama checkpoint, its adapter, timing.
+
+Everything built is cached under ``bench/_work/`` (git-ignored), so a second run only
+times. Each timed command runs in a fresh child process whose own peak RSS is read with
+``getrusage(RUSAGE_CHILDREN)`` by a small wrapper process, so one run's peak never leaks
+into another's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORK = Path(__file__).resolve().parent / "_work"
+BASE = WORK / "llama-1b-bf16"
+ADAPTER = WORK / "lora-r16-all-linear"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Runs the command given as argv in a child and prints {"wall": s, "rss": bytes} for it
+# alone: the wrapper is fresh, so RUSAGE_CHILDREN holds exactly that one child.
+_WRAPPER = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
+wall = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"rc": rc, "wall": wall, "rss": rss}))
+"""
+
+
+def llama_config():  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632,
+                       vocab_size=32000, num_attention_heads=16, num_key_value_heads=16,
+                       max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def build_base(folder: Path = BASE, seed: int = 0) -> Path:
+    """A ~1.09B-parameter bf16 Llama in two safetensors shards, via ``save_pretrained``.
+
+    Built on the meta device and filled in bf16 in place, so it never holds an fp32 copy
+    of the model (2.2 GB of RAM instead of 4.4 GB plus the default initializers' time).
+    """
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config()).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), max_shard_size="1200MB")
+    tmp.rename(folder)
+    return folder
+
+
+def build_adapter(base: Path = BASE, folder: Path = ADAPTER, rank: int = 16,
+                  seed: int = 1) -> Path:
+    """A rank-16 PEFT LoRA on every linear layer of the blocks, with random non-zero B."""
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config()).to(torch.bfloat16)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
+    pm = get_peft_model(model, cfg)
+    pm.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pm.save_pretrained(str(tmp))
+    tmp.rename(folder)
+    return folder
+
+
+@dataclass
+class Timing:
+    label: str
+    walls: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def peak(self) -> int:
+        return max(self.rss)
+
+
+def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of ``argv`` run in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], capture_output=True,
+                          text=True, check=True, env=env)
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    if res["rc"] != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed with exit status {res['rc']}")
+    return float(res["wall"]), int(res["rss"])
+
+
+def settle(*paths: Path) -> None:
+    """Remove earlier outputs and flush dirty pages so each run starts from the same state."""
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    os.sync()
+    time.sleep(0.5)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} (on {os.cpu_count()} cores)"

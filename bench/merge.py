@@ -1,0 +1,136 @@
+"""Benchmark: merging a rank-16 LoRA into a 1B bf16 Llama, against `cp -r` and PEFT.
+
+    python bench/merge.py               # builds bench/_work/ once, then times (median of 3)
+    python bench/merge.py --runs 5 --no-peft
+
+Every command runs in a fresh process; wall time and that process's peak RSS are taken.
+Rows: `cp -r` of the base folder; `cp -r` + `sync` of the copy (our writer fsyncs its
+output before the atomic rename, so this is the like-for-like plain copy of the bytes);
+`lora-tools merge` with the overlapped pipeline and with `--no-overlap`; PEFT's
+from_pretrained + merge_and_unload + save_pretrained. After timing, the lora-tools and
+PEFT outputs are compared tensor by tensor (they must be bit-identical).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    ADAPTER,
+    BASE,
+    WORK,
+    Timing,
+    build_adapter,
+    build_base,
+    folder_bytes,
+    load_average,
+    run_once,
+    settle,
+)
+
+PEFT_SCRIPT = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+merged.save_pretrained(out, max_shard_size="1200MB")
+"""
+
+
+def commands(out: Path) -> dict[str, list[str]]:
+    merge = [sys.executable, "-m", "lora_tools", "merge", str(BASE), str(ADAPTER), "-o",
+             str(out), "--quiet", "--device", "cpu"]
+    return {
+        "cp -r": ["cp", "-r", str(BASE), str(out)],
+        "cp -r + sync": ["sh", "-c", f'cp -r "{BASE}" "{out}" && sync "{out}"/*'],
+        "lora-tools merge": merge,
+        "merge --no-overlap": [*merge, "--no-overlap"],
+        "PEFT merge_and_unload": [sys.executable, "-c", PEFT_SCRIPT, str(BASE), str(ADAPTER),
+                                  str(out)],
+    }
+
+
+def measure(labels: list[str], runs: int) -> dict[str, Timing]:
+    timings = {label: Timing(label) for label in labels}
+    for i in range(runs):
+        for label in labels:  # interleaved, so a change of machine load hits every row
+            out = WORK / f"out-{label.split()[0].lower()}"
+            settle(out)
+            wall, rss = run_once(commands(out)[label])
+            timings[label].walls.append(wall)
+            timings[label].rss.append(rss)
+            print(f"  run {i + 1}: {label:<24} {wall:7.2f} s {rss / 2**20:8.0f} MiB",
+                  file=sys.stderr)
+    return timings
+
+
+def table(timings: dict[str, Timing]) -> str:
+    cp = timings["cp -r"].wall
+    cps = timings["cp -r + sync"].wall
+    peft = timings.get("PEFT merge_and_unload")
+    rows = ["| command | wall (median) | peak RSS | / cp -r | / cp -r + sync | / PEFT |",
+            "|---|---|---|---|---|---|"]
+    for t in timings.values():
+        vs_peft = f"{t.wall / peft.wall:.2f}x" if peft else "-"
+        rows.append(f"| {t.label} | {t.wall:.2f} s | {t.peak / 2**20:.0f} MiB | "
+                    f"{t.wall / cp:.2f}x | {t.wall / cps:.2f}x | {vs_peft} |")
+    m, n = timings["lora-tools merge"].wall, timings["merge --no-overlap"].wall
+    rows.append(f"\noverlap speed-up: {n / m:.2f}x (no-overlap {n:.2f} s / overlap {m:.2f} s)")
+    return "\n".join(rows)
+
+
+def compare_outputs() -> str:
+    """Run lora-tools and PEFT once more and compare every tensor bit for bit."""
+    import torch
+    from safetensors import safe_open
+
+    ours, theirs = WORK / "cmp-ours", WORK / "cmp-peft"
+    settle(ours, theirs)
+    run_once(commands(ours)["lora-tools merge"])
+    run_once(commands(theirs)["PEFT merge_and_unload"])
+    differ, total = [], 0
+    peft_files = {}
+    for f in sorted(theirs.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            peft_files.update({k: f for k in fh.keys()})
+    for f in sorted(ours.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as mine:
+            for key in mine.keys():
+                with safe_open(str(peft_files[key]), "pt") as other:
+                    total += 1
+                    if not torch.equal(mine.get_tensor(key), other.get_tensor(key)):
+                        differ.append(key)
+    settle(ours, theirs)
+    return f"bitwise check against PEFT: {total - len(differ)} of {total} tensors identical" + (
+        f"; differ: {', '.join(differ[:5])}" if differ else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-peft", action="store_true", help="skip the (slow) PEFT rows")
+    args = ap.parse_args()
+    WORK.mkdir(exist_ok=True)
+    print("building (cached) ...", file=sys.stderr)
+    build_base()
+    build_adapter()
+    labels = list(commands(WORK / "x"))
+    if args.no_peft:
+        labels.remove("PEFT merge_and_unload")
+    print(f"load before: {load_average()}", file=sys.stderr)
+    timings = measure(labels, args.runs)
+    print(f"base: {folder_bytes(BASE) / 1e9:.2f} GB in 2 shards; adapter rank 16 on "
+          f"q,k,v,o,gate,up,down; median of {args.runs} runs; load after: {load_average()}")
+    print(table(timings))
+    if not args.no_peft:
+        print(compare_outputs())
+
+
+if __name__ == "__main__":
+    main()
