@@ -47,6 +47,7 @@ class SpecialWork:
     dequant: Dequant | None = None
     norms: dict[NormKey, torch.Tensor] = field(default_factory=dict)
     observe: Observer | None = None
+    restore: Checkpoint | None = None  # unmerge: the original base, for whole tensors
     blockable: bool = False
 
     @property
@@ -54,6 +55,8 @@ class SpecialWork:
         return any(m.module.magnitude_key for _, m, _ in self.terms)
 
     def __call__(self, name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+        if self.restore is not None:
+            return self._restored(name, w, out)
         base = self.dequant(name, w) if self.dequant else w
         src = self.replace[0].source.get(self.replace[1]) if self.replace else base
         # copy=True: the tensor may be the reader's own storage; it is updated in place.
@@ -74,6 +77,19 @@ class SpecialWork:
         result = acc.to(out).cpu()
         if self.observe is not None and not self.has_dora:
             self.observe(name, w, (acc.double() - start.double()).cpu(), result)
+        return result
+
+    def _restored(self, name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
+        """A tensor the adapter replaced whole (or some rows of): the original base's."""
+        assert self.restore is not None
+        orig = self.restore.get(name)
+        if tuple(orig.shape) != tuple(w.shape):
+            raise UsageError(f"{self.restore.path}: {name} has shape {list(orig.shape)}, the "
+                             f"merged one {list(w.shape)}; is it the base the merge was made "
+                             "from? (a resized vocabulary cannot be unmerged)")
+        result = orig.to(out)
+        if self.observe is not None:
+            self.observe(name, w, orig.double() - w.double(), result)
         return result
 
     def _delta(self, adapter: Adapter, match: Match, weight: float,
@@ -139,7 +155,8 @@ def bias_key(base: Checkpoint, adapter: Adapter, match: Match) -> str:
 
 def special_work(base: Checkpoint, adapters: list[Adapter], reports: list[MatchReport],
                  weights: list[float], sign: float, dev: torch.device,
-                 observe: Observer | None = None) -> dict[str, SpecialWork]:
+                 observe: Observer | None = None, restore: Checkpoint | None = None
+                 ) -> dict[str, SpecialWork]:
     """SpecialWork for every base key that needs it (plain keys are left to the caller)."""
     out: dict[str, SpecialWork] = {}
 
@@ -155,10 +172,8 @@ def special_work(base: Checkpoint, adapters: list[Adapter], reports: list[MatchR
                 get(bias_key(base, a, m)).bias_terms.append((a, m, sign * w))
         whole = {**r.replacements, **{k: v[0] for k, v in r.token_rows.items()}}
         if whole and sign < 0:
-            raise UsageError(f"{a.path}: holds whole saved tensors or token rows "
-                             f"({', '.join(list(whole.values())[:3])}); the base's original "
-                             "values cannot be recovered by unmerging: take them from the "
-                             "original base checkpoint (merge again from it)")
+            _restore(a, whole, restore, get)
+            continue
         for base_key, adapter_key in r.replacements.items():
             get(base_key).replace = (a, adapter_key)
         for base_key, (adapter_key, rows) in r.token_rows.items():
@@ -192,3 +207,16 @@ def stored_norms(records: list[dict[str, Any]]) -> dict[NormKey, torch.Tensor]:
             raw = bytearray(base64.b64decode(b64))
             out[(str(rec.get("sha256")), key)] = torch.frombuffer(raw, dtype=torch.float32)
     return out
+
+
+def _restore(adapter: Adapter, whole: dict[str, str], restore: Checkpoint | None,
+             get: Callable[[str], SpecialWork]) -> None:
+    """Unmerge of tensors an adapter replaced: only the original base can give them back."""
+    if restore is None:
+        raise UsageError(f"{adapter.path}: holds whole saved tensors or token rows "
+                         f"({', '.join(list(whole.values())[:3])}) that replaced the base's "
+                         "on merge; subtracting cannot recover the originals. Pass the "
+                         "original base (--check-base BASE) to restore them from it")
+    for base_key in whole:
+        fn = get(base_key)
+        fn.restore, fn.terms = restore, []

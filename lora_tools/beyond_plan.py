@@ -42,6 +42,7 @@ class Request:
     untie: bool = False
     dequant: Dequantizer | None = None
     observe: Observer | None = None
+    restore: Checkpoint | None = None  # unmerge: original base for replaced tensors
 
 
 def plan(base: Checkpoint, adapters: list[Adapter], reports: list[MatchReport],
@@ -49,7 +50,8 @@ def plan(base: Checkpoint, adapters: list[Adapter], reports: list[MatchReport],
          req: Request) -> Extras:
     """Special work for the keys that need it; ``plain`` (row-block sums) is left as is
     except where a dequantized base takes its keys over."""
-    special = special_work(base, adapters, reports, weights, req.sign, req.device, req.observe)
+    special = special_work(base, adapters, reports, weights, req.sign, req.device, req.observe,
+                           req.restore)
     ex = Extras(base, list(specs), special)
     _tie(ex, reports, req)
     _resize(ex, reports)

@@ -99,7 +99,7 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
             stats.append(checked_exactness(name, m, u, _base_tensor(base, name, u)))
 
     summary = apply_adapters(merged_path, adapter_paths, out, sign=-1.0, op="unmerge",
-                             observe=observe, **kwargs)
+                             observe=observe, restore_from=check_base, **kwargs)
     return UnmergeSummary(summary, str(check_base) if check_base is not None else None, stats)
 
 

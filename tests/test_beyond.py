@@ -231,3 +231,23 @@ def test_inspect_lists_saved_copies_and_token_rows(tmp_path: Path) -> None:
     whole = {w["replaces"]: w for w in json.loads(res.output)["whole_tensors"]}
     assert set(whole) == {"lm_head.weight", "model.embed_tokens.weight"}
     assert whole["model.embed_tokens.weight"]["rows"] == [1, 2]
+
+
+def test_unmerge_restores_saved_copies_only_from_the_base(tmp_path: Path) -> None:
+    model = llama()
+    base = state_dict_file(model.state_dict(), tmp_path / "base.safetensors")
+    pm = peft_adapter(model, tmp_path / "a", modules_to_save=["lm_head"],
+                      trainable_token_indices={"embed_tokens": [1, 2]})
+    train_tokens(pm, tmp_path / "a")
+    merge(base, [tmp_path / "a"], tmp_path / "m.safetensors", device="cpu")
+    res = run("unmerge", tmp_path / "m.safetensors", tmp_path / "a", "-o", tmp_path / "u.safetensors")
+    assert res.exit_code != 0 and "--check-base" in res.output
+    assert not (tmp_path / "u.safetensors").exists()
+    res = run("unmerge", tmp_path / "m.safetensors", tmp_path / "a", "-o",
+              tmp_path / "u.safetensors", "--check-base", base)
+    assert res.exit_code == 0, res.output
+    orig, back = read(base), read(tmp_path / "u.safetensors")
+    for k in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert torch.equal(orig[k], back[k]), k
+    for k in orig:
+        assert torch.allclose(orig[k], back[k], rtol=0, atol=1e-6), k
