@@ -12,13 +12,13 @@ import torch
 from lora_tools import beyond_plan, provenance, quant
 from lora_tools.adapters import Adapter, load_adapter, require_alpha
 from lora_tools.adapters.mapping import Match, MatchReport, resolve
-from lora_tools.delta import check_finite, module_delta
-from lora_tools.device import resolve_device
+from lora_tools.device import choose_device, resolve_device
 from lora_tools.engine import TensorFn, output_specs, stream
 from lora_tools.errors import ProvenanceError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.range_check import check_range
+from lora_tools.rows import DeltaSum
 
 # (name, input tensor as stored, Σ sign·wᵢ·ΔWᵢ in fp64, rounded output): sees each adapted
 # tensor as it streams by (unmerge's exactness report).
@@ -64,6 +64,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                    device: str = "auto", shard_size: int | None = None, force: bool = False,
                    allow_unmatched: bool = False, progress: bool = False,
                    op: str = "merge", observe: Observer | None = None,
+                   max_memory: int | None = None, overlap: bool = True,
                    resize_vocab: bool = False, untie: bool = False,
                    dequantize: bool = False,
                    restore_from: str | Path | None = None) -> MergeSummary:
@@ -80,7 +81,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab)
     _check_history(base, adapters, op, force, weights)
-    dev = resolve_device(device)
+    dev = resolve_device(choose_device(device, _work_bytes(base, reports)))
     work = build_work(adapters, reports, weights, sign, dev, observe)
     restore = open_checkpoint(restore_from) if restore_from is not None else None
     req = beyond_plan.Request(sign, dev, dtype, untie, deq, observe, restore)
@@ -105,12 +106,21 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                         "config.json yourself (a folder output gets it written)")
     with CheckpointWriter(out, specs, meta, shard_size=shard_size, source_folder=base.folder,
                           force=force, inputs=inputs, config_updates=extra.config) as writer:
-        stats = stream(base, writer, work, progress)
+        stats = stream(base, writer, work, progress, max_memory=max_memory, overlap=overlap,
+                       device=dev)
     warnings.extend(writer.notes)
+    warnings.extend(f"{n}: larger than --max-memory but not computable by row blocks "
+                    "(conv or fused layer, or a saved whole tensor); computed whole"
+                    for n in stats.over_cap)
     return MergeSummary(out=str(out), tensors=stats.tensors, changed=stats.changed,
                         copied=stats.copied, bytes_written=stats.bytes_written,
                         seconds=round(stats.seconds, 3), device=str(dev), adapters=records,
                         warnings=warnings)
+
+
+def _work_bytes(base: Checkpoint, reports: list[MatchReport]) -> int:
+    keys = {m.base_key for r in reports for m in r.matches}
+    return sum(base.info(k).nbytes for k in keys)
 
 
 def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
@@ -168,28 +178,5 @@ def build_work(adapters: list[Adapter], reports: list[MatchReport], weights: lis
             start[base_key] = (a, adapter_key)
             per_key.setdefault(base_key, [])
 
-    def apply(name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
-        # PEFT loads saved embedding weights over the base before merging.
-        src = start[name][0].source.get(start[name][1]) if name in start else w
-        # copy=True: an fp32 CPU tensor would otherwise be updated in place, and a torch
-        # file's tensors are the reader's own (memory-mapped) storage.
-        acc = src.to(dev, torch.float32, copy=True)
-        check_finite(acc, f"base tensor {name}")
-        total = torch.zeros(acc.shape, dtype=torch.float64, device=dev) if observe else None
-        for adapter, match, weight in per_key[name]:
-            a, b = adapter.factors(match.module)
-            a, b = a.to(dev), b.to(dev)
-            check_finite(a, f"{adapter.path}: {match.module.a_key}")
-            check_finite(b, f"{adapter.path}: {match.module.b_key}")
-            factor = match.module.scale * weight
-            delta = module_delta(match.module, a, b, factor, tuple(w.shape))
-            acc += delta
-            if total is not None:
-                total += delta
-        check_finite(acc, f"merged tensor {name}")
-        result = acc.to(out).cpu()
-        if observe is not None and total is not None:
-            observe(name, w, total.cpu(), result)
-        return result
-
-    return {key: apply for key in per_key}
+    return {key: DeltaSum(terms, dev, start.get(key), observe)
+            for key, terms in per_key.items()}
