@@ -45,6 +45,7 @@ class MergeSummary:
     device: str
     adapters: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    blocks: int = 0  # row blocks written for tensors larger than --max-memory
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +116,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     return MergeSummary(out=str(out), tensors=stats.tensors, changed=stats.changed,
                         copied=stats.copied, bytes_written=stats.bytes_written,
                         seconds=round(stats.seconds, 3), device=str(dev), adapters=records,
-                        warnings=warnings)
+                        warnings=warnings, blocks=stats.blocks)
 
 
 def _work_bytes(base: Checkpoint, reports: list[MatchReport]) -> int:
