@@ -21,7 +21,7 @@ from lora_tools import dora
 from lora_tools.adapters.mapping import Match, MatchReport
 from lora_tools.adapters.model import Adapter
 from lora_tools.delta import check_finite, module_delta
-from lora_tools.errors import MatchError, ProvenanceError, UsageError
+from lora_tools.errors import FormatError, MatchError, ProvenanceError, UsageError
 from lora_tools.io.checkpoint import Checkpoint
 
 Dequant = Callable[[str, torch.Tensor], torch.Tensor]
@@ -105,7 +105,13 @@ class SpecialWork:
         assert m.magnitude_key is not None
         mag = adapter.source.get(m.magnitude_key).to(self.device, torch.float32)
         check_finite(mag, f"{adapter.path}: {m.magnitude_key}")
-        return mag, dora.layout_of(m.kind, m.fan_in_fan_out)
+        layout = dora.layout_of(m.kind, m.fan_in_fan_out)
+        out = m.natural_shape()[0] if m.kind != "embedding" else m.b_shape[0]
+        if mag.numel() != out:
+            raise FormatError(f"{adapter.path}: {m.magnitude_key} has {mag.numel()} entries but "
+                              f"{m.name} has {out} output features; the file is damaged, "
+                              "re-export the adapter")
+        return mag, layout
 
     def _lora(self, name: str, acc: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
         for adapter, match, weight in self.terms:
