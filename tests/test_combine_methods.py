@@ -211,3 +211,20 @@ def test_dense_methods_go_back_to_rank_r_optimally(name: str) -> None:
     s = torch.linalg.svd(target).S
     optimal = float(s[3:].square().sum().sqrt() / target.norm())
     assert rel(2.0 * b @ a, target) == pytest.approx(optimal, rel=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["cat", "svd", "linear", "ties", "dare_ties"])
+def test_cuda_gives_the_cpu_result(name: str) -> None:
+    terms = make_terms(14, 40, 30, [(4, 8.0, False, 0.6), (4, 4.0, True, -0.9)])
+    dev = torch.device("cuda")
+    on_gpu = [Term(t.a.to(dev), t.b.to(dev), t.scale, t.weight) for t in terms]
+    method = METHODS[name]
+
+    def run(ts: list[Term]) -> torch.Tensor:
+        opts = Options(rank=3, density=0.5, generator=torch.Generator().manual_seed(2))
+        k = method.new_rank([4, 4], (40, 30), None if name == "cat" or name == "linear" else 3)
+        a, b = method.combine(ts, k, 1.0, opts)
+        return (b.double() @ a.double()).cpu()
+
+    torch.testing.assert_close(run(on_gpu), run(terms), rtol=1e-4, atol=1e-5)
