@@ -1,0 +1,129 @@
+"""Benchmark: unmerge precision by update size, and verify's time against reading both inputs.
+
+    python bench/unmerge_verify.py precision     # the table in docs/unmerge-and-verify.md
+    python bench/unmerge_verify.py speed         # 1B bf16 Llama + rank-16 LoRA (bench/_work)
+    python bench/unmerge_verify.py speed --runs 3
+
+precision: a 1024×1024 weight ~ N(0, 0.02) per dtype and a rank-16 update whose RMS is
+``rel`` times the weight's; merge, then unmerge with and without ``--check-base``: the share
+of elements that came back exact (measured, and proven from MERGED alone) and the largest
+error in ulps of the merged value.
+
+speed: each command in a fresh process (wall, CPU = user + sys, peak RSS): reading every
+tensor of MERGED and BASE once (the floor verify is measured against), ``lora-tools verify``
+and ``lora-tools unmerge``. Inputs are cached under ``bench/_work`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import WORK, build_adapter, build_base, load_average  # noqa: E402
+
+OUT = WORK / "verify"
+_WRAPPER = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
+wall = time.perf_counter() - t
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime,
+                  "rss": ru.ru_maxrss * 1024}))
+"""
+_READ_BOTH = """
+import sys
+from lora_tools.io import open_checkpoint
+for path in sys.argv[1:]:
+    ck = open_checkpoint(path)
+    for name in ck.keys():
+        ck.get(name)
+"""
+
+
+def precision() -> None:
+    from safetensors.torch import save_file
+
+    from lora_tools.adapters.save import FactorModule, save_adapter
+    from lora_tools.merge import merge
+    from lora_tools.unmerge import unmerge
+
+    work = OUT / "precision"
+    print("| dtype | update RMS / weight RMS | exact (measured) | exact (proven) | max error |")
+    print("|---|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for rel in (0.001, 0.01, 0.1, 1.0):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(1024, 1024, generator=g) * 0.02
+            a, b = torch.randn(16, 1024, generator=g), torch.randn(1024, 16, generator=g)
+            scale = rel * 0.02 / float((b @ a).pow(2).mean().sqrt())
+            save_file({"layer.proj.weight": w.to(dtype)}, str(work / "base.safetensors"))
+            save_adapter([FactorModule("layer.proj", a, b * scale, alpha=16.0)],
+                         work / "adapter", "peft")
+            merge(work / "base.safetensors", [work / "adapter"], work / "m.safetensors",
+                  device="cpu")
+            kw = {"device": "cpu", "force": True}
+            c = unmerge(work / "m.safetensors", [work / "adapter"], work / "u.safetensors",
+                        check_base=work / "base.safetensors", **kw).total
+            p = unmerge(work / "m.safetensors", [work / "adapter"], work / "u.safetensors",
+                        **kw).total
+            print(f"| {str(dtype).removeprefix('torch.')} | {rel:g} | "
+                  f"{100 * c['exact_fraction']:.2f} % | {100 * p['exact_fraction']:.2f} % | "
+                  f"{c['max_ulp']:.3g} ulp |")
+
+
+def _run(argv: list[str]) -> dict[str, float]:
+    done = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], capture_output=True,
+                          text=True, check=True)
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    if res["rc"] not in (0,):
+        raise RuntimeError(f"{' '.join(argv)} failed with exit status {res['rc']}")
+    return res  # type: ignore[no-any-return]
+
+
+def speed(runs: int) -> None:
+    base, adapter = build_base(), build_adapter()
+    merged = OUT / "merged"
+    if not (merged / "model.safetensors.index.json").is_file():
+        subprocess.run([sys.executable, "-m", "lora_tools", "merge", str(base), str(adapter),
+                        "-o", str(merged), "--force", "-q"], check=True)
+    lt = [sys.executable, "-m", "lora_tools"]
+    rows = {
+        "read MERGED + BASE once": [sys.executable, "-c", _READ_BOTH, str(merged), str(base)],
+        "lora-tools verify": [*lt, "verify", str(merged), "--base", str(base), "-a",
+                              str(adapter), "--device", "cpu", "-q"],
+        "lora-tools unmerge": [*lt, "unmerge", str(merged), str(adapter), "-o",
+                               str(OUT / "unmerged"), "--force", "--device", "cpu", "-q"],
+    }
+    print(f"load average {load_average()}; median of {runs}")
+    print("| command | wall | CPU | peak RSS |")
+    print("|---|---|---|---|")
+    for label, argv in rows.items():
+        got = [_run(argv) for _ in range(runs)]
+        wall = statistics.median(r["wall"] for r in got)
+        cpu = statistics.median(r["cpu"] for r in got)
+        rss = max(r["rss"] for r in got)
+        print(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {rss / 2**30:.2f} GiB |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["precision", "speed"])
+    ap.add_argument("--runs", type=int, default=1)
+    args = ap.parse_args()
+    precision() if args.what == "precision" else speed(args.runs)
+
+
+if __name__ == "__main__":
+    main()
