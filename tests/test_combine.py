@@ -223,3 +223,21 @@ def test_linear_says_it_is_not_exact_and_help_lists_methods(files: dict[str, Pat
     assert "not ΔW-exact" in res.output
     helptext = ok("combine", "--help").output
     assert all(name in helptext for name in METHODS)
+
+
+def test_dtype_and_loralib_output(files: dict[str, Path]) -> None:
+    d = files["dir"]
+    paths = [files["a1"], files["a4"]]
+    res = ok("combine", *paths, "-o", d / "bf16", "--dtype", "bf16", "--json")
+    report = json.loads(res.output)
+    assert report["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.bfloat16 for v in read(d / "bf16").values()
+               if v.dim() == 2 and v.shape[0] != 64)  # the embedding weights stay as saved
+    # the report measures the rounded factors: bf16 costs ~2⁻⁹ relative, not zero
+    assert 1e-4 < report["max_rel_error"] < 1e-2
+    ok("combine", files["a1"], files["a3"], "-o", d / "ab.pt", "--format", "loralib")
+    got, want = deltas(d / "ab.pt"), weighted_sum([files["a1"], files["a3"]], [1.0, 1.0])
+    assert set(got) == set(want) and all(rel(got[k], want[k]) < 1e-6 for k in want)
+    res = run("combine", *paths, "-o", d / "cuda_out", "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert res.exit_code != 0 and "--device cpu" in res.output
