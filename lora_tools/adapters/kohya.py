@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_tools.adapters.model import CONV, LINEAR, Adapter, LoraModule
+from lora_tools.adapters.model import CONV, LINEAR, Adapter, LoraModule, check_factor_shapes
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint
 
@@ -33,9 +33,14 @@ def load_kohya(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
         if up not in source:
             raise FormatError(f"{path}: {key} has no matching {up}")
         a_shape, b_shape = source.info(key).shape, source.info(up).shape
+        check_factor_shapes(path, name, a_shape, b_shape)
         rank = a_shape[0]
         alpha_key = name + ALPHA
         if alpha_key in source:
+            if source.info(alpha_key).shape not in ((), (1,)):
+                raise FormatError(f"{path}: {alpha_key} holds shape "
+                                  f"{list(source.info(alpha_key).shape)}, not one number; "
+                                  "the file is damaged: re-export the adapter")
             value, where = float(source.get(alpha_key).float().item()), "alpha tensor"
             used.add(alpha_key)
         elif alpha is not None:

@@ -44,7 +44,7 @@ def load_loralib(path: Path, source: Checkpoint, alpha: float | None,
         if b_key not in source:
             raise FormatError(f"{path}: {key} has no matching {b_key}")
         a_shape, b_shape = source.info(key).shape, source.info(b_key).shape
-        if len(a_shape) != 2 or len(b_shape) != 2:
+        if len(a_shape) != 2 or len(b_shape) != 2 or 0 in (a_shape[0], b_shape[1]):
             raise FormatError(f"{path}: {name}: loralib factors are 2-D, got A{list(a_shape)} "
                               f"B{list(b_shape)}")
         modules.append(LoraModule(

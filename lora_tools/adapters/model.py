@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lora_tools import ops
+from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint
 
 LINEAR = "linear"
@@ -99,3 +100,16 @@ class Adapter:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+
+def check_factor_shapes(path: object, name: str, a_shape: tuple[int, ...],
+                        b_shape: tuple[int, ...]) -> None:
+    """A: (r, in[, k...]) and B: (out, r[, 1...]) with the same r > 0, or the file is damaged.
+
+    Checked when a module is read, so odd shapes in a hostile file fail here with the
+    file's name instead of deep inside the math.
+    """
+    if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1] or a_shape[0] == 0:
+        raise FormatError(f"{path}: module {name}: factors A{list(a_shape)} B{list(b_shape)} "
+                          "are not a LoRA pair (A: (r, in), B: (out, r), r > 0); the file is "
+                          "damaged: re-export the adapter")

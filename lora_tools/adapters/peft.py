@@ -7,7 +7,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, Adapter, LoraModule
+from lora_tools.adapters.model import (
+    CONV,
+    EMBEDDING,
+    LINEAR,
+    Adapter,
+    LoraModule,
+    check_factor_shapes,
+)
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.io.checkpoint import Checkpoint, open_file
 
@@ -140,6 +147,7 @@ def _module(source: Checkpoint, cfg: dict[str, Any], stem: str, a_key: str, b_ke
             kind: str) -> LoraModule:
     name = stem.removeprefix(PREFIX)
     a_shape, b_shape = source.info(a_key).shape, source.info(b_key).shape
+    check_factor_shapes(source.path, name, a_shape, b_shape)
     if len(a_shape) > 2 and kind == LINEAR:
         kind = CONV
     rank = a_shape[0]
