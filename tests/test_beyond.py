@@ -251,3 +251,15 @@ def test_unmerge_restores_saved_copies_only_from_the_base(tmp_path: Path) -> Non
         assert torch.equal(orig[k], back[k]), k
     for k in orig:
         assert torch.allclose(orig[k], back[k], rtol=0, atol=1e-6), k
+
+
+def test_resaving_commands_refuse_what_they_would_drop(tmp_path: Path) -> None:
+    peft_adapter(llama(), tmp_path / "d", use_dora=True)
+    peft_adapter(llama(attention_bias=True), tmp_path / "b", lora_bias=True)
+    res = run("convert", tmp_path / "d", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert res.exit_code != 0 and "would be lost" in res.output and "magnitude" in res.output
+    res = run("rescale", tmp_path / "b", "--alpha", "16", "-o", tmp_path / "r")
+    assert res.exit_code != 0 and "lora_bias would be lost" in res.output
+    res = run("combine", tmp_path / "b", tmp_path / "b", "-o", tmp_path / "c")
+    assert res.exit_code != 0 and "lora_bias" in res.output
+    assert not any((tmp_path / n).exists() for n in ("k.safetensors", "r", "c"))

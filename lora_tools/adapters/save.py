@@ -176,6 +176,7 @@ def _save_peft(modules: list[FactorModule], out: Path, template: dict[str, Any],
 
 def factor_modules(adapter: Any) -> list[FactorModule]:
     """Read every module of a loaded :class:`~lora_tools.adapters.model.Adapter` into memory."""
+    _refuse_unsaved(adapter)
     out = []
     for m in adapter.modules:
         a, b = adapter.factors(m)
@@ -183,3 +184,17 @@ def factor_modules(adapter: Any) -> list[FactorModule]:
                                 m.kind, m.rslora, bool(m.fan_in_fan_out), m.enable_lora,
                                 extra={"rank": m.rank}))
     return out
+
+
+def _refuse_unsaved(adapter: Any) -> None:
+    """Parts a FactorModule cannot carry (DoRA magnitudes, lora_bias, trainable tokens)
+    would be silently dropped from a re-saved adapter: refuse instead."""
+    lost = [f"{m.name}: DoRA magnitude" for m in adapter.modules if m.magnitude_key]
+    lost += [f"{m.name}: lora_bias" for m in adapter.modules if m.bias_key]
+    lost += [f"{k}: trainable tokens" for k in getattr(adapter, "token_rows", {})]
+    if lost:
+        from lora_tools.errors import UsageError
+
+        raise UsageError(f"{adapter.path}: {', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}"
+                         " would be lost: this operation re-saves plain LoRA factors only. "
+                         "Merge the adapter into its base instead (lora-tools merge)")
