@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 WORK = Path(__file__).resolve().parent / "_work"
 BASE = WORK / "llama-1b-bf16"
@@ -28,10 +29,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 _WRAPPER = """
 import json, resource, subprocess, sys, time
 t = time.perf_counter()
-rc = subprocess.call(sys.argv[1:], stdout=subprocess.DEVNULL)
+proc = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE)
 wall = time.perf_counter() - t
 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-print(json.dumps({"rc": rc, "wall": wall, "rss": rss}))
+out = proc.stdout.decode(errors="replace")[-100000:]
+print(json.dumps({"rc": proc.returncode, "wall": wall, "rss": rss, "stdout": out}))
 """
 
 
@@ -102,6 +104,7 @@ class Timing:
     label: str
     walls: list[float] = field(default_factory=list)
     rss: list[int] = field(default_factory=list)
+    engine: list[float] = field(default_factory=list)  # seconds the command reports itself
 
     @property
     def wall(self) -> float:
@@ -114,12 +117,18 @@ class Timing:
 
 def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS bytes of ``argv`` run in a fresh process."""
+    res = run_full(argv, env)
+    return float(res["wall"]), int(res["rss"])
+
+
+def run_full(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``run_once`` plus the command's standard output (``stdout``)."""
     done = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], capture_output=True,
                           text=True, check=True, env=env)
-    res = json.loads(done.stdout.strip().splitlines()[-1])
+    res: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:
         raise RuntimeError(f"{' '.join(argv)} failed with exit status {res['rc']}")
-    return float(res["wall"]), int(res["rss"])
+    return res
 
 
 def settle(*paths: Path) -> None:
