@@ -129,3 +129,56 @@ def test_fp16_within_range_still_merges(corpus: tuple[Good, dict[str, Case]],
     for key in (Q0, EMBED):
         assert a.get(key).dtype == torch.float16
         assert torch.equal(a.get(key), b.get(key).half())
+
+
+# Every command over a sample of the corpus: the damages below reach each command's readers.
+CHECKPOINT_USES = {
+    "merge": "merge {bad} {adapter} -o {out}.safetensors",
+    "unmerge": "unmerge {bad} {adapter} -o {out}.safetensors",
+    "verify": "verify {bad} --base {base} -a {adapter}",
+    "extract": "extract {bad} {base} -o {out} -r 2",
+    "convert": "convert {bad} -o {out}.safetensors --to safetensors",
+    "inspect": "inspect {bad}",
+}
+ADAPTER_USES = {
+    "merge": "merge {base} {bad} -o {out}.safetensors",
+    "unmerge": "unmerge {base} {bad} -o {out}.safetensors",
+    "verify": "verify {base} --base {base} -a {bad}",
+    "rescale": "rescale {bad} -o {out} --alpha 4",
+    "resize": "resize {bad} -o {out} -r 2",
+    "combine": "combine {bad} {adapter} -o {out}",
+    "convert": "convert {bad} -o {out}.safetensors --to kohya",
+    "inspect": "inspect {bad}",
+}
+CHECKPOINT_DAMAGES = ["base_truncated", "base_evil_pickle", "base_safetensors_is_pickle",
+                      "base_random_bytes"]
+ADAPTER_DAMAGES = ["base_evil_zip_pickle", "peft_broken_config", "peft_evil_pickle",
+                   "peft_truncated_weights"]
+
+
+def _available(command: str) -> bool:
+    from lora_tools.cli import _available as available
+
+    return available(command)
+
+
+@pytest.mark.parametrize(("use", "damage"), [
+    *[(CHECKPOINT_USES[c], d) for c in CHECKPOINT_USES for d in CHECKPOINT_DAMAGES],
+    *[(ADAPTER_USES[c], d) for c in ADAPTER_USES for d in ADAPTER_DAMAGES],
+])
+def test_every_command_refuses_bad_files(use: str, damage: str,
+                                         corpus: tuple[Good, dict[str, Case]],
+                                         tmp_path: Path) -> None:
+    if not _available(use.split()[0]):
+        pytest.skip(f"command {use.split()[0]} is not in this checkout")
+    good, cases = corpus
+    case = cases[damage]
+    bad = Path(case.args[0] if damage.startswith("base_") else case.args[1])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = use.format(bad=bad, base=good.base, adapter=good.adapter,
+                      out=out_dir / "result").split()
+    text = run_refused(args, out_dir, [bad, good.base, good.adapter])
+    assert bad.name in text
+    if case.marker is not None:
+        assert not case.marker.exists()
