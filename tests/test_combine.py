@@ -241,3 +241,19 @@ def test_dtype_and_loralib_output(files: dict[str, Path]) -> None:
     res = run("combine", *paths, "-o", d / "cuda_out", "--device", "cuda")
     if not torch.cuda.is_available():
         assert res.exit_code != 0 and "--device cpu" in res.output
+
+
+def test_bf16_inputs_stay_bf16_and_json_names_everything(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(6)
+    for i in range(2):
+        mods = [FactorModule("m.q", torch.randn(2, 8, generator=g).bfloat16(),
+                             torch.randn(6, 2, generator=g).bfloat16(), 3.0 + i)]
+        save_adapter(mods, tmp_path / f"b{i}", "peft")
+    res = ok("combine", tmp_path / "b0", tmp_path / "b1", "-o", tmp_path / "out", "--json",
+             "-m", "svd", "-r", "3")
+    report = json.loads(res.output)
+    assert report["dtype"] == "bfloat16" and report["method"] == "svd" and report["seed"] is None
+    assert [a["weight"] for a in report["adapters"]] == [1.0, 1.0]
+    assert report["modules"] == [{"module": "m.q", "adapters": 2, "ranks": [2, 2], "rank": 3,
+                                  "rel_error": report["modules"][0]["rel_error"]}]
+    assert all(v.dtype == torch.bfloat16 for v in read(tmp_path / "out").values())
