@@ -92,8 +92,13 @@ def test_listing_reads_no_tensor_data(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_misnamed_file_is_detected_by_content(tmp_path: Path) -> None:
+    # The content decides the format, and a .safetensors name holding a pickle is refused
+    # (issue 9: the name promises a file that cannot run code); renamed, it loads.
     torch.save({"a": torch.ones(2)}, tmp_path / "really_a_pickle.safetensors")
-    ck = open_checkpoint(tmp_path / "really_a_pickle.safetensors")
+    with pytest.raises(FormatError, match="holds a torch pickle.*rename it to .pt"):
+        open_checkpoint(tmp_path / "really_a_pickle.safetensors")
+    (tmp_path / "really_a_pickle.safetensors").rename(tmp_path / "really_a_pickle.pt")
+    ck = open_checkpoint(tmp_path / "really_a_pickle.pt")
     assert torch.equal(ck.get("a"), torch.ones(2))
     (tmp_path / "junk.pt").write_bytes(b"hello world, not a checkpoint")
     with pytest.raises(FormatError, match="not a safetensors or torch checkpoint"):
