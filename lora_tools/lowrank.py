@@ -47,6 +47,19 @@ def factor_svd(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
     return FactorSVD(qb @ uc, s, vhc @ qa.T)
 
 
+def factor_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+                           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Singular values of ``scale · B @ A`` only, descending. A: (r, in), B: (out, r).
+
+    Same QR + r×r core as :func:`factor_svd`, but only the R factors are computed (Q is
+    never formed) and no singular vectors: about half the cost, for statistics.
+    """
+    a2, b2 = flatten_factors(a.to(dtype), b.to(dtype))
+    rb = torch.linalg.qr(b2, mode="r").R  # (min(out, r), r)
+    ra = torch.linalg.qr(a2.T, mode="r").R  # (min(in, r), r)
+    return torch.linalg.svdvals(rb @ ra.T) * abs(scale)
+
+
 def stacked_svd(pairs: list[tuple[torch.Tensor, torch.Tensor, float]],
                 dtype: torch.dtype = torch.float64) -> FactorSVD:
     """SVD of ``Σ sᵢ · Bᵢ @ Aᵢ`` by stacking along the rank (the scales folded into B)."""

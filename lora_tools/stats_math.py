@@ -16,7 +16,7 @@ import torch
 
 from lora_tools.adapters.kohya import strip_prefix
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV, MERGED
-from lora_tools.lowrank import factor_svd
+from lora_tools.lowrank import factor_singular_values
 
 
 @dataclass
@@ -102,20 +102,25 @@ def factor_figures(a: torch.Tensor, b: torch.Tensor, groups: int = 1,
     """Figures of one module from its stored factors, in fp64 on ``device``."""
     dev = device or a.device
     a64, b64 = a.to(dev, torch.float64), b.to(dev, torch.float64)
-    nan = int(torch.isnan(a64).sum()) + int(torch.isnan(b64).sum())
-    inf = int(torch.isinf(a64).sum()) + int(torch.isinf(b64).sum())
-    figs = FactorFigures(norm_a=_norm(a64), norm_b=_norm(b64), sv=[], nan=nan, inf=inf,
-                         zero_a=not bool(a64.any()), zero_b=not bool(b64.any()))
+    figs = FactorFigures(norm_a=0.0, norm_b=0.0, sv=[], nan=0, inf=0, zero_a=False,
+                         zero_b=False)
+    a_ok, b_ok = bool(torch.isfinite(a64).all()), bool(torch.isfinite(b64).all())
+    if not (a_ok and b_ok):
+        figs.nan = int(torch.isnan(a64).sum()) + int(torch.isnan(b64).sum())
+        figs.inf = int(torch.isinf(a64).sum()) + int(torch.isinf(b64).sum())
+    figs.norm_a, figs.norm_b = _norm(a64, a_ok), _norm(b64, b_ok)
+    figs.zero_a, figs.zero_b = a_ok and figs.norm_a == 0, b_ok and figs.norm_b == 0
     if figs.finite and a64.numel() and b64.numel():
         fa, fb = product_factors(a64, b64, groups)
-        figs.sv = [float(s) for s in factor_svd(fa, fb).s.cpu()]
+        figs.sv = [float(s) for s in factor_singular_values(fa, fb).cpu()]
     return figs
 
 
-def _norm(t: torch.Tensor) -> float:
+def _norm(t: torch.Tensor, finite: bool) -> float:
     """Frobenius norm; NaN/Inf entries are left out so the figure still says something."""
-    finite = t[torch.isfinite(t)]
-    return float(torch.linalg.vector_norm(finite)) if finite.numel() else 0.0
+    if not finite:
+        t = t[torch.isfinite(t)]
+    return float(torch.linalg.vector_norm(t)) if t.numel() else 0.0
 
 
 # Module kinds by name, first match wins; tested against the whole module path with

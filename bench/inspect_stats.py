@@ -1,0 +1,73 @@
+"""Benchmark: `lora-tools inspect` of a 7B-shaped rank-64 PEFT adapter (all linear layers).
+
+    python bench/inspect_stats.py             # builds bench/_work/lora-7b-r64 once, then times
+    python bench/inspect_stats.py --runs 5 --rank 16
+
+The adapter has Llama-2-7B's module shapes (32 layers; q/k/v/o 4096×4096, gate/up/down
+4096↔11008), bf16 factors with random non-zero B: 224 modules, 160M parameters at r=64.
+Each run is a fresh process (import time included); wall time and peak RSS are reported,
+with the time spent in the library as the command reports it (`seconds` in --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import WORK, Timing, load_average, run_once  # noqa: E402
+
+HIDDEN, INTER, LAYERS = 4096, 11008, 32
+SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
+          "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+          "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN),
+          "mlp.down_proj": (HIDDEN, INTER)}  # (out, in)
+
+
+def build(rank: int, seed: int = 0) -> Path:
+    folder = WORK / f"lora-7b-r{rank}"
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    import torch
+
+    from lora_tools.adapters.save import FactorModule, save_adapter
+
+    gen = torch.Generator().manual_seed(seed)
+    modules = []
+    for i in range(LAYERS):
+        for name, (out, inp) in SHAPES.items():
+            a = (torch.randn(rank, inp, generator=gen) * 0.02).to(torch.bfloat16)
+            b = (torch.randn(out, rank, generator=gen) * 0.02).to(torch.bfloat16)
+            modules.append(FactorModule(f"model.layers.{i}.{name}", a, b, alpha=2.0 * rank))
+    WORK.mkdir(parents=True, exist_ok=True)
+    return save_adapter(modules, folder, "peft")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=64)
+    args = ap.parse_args()
+    adapter = build(args.rank)
+    cmd = [sys.executable, "-m", "lora_tools", "inspect", str(adapter), "--device", "cpu"]
+    timing = Timing("inspect")
+    for _ in range(args.runs):
+        wall, rss = run_once([*cmd, "--json"])
+        timing.walls.append(wall)
+        timing.rss.append(rss)
+    report = json.loads(subprocess.run([*cmd, "--json"], capture_output=True, text=True,
+                                       check=True).stdout)
+    size = sum(p.stat().st_size for p in adapter.iterdir())
+    print(f"adapter   {adapter} ({report['summary']['modules']} modules, "
+          f"{report['params']:,} params, {size / 1e6:.0f} MB bf16, rank {args.rank})")
+    print(f"inspect   median wall {timing.wall:.2f}s over {args.runs} runs "
+          f"(library {report['seconds']:.2f}s), peak RSS {timing.peak / 1e6:.0f} MB")
+    print(f"load      {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
