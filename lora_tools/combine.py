@@ -107,7 +107,8 @@ def combine_groups(groups: list[Group], spec: CombineMethod, options: Options,
                    seed: int | None, dev: torch.device, dtype: torch.dtype
                    ) -> tuple[list[FactorModule], list[dict[str, Any]], float]:
     """Every module through ``spec``, one at a time; one alpha for all: the largest rank."""
-    ranks = {g.name: _new_rank(spec, g, options.rank) for g in groups}
+    largest = max(mb.module.rank for g in groups for mb in g.members)
+    ranks = {g.name: _new_rank(spec, g, options.rank, largest) for g in groups}
     alpha = float(max(ranks.values()))
     modules, records = [], []
     for g in groups:
@@ -145,9 +146,9 @@ def parse_weights(weights: list[float] | None, n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def _new_rank(spec: CombineMethod, g: Group, rank: int | None) -> int:
+def _new_rank(spec: CombineMethod, g: Group, rank: int | None, largest: int) -> int:
     try:
-        return spec.new_rank([mb.module.rank for mb in g.members], g.dims, rank)
+        return spec.new_rank([mb.module.rank for mb in g.members], g.dims, rank, largest)
     except UsageError as err:
         raise UsageError(f"{g.name}: {err}") from None
 

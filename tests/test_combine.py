@@ -257,3 +257,13 @@ def test_bf16_inputs_stay_bf16_and_json_names_everything(tmp_path: Path) -> None
     assert report["modules"] == [{"module": "m.q", "adapters": 2, "ranks": [2, 2], "rank": 3,
                                   "rel_error": report["modules"][0]["rel_error"]}]
     assert all(v.dtype == torch.bfloat16 for v in read(tmp_path / "out").values())
+
+
+def test_default_rank_is_the_largest_input_rank(files: dict[str, Path]) -> None:
+    """As PEFT's svd_rank default: one R for every module, even one only a rank-2 input has."""
+    res = ok("combine", files["a1"], files["a2"], "-o", files["dir"] / "mp", "--json",
+             "-m", "magnitude_prune", "--density", "0.5")
+    ranks = {m["module"]: m["rank"] for m in json.loads(res.output)["modules"]}
+    assert set(ranks.values()) == {4} and "model.layers.0.self_attn.k_proj" in ranks
+    cfg = json.loads((files["dir"] / "mp" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["rank_pattern"] == {}

@@ -47,7 +47,8 @@ class Options:
 
 
 Combiner = Callable[[list[Term], int, float, Options], tuple[torch.Tensor, torch.Tensor]]
-RankRule = Callable[[list[int], tuple[int, int], int | None], int]
+# (the module's input ranks, (m, n), --rank, the largest rank of all inputs) -> k
+RankRule = Callable[[list[int], tuple[int, int], int | None, int], int]
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class CombineMethod:
     name: str
     summary: str
     combine: Combiner  # (terms, new rank k, out_scale, options) -> (A (k, n), B (m, k))
-    new_rank: RankRule  # (input ranks, (m, n), --rank) -> k
+    new_rank: RankRule
     exact: bool = False  # ΔW equals Σ wᵢ·ΔWᵢ up to rounding
     uses_density: bool = False
     uses_sign: bool = False
@@ -65,7 +66,8 @@ class CombineMethod:
     note: str = ""
 
 
-def sum_rank(ranks: list[int], dims: tuple[int, int], rank: int | None) -> int:
+def sum_rank(ranks: list[int], dims: tuple[int, int], rank: int | None,
+             largest: int = 0) -> int:
     """cat: the ranks add up; ``--rank`` does not apply."""
     if rank is not None:
         raise UsageError("--rank does not apply to --method cat (its rank is the sum of the "
@@ -73,13 +75,16 @@ def sum_rank(ranks: list[int], dims: tuple[int, int], rank: int | None) -> int:
     return sum(ranks)
 
 
-def truncated_rank(ranks: list[int], dims: tuple[int, int], rank: int | None) -> int:
-    """``--rank`` (default: the largest input rank), never above what the matrix can hold."""
-    want = rank if rank is not None else max(ranks)
+def truncated_rank(ranks: list[int], dims: tuple[int, int], rank: int | None,
+                   largest: int = 0) -> int:
+    """``--rank`` (default: the largest rank of all inputs, as PEFT), never above what the
+    matrix can hold."""
+    want = rank if rank is not None else max(largest, *ranks)
     return max(1, min(want, *dims))
 
 
-def equal_rank(ranks: list[int], dims: tuple[int, int], rank: int | None) -> int:
+def equal_rank(ranks: list[int], dims: tuple[int, int], rank: int | None,
+               largest: int = 0) -> int:
     """linear: factors are averaged slot by slot, so every input must have the same rank."""
     if len(set(ranks)) > 1:
         raise UsageError(f"ranks {sorted(set(ranks))} differ; --method linear averages the "

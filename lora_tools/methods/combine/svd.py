@@ -30,9 +30,10 @@ def combine(terms: list[Term], k: int, out_scale: float, opts: Options
     return split(svd, k, out_scale)
 
 
-def new_rank(ranks: list[int], dims: tuple[int, int], rank: int | None) -> int:
+def new_rank(ranks: list[int], dims: tuple[int, int], rank: int | None,
+             largest: int = 0) -> int:
     """``--rank`` (default the largest input rank), at most Σrᵢ: beyond that it is exact."""
-    return min(truncated_rank(ranks, dims, rank), sum(ranks))
+    return min(truncated_rank(ranks, dims, rank, largest), sum(ranks))
 
 
 METHOD = CombineMethod(
