@@ -154,3 +154,46 @@ def test_unwritable_destination(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert expect in result.output and "choose another -o" in result.output
     assert not out.exists() and not any(p.name.startswith(".merged") for p in dest.iterdir())
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_are_cleaned_or_explained(tmp_path: Path) -> None:
+    """Adapter outputs (rescale writes a PEFT folder) get the same cleanup; a temporary
+    whose process still runs is refused with the path to delete; a set-aside old output
+    whose swap never finished is put back, not deleted."""
+    from corpus import make_good
+
+    good = make_good(tmp_path / "good")
+    out = tmp_path / "out" / "rescaled"
+    out.parent.mkdir()
+    stale = out.with_name(f".rescaled.lora-tools-tmp-{dead_pid()}")
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"partial")
+    runner = CliRunner()
+    args = ["rescale", str(good.adapter), "-o", str(out), "--alpha", "4"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and sorted(p.name for p in out.parent.iterdir()) == ["rescaled"]
+
+    merged = tmp_path / "out" / "merged.safetensors"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as busy:
+        live = merged.with_name(f".merged.safetensors.lora-tools-tmp-{busy.pid}")
+        live.write_bytes(b"being written")
+        result = runner.invoke(cli, ["merge", str(good.base), str(good.adapter), "-o",
+                                     str(merged)])
+        busy.kill()
+    assert result.exit_code == 1
+    assert f"process {busy.pid} is writing this output right now" in result.output
+    assert f"delete {live}" in result.output and live.exists() and not merged.exists()
+    live.unlink()
+
+    old = merged.with_name(f".merged.safetensors.lora-tools-old-{dead_pid()}")
+    old.write_bytes(good.base.read_bytes())
+    result = runner.invoke(cli, ["merge", str(good.base), str(good.adapter), "-o", str(merged)])
+    assert result.exit_code == 1 and "already exists; pass --force" in result.output
+    assert not old.exists() and merged.read_bytes() == good.base.read_bytes()  # put back

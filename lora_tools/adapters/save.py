@@ -21,6 +21,7 @@ from lora_tools.adapters.loralib import ALPHA_META, ALPHAS_META
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV, MERGED
 from lora_tools.adapters.peft import CONFIG, PREFIX
 from lora_tools.errors import UsageError
+from lora_tools.io import safety
 from lora_tools.io.output import CheckpointWriter, check_output, temp_path
 from lora_tools.io.writer import TensorSpec, tensor_bytes
 
@@ -155,6 +156,7 @@ def _save_peft(modules: list[FactorModule], out: Path, template: dict[str, Any],
         tensors[PREFIX + m.name + a_suf] = m.a.contiguous()
         tensors[PREFIX + m.name + b_suf] = m.b.contiguous()
     tensors.update({k: v.contiguous() for k, v in (whole or {}).items()})
+    safety.clean_stale(out)  # a folder left by a killed run goes, like CheckpointWriter's
     check_output(out, inputs, force)
     staging = temp_path(out)
     staging.mkdir(exist_ok=True)
