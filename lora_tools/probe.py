@@ -2,7 +2,8 @@
 
 The reference applies the factors one after the other, as the layer does at run time,
 never forming ΔW; so it checks the layouts (transposes, fused groups) that the dense
-formulas in :mod:`lora_tools.ops` encode, independently of them. Computed in fp64.
+formulas in :mod:`lora_tools.ops` encode, independently of them. Computed in fp64 for
+fp32 outputs, in fp32 for 16-bit ones.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ def inputs(name: str, columns: int, seed: int) -> torch.Tensor:
 
 
 def factor_apply(t: ProbeTerm, x: torch.Tensor) -> torch.Tensor:
-    """``ΔW·x`` in the stored layout, from the factors. x: (cols of the stored tensor, k)."""
-    a, b, m = t.a.double(), t.b.double(), t.module
+    """``ΔW·x`` in the stored layout, from the factors, in ``x``'s dtype.
+
+    x: (columns of the stored tensor, k).
+    """
+    a, b, m = t.a.to(x.dtype), t.b.to(x.dtype), t.module
     if m.kind == MERGED:
         assert m.enable_lora is not None
         return t.factor * _merged_apply(a, b, m.enable_lora, bool(m.fan_in_fan_out), x)
@@ -79,15 +83,22 @@ def probe(name: str, merged: torch.Tensor, start: torch.Tensor, expected: torch.
     bound allows the rounding that the element check already measured (‖W' − E‖_F) and
     E's own fp32 error; a wrong layout or scale adds ‖ΔW‖-sized error and exceeds it.
     """
-    x = inputs(name, merged.shape[1], seed)
-    want = start.double() @ x
+    # fp64 for fp32 outputs; for 16-bit ones fp32 is 2^13 times finer than their rounding.
+    wd = torch.float32 if merged.element_size() <= 2 else torch.float64
+    x = inputs(name, merged.shape[1], seed).to(wd)
+    want = _matmul(start, x)
     for t in terms:
         want += factor_apply(t, x)
-    got = merged.double() @ x
+    got = _matmul(merged, x)
     norm = float(want.norm()) or 1.0
     rel = float((got - want).norm()) / norm
-    e64 = expected.double()
-    rounding = float((merged.double() - e64).norm())
-    compute = _FP32_COMPUTE * float(torch.maximum(e64.abs(), start.double().abs()).norm())
+    # Norms in fp32: they only scale the bound, a relative error of 2^-24 is immaterial.
+    rounding = float((merged.float() - expected).norm())
+    compute = _FP32_COMPUTE * float(torch.maximum(expected.abs(), start.float().abs()).norm())
     bound = _SPREAD * COLUMNS**0.5 * (rounding + compute) / norm
     return rel, bound
+
+
+def _matmul(t: torch.Tensor, x: torch.Tensor, rows: int = 1 << 10) -> torch.Tensor:
+    """``t @ x`` in ``x``'s dtype, by blocks of rows: no widened copy of ``t`` is made whole."""
+    return torch.cat([t[i:i + rows].to(x.dtype) @ x for i in range(0, t.shape[0], rows)])

@@ -10,25 +10,39 @@ from __future__ import annotations
 import torch
 
 
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of ``dtype`` at the magnitude of each element of ``x`` (any shape), in fp64.
+def _work_dtype(dtype: torch.dtype, *tensors: torch.Tensor) -> torch.dtype:
+    """fp64 when fp64 is involved, else fp32: it holds every 16- and 32-bit value exactly, and
+    the difference of two nearby fp32 values is exact (Sterbenz), so errors of a few ulps
+    are measured without loss."""
+    wide = dtype == torch.float64 or any(t.dtype == torch.float64 for t in tensors)
+    return torch.float64 if wide else torch.float32
 
-    Values below the normal range (and 0) get the subnormal spacing ``tiny · eps``.
+
+_EXPONENT = {torch.float32: (torch.int32, 0x7F800000),
+             torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at the magnitude of each element of ``x`` (any shape).
+
+    In fp32 (fp64 when ``x`` or ``dtype`` is fp64). Values below the normal range of
+    ``dtype`` (and 0) get its subnormal spacing ``tiny · eps``.
     """
     info = torch.finfo(dtype)
-    v = x.detach().to(torch.float64).abs()
-    _, exp = torch.frexp(v)
-    # frexp: v = m · 2^exp with m in [0.5, 1), so the spacing is eps · 2^(exp-1).
-    spacing = torch.ldexp(torch.full_like(v, info.eps / 2), exp)
-    smallest = info.tiny * info.eps
-    return torch.where(v == 0, torch.full_like(v, smallest), spacing.clamp_min(smallest))
+    wd = _work_dtype(dtype, x)
+    v = x.detach().to(wd).contiguous()
+    ints, mask = _EXPONENT[wd]
+    # Clearing sign and significand bits leaves 2^floor(log2|v|); one eps of it is the gap.
+    power = (v.view(ints) & mask).view(wd)
+    return (power * info.eps).clamp_min(info.tiny * info.eps)
 
 
 def ulp_error(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
               ref: torch.Tensor | None = None) -> torch.Tensor:
-    """``|actual − expected| / ulp(ref)`` elementwise, in fp64; ``ref`` defaults to ``expected``."""
-    diff = (actual.detach().to(torch.float64) - expected.detach().to(torch.float64)).abs()
-    return diff / ulp(expected if ref is None else ref, dtype)
+    """``|actual − expected| / ulp(ref)`` elementwise; ``ref`` defaults to ``expected``."""
+    wd = _work_dtype(dtype, actual, expected)
+    diff = (actual.detach().to(wd) - expected.detach().to(wd)).abs()
+    return diff / ulp(expected if ref is None else ref, dtype).to(wd)
 
 
 def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from helpers import peft_adapter, read, state_dict_file, tiny_llama
 from safetensors.torch import save_file
 
 from lora_tools.cli import cli
+from lora_tools.io import open_checkpoint
 from lora_tools.merge import AdapterOptions, merge
 from lora_tools.verify import verify
 
@@ -167,7 +168,10 @@ def test_accepts_good_merges_ours_and_the_peers(tmp_path: Path, name: str) -> No
     assert rep.ok, [f.detail for f in rep.failures]
     assert len(rep.adapted) == summary.changed
     assert rep.untouched == summary.tensors - summary.changed
-    assert rep.to_dict()["max_ulp"] <= 0.5  # lora-tools rounds once: correctly rounded
+    # lora-tools rounds once: correctly rounded in 16-bit. In fp32 the recomputation's own
+    # order may differ (a conv's by thread count): within the fp32 default of 8.
+    sixteen = open_checkpoint(out).info(rep.adapted[0].name).dtype.itemsize == 2
+    assert rep.to_dict()["max_ulp"] <= (0.5 if sixteen else 8.0)
     if name not in ("conv", "kohya-fp16"):
         assert rep.to_dict()["probed"] > 0
     if case.peer is not None:
@@ -340,3 +344,20 @@ def test_cli_loralib_without_alpha_is_usage_error(tmp_path: Path) -> None:
                                    "-a", str(case.adapters[0]), "--alpha", "64",
                                    "--enable-lora", "1,0,1"])
     assert res.exit_code == 1 and "FAIL c_attn.weight: values" in res.output
+
+
+def test_fp32_tolerance_follows_the_dtype(tmp_path: Path) -> None:
+    """fp32 allows 8 ulps of recomputation order; a change of 12 or more is caught."""
+    case = _peft(tmp_path)
+    merge(case.base, case.adapters, tmp_path / "m.safetensors", device="cpu")
+    sd = read(tmp_path / "m.safetensors")
+    _bump(sd, Q, 4, case.base)
+    save_file(sd, str(tmp_path / "four.safetensors"))
+    assert verify(tmp_path / "four.safetensors", case.base, case.adapters, device="cpu").ok
+    strict = verify(tmp_path / "four.safetensors", case.base, case.adapters, device="cpu",
+                    tolerance=1)
+    assert _checks(strict) == {(Q, "values")}
+    _bump(sd, Q, 12, case.base)
+    save_file(sd, str(tmp_path / "sixteen.safetensors"))
+    rep = verify(tmp_path / "sixteen.safetensors", case.base, case.adapters, device="cpu")
+    assert _checks(rep) == {(Q, "values")} and "tolerance 8" in rep.failures[0].detail

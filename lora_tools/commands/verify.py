@@ -22,7 +22,7 @@ from lora_tools.commands.common import adapter_options, emit, handle_errors, war
               help="Dtype the merge was asked to write (fp32, fp16, bf16); default: the base's.")
 @click.option("--tolerance", type=float, metavar="ULPS",
               help="Allowed error of adapted tensors, in units of the last place of their "
-                   "dtype (default 1).")
+                   "dtype (default: 1 for bf16/fp16, 8 for fp32).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the functional probe's random inputs.")
 @click.option("--allow-unmatched", is_flag=True,
@@ -70,6 +70,10 @@ def describe(d: dict[str, Any]) -> str:
     verdict = "OK" if d["ok"] else f"FAILED ({len(d['failures'])} problems)"
     lines.append(f"{verdict}: {d['tensors']} tensors of {d['base']} checked against "
                  f"{d['merged']}: {len(d['adapted'])} adapted (max error {d['max_ulp']:.3g} ulp, "
-                 f"tolerance {d['tolerance_ulp']:g}{probe}), {d['untouched']} untouched; "
+                 f"tolerance {_tol(d['tolerance_ulp'])}{probe}), {d['untouched']} untouched; "
                  f"{d['bytes_read'] / 1e6:.1f} MB in {d['seconds']:.2f}s on {d['device']}")
     return "\n".join(lines)
+
+
+def _tol(value: float | None) -> str:
+    return "1 ulp for 16-bit, 8 for 32-bit" if value is None else f"{value:g}"
