@@ -1,7 +1,7 @@
 """Benchmark: `convert` of the 1B bf16 Llama between file forms, and `extract` from a merge.
 
     python bench/convert_extract.py                 # builds bench/_work/ once, then times
-    python bench/convert_extract.py --layers 4 --runs 1 --no-full-svd
+    python bench/convert_extract.py --layers 1 --full-svd   # also time the full fp32 SVD
 
 convert rows: `cp -r` of the sharded base folder (2.2 GB, the floor), `lora-tools convert`
 folder -> one `.bin` (torch zip) and that `.bin` -> a 1 GB-sharded safetensors folder, then
@@ -10,7 +10,8 @@ The folder -> .bin -> folder trip is checked tensor-identical.
 
 extract rows: a slice of the first ``--layers`` blocks of the base and the same slice with
 the r16 adapter merged in bf16 (the fine-tune); `lora-tools extract --rank 16` with the
-full fp32 SVD and with `--randomized`, and the worst relative error of the extracted ΔW
+`--randomized` (and the full fp32 SVD with ``--full-svd``: O(out·in·min) per module, slow
+on small CPUs), and the worst relative error of the extracted ΔW
 against the adapter's true ΔW (the floor is the bf16 rounding of the merge).
 """
 
@@ -100,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--no-full-svd", action="store_true")
+    ap.add_argument("--full-svd", action="store_true")
     args = ap.parse_args()
     build_base()
     build_adapter()
@@ -120,7 +121,7 @@ def main() -> None:
     settle(bin_out, folder_out, kohya)
     base_s, tuned_s = slice_pair(args.layers)
     out = WORK / "extracted"
-    modes = [("--randomized", ["--randomized"])] + ([] if args.no_full_svd else [("full", [])])
+    modes = [("--randomized", ["--randomized"])] + ([("full", [])] if args.full_svd else [])
     for name, extra in modes:
         timed(f"extract {args.layers} blocks r16 ({name})",
               [*CLI, "extract", str(base_s), str(tuned_s), "-o", str(out), "--rank", "16",
