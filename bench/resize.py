@@ -62,19 +62,24 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp64", help="fp64 (what resize uses) or fp32")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--full-runs", type=int, help="runs of the slow full SVD (default --runs)")
     ap.add_argument("--all-shapes", action="store_true", help="also time 11008 x 4096")
+    ap.add_argument("--shape", help="time only this OUTxIN shape, e.g. 4096x11008")
     args = ap.parse_args()
     dev, dtype = resolve_device(args.device), parse_dtype(args.dtype)
     print(f"torch {torch.__version__}, {dev}, {dtype}, {torch.get_num_threads()} threads, "
-          f"rank {RANK} -> {KEEP}, median of {args.runs}")
+          f"rank {RANK} -> {KEEP}, median of {args.runs} (full SVD: {args.full_runs or args.runs})")
     print(f"{'shape (out x in)':>18} {'factors (s)':>12} {'full SVD (s)':>13} {'ratio':>8}")
     gen = torch.Generator().manual_seed(0)
-    for out, inn in SHAPES + (MORE_SHAPES if args.all_shapes else []):
+    shapes = SHAPES + (MORE_SHAPES if args.all_shapes else [])
+    if args.shape:
+        shapes = [(int(args.shape.split("x")[0]), int(args.shape.split("x")[1]))]
+    for out, inn in shapes:
         a = (torch.randn(RANK, inn, generator=gen) / inn ** 0.5).to(dev, dtype)
         b = (torch.randn(out, RANK, generator=gen) / RANK ** 0.5).to(dev, dtype)
         via_factors(a, b)  # warm-up (library loading, allocator)
         fast, s_fast = timed(via_factors, a, b, args.runs)
-        slow, s_slow = timed(via_full, a, b, args.runs)
+        slow, s_slow = timed(via_full, a, b, args.full_runs or args.runs)
         rtol = 1e-9 if dtype == torch.float64 else 1e-4
         if not torch.allclose(s_fast, s_slow, rtol=rtol, atol=rtol * float(s_slow[0])):
             raise SystemExit(f"{out}x{inn}: singular values disagree")
