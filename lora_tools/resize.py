@@ -89,8 +89,8 @@ def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None
     write_like(adapter, written, target, force, record)
     warnings = [f"{adapter.path}: {n}" for n in adapter.notes]
     if total["capped"]:
-        warnings.append(f"{total['capped']} modules cannot have rank {rank} (more than "
-                        "min(in, out)); capped to min(in, out)")
+        warnings.append(f"{total['capped']} modules cannot have the rank asked for (more "
+                        "than min(in, out)); capped to min(in, out), which loses nothing")
     return ResizeSummary(adapter=str(adapter.path), out=str(target), format=adapter.format,
                          device=str(dev), seconds=round(time.perf_counter() - start, 3),
                          modules=rows, total=total, warnings=warnings)
