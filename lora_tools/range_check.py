@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from lora_tools.engine import TensorFn
+from lora_tools.engine import COMPUTE_THREADS, TensorFn
 from lora_tools.errors import NumericError
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.dtypes import dtype_name
@@ -44,20 +44,31 @@ def check_range(base: Checkpoint, specs: list[TensorSpec], work: Mapping[str, Te
     ``work[name](name, W, torch.float32)`` must return the result in fp32, shape of ``W``;
     untouched tensors are checked only when cast to a narrower dtype than stored.
     """
-    for spec in specs:
-        limit = limit_of(spec.dtype)
-        if limit is None:
-            continue
-        stored = base.info(spec.name).dtype
-        if spec.name in work:
-            value = peak(work[spec.name](spec.name, base.get(spec.name), torch.float32))
-        elif stored != spec.dtype and (limit_of(stored) or float("inf")) > limit:
-            value = peak(base.get(spec.name))
-        else:
-            continue
-        if value > limit:
-            raise NumericError(
-                f"{base.path}: tensor {spec.name!r} would reach {value:.6g} in the output, "
-                f"beyond {dtype_name(spec.dtype)}'s largest value {limit:g}, and be stored as "
-                "inf; nothing was written. Use --dtype bf16 (same range as fp32) or "
-                "--dtype fp32")
+    threads = torch.get_num_threads()
+    # The work functions run cache-sized blocks, where an OpenMP team costs far more than it
+    # saves; the engine computes with the same setting.
+    torch.set_num_threads(COMPUTE_THREADS)
+    try:
+        for spec in specs:
+            _check_one(base, spec, work)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_one(base: Checkpoint, spec: TensorSpec, work: Mapping[str, TensorFn]) -> None:
+    limit = limit_of(spec.dtype)
+    if limit is None:
+        return
+    stored = base.info(spec.name).dtype
+    if spec.name in work:
+        value = peak(work[spec.name](spec.name, base.get(spec.name), torch.float32))
+    elif stored != spec.dtype and (limit_of(stored) or float("inf")) > limit:
+        value = peak(base.get(spec.name))
+    else:
+        return
+    if value > limit:
+        raise NumericError(
+            f"{base.path}: tensor {spec.name!r} would reach {value:.6g} in the output, "
+            f"beyond {dtype_name(spec.dtype)}'s largest value {limit:g}, and be stored as "
+            "inf; nothing was written. Use --dtype bf16 (same range as fp32) or "
+            "--dtype fp32")

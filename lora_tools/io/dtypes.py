@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lora_tools.errors import UsageError
@@ -32,7 +34,9 @@ _USER_NAMES: dict[str, torch.dtype] = {
 }
 
 
+@functools.cache
 def itemsize(dtype: torch.dtype) -> int:
+    # Cached: a header of many tensors asks once per tensor, and each answer makes a tensor.
     return torch.empty((), dtype=dtype).element_size()
 
 
