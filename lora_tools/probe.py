@@ -93,8 +93,9 @@ def probe(name: str, merged: torch.Tensor, start: torch.Tensor, expected: torch.
     norm = float(want.norm()) or 1.0
     rel = float((got - want).norm()) / norm
     # Norms in fp32: they only scale the bound, a relative error of 2^-24 is immaterial.
-    rounding = float((merged.float() - expected).norm())
-    compute = _FP32_COMPUTE * float(torch.maximum(expected.abs(), start.float().abs()).norm())
+    # ‖E‖ + ‖W‖ bounds ‖max(|E|, |W|)‖, the size of E's own fp32 error.
+    rounding = float(torch.dist(merged.float(), expected))
+    compute = _FP32_COMPUTE * (float(expected.norm()) + float(start.float().norm()))
     bound = _SPREAD * COLUMNS**0.5 * (rounding + compute) / norm
     return rel, bound
 

@@ -303,13 +303,20 @@ def test_whole_file_dtype_needs_dtype_option(good: tuple[Path, Path, Path],
 
 
 def test_rejects_nan_and_shape_change(good: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    v, v0 = "model.layers.1.self_attn.v_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+
     def edit(sd: dict[str, torch.Tensor]) -> None:
         sd[NORM] = sd[NORM].clone()
         sd[NORM][3] = float("nan")
+        sd[v] = sd[v].clone()
+        sd[v][1, 2] = float("inf")
+        sd[v0] = sd[v0].clone()
+        sd[v0][0, 0] = float("nan")
         sd[Q] = sd[Q][:, :-1].contiguous()
 
     rep = verify(_tampered(good, tmp_path, edit), good[0], [good[1]], device="cpu")
-    assert _checks(rep) == {(NORM, "nonfinite"), (NORM, "bytes"), (Q, "shape")}
+    assert _checks(rep) == {(NORM, "nonfinite"), (NORM, "bytes"), (v, "nonfinite"),
+                            (v, "values"), (v0, "nonfinite"), (Q, "shape")}
 
 
 def test_cli_exit_status_and_json(good: tuple[Path, Path, Path], tmp_path: Path) -> None:
