@@ -120,9 +120,13 @@ class SpecialWork:
                 acc += delta
                 continue
             mag, layout = self._magnitude(adapter, match)
-            norm = dora.weight_norm(w0, delta, layout)
-            self.norms[(adapter.sha256, name)] = norm.cpu()
-            acc = dora.apply(acc, delta, mag, norm, layout)
+            # The norms of the pre-pass (collect_norms) are the ones stored for unmerge:
+            # use exactly those, whatever thread count the engine computes with.
+            norm = self.norms.get((adapter.sha256, name))
+            if norm is None:
+                norm = dora.weight_norm(w0, delta, layout)
+                self.norms[(adapter.sha256, name)] = norm.cpu()
+            acc = dora.apply(acc, delta, mag, norm.to(self.device), layout)
         return acc
 
     def _undo(self, name: str, acc: torch.Tensor) -> torch.Tensor:
