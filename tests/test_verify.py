@@ -14,8 +14,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import peft_adapter, read, state_dict_file, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from lora_tools import probe as probe_mod
 from lora_tools.cli import cli
 from lora_tools.io import open_checkpoint
 from lora_tools.merge import AdapterOptions, merge
@@ -368,3 +371,73 @@ def test_fp32_tolerance_follows_the_dtype(tmp_path: Path) -> None:
     save_file(sd, str(tmp_path / "sixteen.safetensors"))
     rep = verify(tmp_path / "sixteen.safetensors", case.base, case.adapters, device="cpu")
     assert _checks(rep) == {(Q, "values")} and "tolerance 8" in rep.failures[0].detail
+
+
+# --- the functional probe on its own ------------------------------------------------------
+
+_LAYOUTS = ["linear", "fan-in-fan-out", "embedding", "fused", "fused-fan-in-fan-out"]
+
+
+def _module(layout: str, g: torch.Generator) -> tuple[Any, torch.Tensor, torch.Tensor,
+                                                      tuple[int, int]]:
+    from lora_tools.adapters.model import EMBEDDING, LINEAR, MERGED, LoraModule
+
+    r, n_in, n_out = 3, 10, 6
+    fifo = layout.endswith("fan-in-fan-out")
+    if layout.startswith("fused"):
+        enable = (True, False, True)
+        a, b = torch.randn(2 * r, n_in, generator=g), torch.randn(2 * n_out, r, generator=g)
+        m = LoraModule("f", "a", "b", MERGED, r, 8.0, "", fan_in_fan_out=fifo,
+                       enable_lora=enable, a_shape=tuple(a.shape), b_shape=tuple(b.shape))
+        shape = (3 * n_out, n_in)
+    else:
+        kind = EMBEDDING if layout == "embedding" else LINEAR
+        a, b = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
+        m = LoraModule("f", "a", "b", kind, r, 8.0, "", fan_in_fan_out=fifo,
+                       a_shape=tuple(a.shape), b_shape=tuple(b.shape))
+        shape = (n_out, n_in) if kind == LINEAR else (n_in, n_out)
+    return m, a, b, (shape[::-1] if fifo else shape)
+
+
+@settings(max_examples=10, deadline=None)
+@given(layout=st.sampled_from(_LAYOUTS), seed=st.integers(0, 2**31 - 1))
+def test_probe_factor_form_matches_the_dense_formulas(layout: str, seed: int) -> None:
+    """The probe's B(Ax) and ops' dense ΔW are written independently; they must agree."""
+    from lora_tools.delta import module_delta
+
+    m, a, b, shape = _module(layout, torch.Generator().manual_seed(seed))
+    dense = module_delta(m, a, b, 0.7, shape).double()
+    x = probe_mod.inputs("t", shape[1], seed).double()
+    got = probe_mod.factor_apply(probe_mod.ProbeTerm(m, a, b, 0.7), x)
+    assert torch.allclose(got, dense @ x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_probe_catches_a_wrong_layout_the_elements_would_miss(layout: str) -> None:
+    from lora_tools.delta import module_delta
+
+    g = torch.Generator().manual_seed(0)
+    m, a, b, shape = _module(layout, g)
+    w = (torch.randn(shape, generator=g) * 0.1).bfloat16()
+    dense = module_delta(m, a, b, 0.05, shape)
+    good_e = w.float() + dense
+    rel, bound = probe_mod.probe("t", good_e.bfloat16(), w, good_e,
+                                 [probe_mod.ProbeTerm(m, a, b, 0.05)], 0)
+    assert 0 < rel <= bound
+    # a dense formula with its rows in the wrong order (a layout bug): merge and
+    # recomputation would agree with each other, the factors do not
+    bad_e = w.float() + dense.flip(0)
+    rel, bound = probe_mod.probe("t", bad_e.bfloat16(), w, bad_e,
+                                 [probe_mod.ProbeTerm(m, a, b, 0.05)], 0)
+    assert rel > 10 * bound
+
+
+@pytest.mark.cuda
+def test_verify_and_unmerge_on_cuda(good: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, adapter, merged = good
+    rep = verify(merged, base, [adapter], device="cuda")
+    assert rep.ok and rep.device.startswith("cuda")
+    from lora_tools.unmerge import unmerge
+
+    s = unmerge(merged, [adapter], tmp_path / "u.safetensors", device="cuda", check_base=base)
+    assert s.total["max_ulp"] <= 1.0 and s.total["elements"] > 0
