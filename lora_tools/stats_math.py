@@ -104,22 +104,23 @@ def factor_figures(a: torch.Tensor, b: torch.Tensor, groups: int = 1,
     a64, b64 = a.to(dev, torch.float64), b.to(dev, torch.float64)
     figs = FactorFigures(norm_a=0.0, norm_b=0.0, sv=[], nan=0, inf=0, zero_a=False,
                          zero_b=False)
-    a_ok, b_ok = bool(torch.isfinite(a64).all()), bool(torch.isfinite(b64).all())
+    # One pass per factor: the fp64 norm of bf16/fp32 values cannot overflow, so it is
+    # finite exactly when the factor is; NaN/Inf are only counted when it is not.
+    norm_a, norm_b = _norm(a64), _norm(b64)
+    a_ok, b_ok = math.isfinite(norm_a), math.isfinite(norm_b)
     if not (a_ok and b_ok):
         figs.nan = int(torch.isnan(a64).sum()) + int(torch.isnan(b64).sum())
         figs.inf = int(torch.isinf(a64).sum()) + int(torch.isinf(b64).sum())
-    figs.norm_a, figs.norm_b = _norm(a64, a_ok), _norm(b64, b_ok)
-    figs.zero_a, figs.zero_b = a_ok and figs.norm_a == 0, b_ok and figs.norm_b == 0
+    figs.norm_a = norm_a if a_ok else _norm(a64[torch.isfinite(a64)])
+    figs.norm_b = norm_b if b_ok else _norm(b64[torch.isfinite(b64)])
+    figs.zero_a, figs.zero_b = a_ok and norm_a == 0, b_ok and norm_b == 0
     if figs.finite and a64.numel() and b64.numel():
         fa, fb = product_factors(a64, b64, groups)
         figs.sv = [float(s) for s in factor_singular_values(fa, fb).cpu()]
     return figs
 
 
-def _norm(t: torch.Tensor, finite: bool) -> float:
-    """Frobenius norm; NaN/Inf entries are left out so the figure still says something."""
-    if not finite:
-        t = t[torch.isfinite(t)]
+def _norm(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t)) if t.numel() else 0.0
 
 

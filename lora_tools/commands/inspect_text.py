@@ -36,6 +36,10 @@ def clip(text: str, width: int = WIDTH - 11) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def field(label: str, text: str) -> str:
     return f"{label:<11}{text}"
 
@@ -141,28 +145,29 @@ def layer_lines(d: dict[str, Any]) -> list[str]:
 
 
 def _health(h: dict[str, int]) -> str:
-    problems = [f"{h['nan_values']} NaN in {h['nan_modules']} modules" if h["nan_modules"] else "",
-                f"{h['inf_values']} Inf in {h['inf_modules']} modules" if h["inf_modules"] else "",
-                f"all-zero B in {h['zero_b_modules']} modules" if h["zero_b_modules"] else "",
-                f"all-zero A in {h['zero_a_modules']} modules" if h["zero_a_modules"] else ""]
+    problems = [
+        f"{h['nan_values']} NaN in {plural(h['nan_modules'], 'module')}" if h["nan_modules"] else "",
+        f"{h['inf_values']} Inf in {plural(h['inf_modules'], 'module')}" if h["inf_modules"] else "",
+        f"all-zero B in {plural(h['zero_b_modules'], 'module')}" if h["zero_b_modules"] else "",
+        f"all-zero A in {plural(h['zero_a_modules'], 'module')}" if h["zero_a_modules"] else ""]
     problems = [p for p in problems if p]
     return "ok: no NaN/Inf, no all-zero factors" if not problems else "! " + " · ".join(problems)
 
 
 def checkpoint_lines(d: dict[str, Any]) -> list[str]:
     lines = [field("checkpoint", clip(d["path"])),
-             field("size", f"{size(d['size_bytes'])} in {d['shards']} "
-                           f"file{'s' * (d['shards'] > 1)}"),
+             field("size", f"{size(d['size_bytes'])} in {plural(d['shards'], 'file')}"),
              field("tensors", f"{d['tensors']:,} · {d['params']:,} params")]
-    lines.append(field("dtypes", " · ".join(f"{k} {v['tensors']} tensors {size(v['bytes'])}"
+    lines.append(field("dtypes", " · ".join(f"{k} {plural(v['tensors'], 'tensor')} "
+                                            f"{size(v['bytes'])}"
                                             for k, v in d["dtypes"].items())))
     if d["shards"] > 1:
         lines += [field("shards" if i == 0 else "", f"{f['name']}  {size(f['bytes'])}")
                   for i, f in enumerate(d["files"])]
-    lines.append(f"largest {len(d['largest'])} tensors")
+    lines.append(f"largest {plural(len(d['largest']), 'tensor')}")
     for t in d["largest"]:
         shape = "×".join(map(str, t["shape"])) or "scalar"
-        lines.append(f"  {short(t['name'], 56):<56} {shape:>18} {t['dtype']:>9} "
+        lines.append(f"  {clip(t['name'], 56):<56} {shape:>18} {t['dtype']:>9} "
                      f"{size(t['bytes']):>10}")
     return lines + provenance_lines(d)
 
@@ -171,7 +176,7 @@ def provenance_lines(d: dict[str, Any]) -> list[str]:
     records = d["provenance"]
     if not records:
         return [field("provenance", "none: no lora-tools merge is recorded in the metadata")]
-    out = [f"provenance {len(records)} records, oldest first"]
+    out = [f"provenance {plural(len(records), 'record')}, oldest first"]
     for r in records:
         scales = ", ".join(f"{float(x):g}" for x in r.get("scales", []))
         out.append(f"  {r.get('op', '?'):<8} {short(str(r.get('adapter', '?')), 30):<30} "
