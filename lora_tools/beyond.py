@@ -57,14 +57,7 @@ class SpecialWork:
     def __call__(self, name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
         if self.restore is not None:
             return self._restored(name, w, out)
-        base = self.dequant(name, w) if self.dequant else w
-        src = self.replace[0].source.get(self.replace[1]) if self.replace else base
-        # copy=True: the tensor may be the reader's own storage; it is updated in place.
-        acc = src.to(self.device, torch.float32, copy=True)
-        check_finite(acc, f"base tensor {name}")
-        for adapter, key, rows in self.tokens:
-            index = torch.tensor(rows, dtype=torch.long, device=self.device)
-            acc = acc.index_copy(0, index, adapter.source.get(key).to(self.device, torch.float32))
+        acc = self._start(name, w)
         start = acc.clone() if self.has_dora or self.observe else acc
         acc = (self._lora(name, acc, start) if self.sign > 0 or not self.has_dora
                else self._undo(name, acc))
@@ -73,11 +66,34 @@ class SpecialWork:
             b = adapter.source.get(match.module.bias_key).to(self.device, torch.float32)
             check_finite(b, f"{adapter.path}: {match.module.bias_key}")
             acc += b * (match.module.scale * weight)
-        check_finite(acc, f"merged tensor {name}")
+        if not bool(torch.isfinite(acc.sum())):  # one pass; the exact check names it
+            check_finite(acc, f"merged tensor {name}")
         result = acc.to(out).cpu()
         if self.observe is not None and not self.has_dora:
             self.observe(name, w, (acc.double() - start.double()).cpu(), result)
         return result
+
+    def _start(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """W₀ in fp32: the base (dequantized), or the saved whole tensor, token rows put in."""
+        base = self.dequant(name, w) if self.dequant else w
+        src = self.replace[0].source.get(self.replace[1]) if self.replace else base
+        # copy=True: the tensor may be the reader's own storage; it is updated in place.
+        acc = src.to(self.device, torch.float32, copy=True)
+        if not bool(torch.isfinite(acc.sum())):
+            check_finite(acc, f"base tensor {name}")
+        for adapter, key, rows in self.tokens:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            acc = acc.index_copy(0, index, adapter.source.get(key).to(self.device, torch.float32))
+        return acc
+
+    def dora_norms(self, name: str, w: torch.Tensor) -> None:
+        """Fill ``norms`` for this tensor's DoRA terms: ‖W₀ + ΔWᵢ‖ needs only W₀ and ΔWᵢ."""
+        w0 = self._start(name, w)
+        for adapter, match, weight in self.terms:
+            if match.module.magnitude_key is not None:
+                delta = self._delta(adapter, match, weight, tuple(w0.shape))
+                layout = dora.layout_of(match.module.kind, match.module.fan_in_fan_out)
+                self.norms[(adapter.sha256, name)] = dora.weight_norm(w0, delta, layout).cpu()
 
     def _restored(self, name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
         """A tensor the adapter replaced whole (or some rows of): the original base's."""
@@ -195,12 +211,12 @@ def collect_norms(base: Checkpoint, work: dict[str, SpecialWork]) -> dict[str, d
     """A pass over the DoRA tensors: adapter sha256 -> {base key: norm (fp32, base64)}.
 
     The norms go into the merge's provenance, written before any tensor, so they are
-    computed ahead (each DoRA tensor is computed twice).
+    computed ahead (each DoRA delta is computed twice).
     """
     out: dict[str, dict[str, str]] = {}
     for name, fn in work.items():
         if fn.has_dora and fn.sign > 0:
-            fn(name, base.get(name), torch.float32)
+            fn.dora_norms(name, base.get(name))
             for (sha, key), norm in fn.norms.items():
                 raw = norm.to(torch.float32).contiguous().numpy().tobytes()
                 out.setdefault(sha, {})[key] = base64.b64encode(raw).decode()

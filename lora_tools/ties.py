@@ -54,6 +54,8 @@ def find_ties(base: Checkpoint) -> list[Tie]:
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     tied = cfg.get("tie_word_embeddings", (text or {}).get("tie_word_embeddings"))
     embed = next((k for k in base.keys() if k.endswith(EMBED_SUFFIXES)), None)
+    if tied is None and _lm_without_head(base, cfg):
+        tied = True  # the config leaves it to the class default; no head stored says tied
     if tied and embed is not None:
         head = next((k for k in base.keys() if k.endswith(HEAD_NAMES)), HEAD_NAMES[0])
         names = (embed, head)
@@ -61,6 +63,12 @@ def find_ties(base: Checkpoint) -> list[Tie]:
             stored = tuple(n for n in names if n in base)
             ties.append(Tie(names, stored, "config tie_word_embeddings=true"))
     return ties
+
+
+def _lm_without_head(base: Checkpoint, cfg: dict[str, Any]) -> bool:
+    archs = cfg.get("architectures") or []
+    lm = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return lm and not any(k.endswith(HEAD_NAMES) for k in base.keys())
 
 
 def _shared_storage(base: Checkpoint) -> list[Tie]:
