@@ -69,6 +69,5 @@ def _check_one(base: Checkpoint, spec: TensorSpec, work: Mapping[str, TensorFn])
     if value > limit:
         raise NumericError(
             f"{base.path}: tensor {spec.name!r} would reach {value:.6g} in the output, "
-            f"beyond {dtype_name(spec.dtype)}'s largest value {limit:g}, and be stored as "
-            "inf; nothing was written. Use --dtype bf16 (same range as fp32) or "
-            "--dtype fp32")
+            f"beyond {dtype_name(spec.dtype)}'s largest value {limit:g}; nothing was "
+            "written. Use --dtype bf16 (same range as fp32) or --dtype fp32")

@@ -219,7 +219,7 @@ def adapter_cases(good: Good, d: Path) -> list[Case]:
     peft_adapter(tiny_gpt2(), other, target_modules=["c_attn"], fan_in_fan_out=True)
     g = [str(good.base)]
     return [
-        Case("peft_missing_config", [*g, str(no_cfg)], ["no_config", "adapter_config.json"]),
+        Case("peft_missing_config", [*g, str(no_cfg)], ["no_config", "adapter_config.json", "put back"]),
         Case("peft_broken_config", [*g, str(bad_cfg)], ["bad_config/adapter_config.json",
                                                          "restore"]),
         Case("peft_config_without_r", [*g, str(no_r)], ["no_r/adapter_config.json", "'r'",

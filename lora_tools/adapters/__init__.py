@@ -25,7 +25,8 @@ def load_adapter(path: str | Path, *, alpha: float | None = None,
                              and p.name.startswith("adapter_model")):
         return load_peft(p, alpha)
     if p.is_dir():
-        raise FormatError(f"{p}: a folder without {CONFIG}; is this a PEFT adapter folder?")
+        raise FormatError(f"{p}: a folder without {CONFIG}; if this is a PEFT adapter, put "
+                          f"back the {CONFIG} that PEFT saved with its weights")
     source = open_file(p)
     if is_kohya(source):
         return load_kohya(p, source, alpha)

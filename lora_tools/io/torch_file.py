@@ -56,12 +56,25 @@ def _refusal(path: Path, message: str) -> FormatError:
             "lora-tools only loads pickles with weights_only=True and never runs code from "
             "a file; get a .safetensors version of this checkpoint from a trusted source"
         )
-    detail = next((ln for ln in lines if not ln.startswith("Weights only load failed")),
-                  "unpickling failed")
+    detail = _detail(lines)
     return FormatError(
         f"{path}: cannot read this torch file ({detail[:200]}); it is corrupt, truncated or "
         "not a state dict of tensors: re-download or re-save it"
     )
+
+
+def _detail(lines: list[str]) -> str:
+    """The unpickler's own complaint (e.g. "Unsupported operand 110"), without torch's
+    boilerplate around it."""
+    for ln in lines:
+        if "WeightsUnpickler error:" in ln:
+            tail = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            if tail:
+                return tail
+            continue
+        if not ln.startswith(("Weights only load failed", "Check the documentation")):
+            return ln
+    return "unpickling failed"
 
 
 def _flatten(path: Path, obj: Any) -> dict[str, torch.Tensor]:
