@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from corpus import Good, make_good
 from safetensors.torch import save_file
 
 from lora_tools.cli import cli
@@ -135,10 +136,12 @@ def test_free_space_is_checked_before_writing(big: tuple[Path, Path], tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unwritable_destination(tmp_path: Path) -> None:
-    from corpus import make_good
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Good:
+    return make_good(tmp_path_factory.mktemp("good"))
 
-    good = make_good(tmp_path / "good")
+
+def test_unwritable_destination(good: Good, tmp_path: Path) -> None:
     if os.geteuid() == 0:
         # root writes anywhere chmod allows; sysfs refuses new files even to root.
         dest = Path("/sys/kernel")
@@ -162,13 +165,10 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_stale_temporaries_are_cleaned_or_explained(tmp_path: Path) -> None:
+def test_stale_temporaries_are_cleaned_or_explained(good: Good, tmp_path: Path) -> None:
     """Adapter outputs (rescale writes a PEFT folder) get the same cleanup; a temporary
     whose process still runs is refused with the path to delete; a set-aside old output
     whose swap never finished is put back, not deleted."""
-    from corpus import make_good
-
-    good = make_good(tmp_path / "good")
     out = tmp_path / "out" / "rescaled"
     out.parent.mkdir()
     stale = out.with_name(f".rescaled.lora-tools-tmp-{dead_pid()}")
