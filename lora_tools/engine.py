@@ -32,6 +32,8 @@ TensorFn = Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
 DEFAULT_MAX_MEMORY = 1 << 30
 # fp32 working copies a work function holds per element (accumulator, delta, scaled delta)
 WORK_FP32_COPIES = 3
+# Intra-op threads for cache-sized blocks (rows.one_thread applies it around them; whole
+# tensors keep torch's setting, as the peers compute them). Kept for range_check/verify.
 COMPUTE_THREADS = 1
 
 
@@ -91,14 +93,9 @@ def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn]
     bar = _bar(sum(s.nbytes for s in writer.specs), progress)
     stages = _Stages(base, writer, work, mover, stats, bar)
     pipe = Pipeline(stages.read, stages.compute, stages.write, lambda it: it.cost, cap)
-    threads = torch.get_num_threads()
-    # The CPU math runs on cache-sized blocks, where an OpenMP team costs more than it
-    # saves (and on a busy machine far more); parallelism comes from the three stages.
-    torch.set_num_threads(COMPUTE_THREADS)
     try:
         pipe.run(items, overlap)
     finally:
-        torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
     stats.peak_in_flight = pipe.budget.peak

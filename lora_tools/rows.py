@@ -12,7 +12,8 @@ the one-shot result bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,22 @@ def plan_rows(n_rows: int, row_cost: int, cap: int) -> list[tuple[int, int]]:
     if bounds[-1] - bounds[-2] < MIN_ROWS:
         del bounds[-2]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Cache-sized blocks run faster on one thread: an OpenMP team costs more than it
+    saves there (far more on a busy machine); the pipeline's stages are the parallelism.
+    Whole tensors keep torch's threads, as the peers compute them (conv results depend
+    on the thread count)."""
+    n = torch.get_num_threads()
+    if n != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n != 1:
+            torch.set_num_threads(n)
 
 
 def row_blockable(m: LoraModule) -> bool:
@@ -96,8 +113,10 @@ class DeltaSum:
         else:
             result = torch.empty(w.shape, dtype=out, device=self.device)
             row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
-            for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
-                result[b0:b1] = self._block(name, w[b0:b1], start + b0, start + b1, factors)
+            with one_thread():
+                for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
+                    result[b0:b1] = self._block(name, w[b0:b1], start + b0, start + b1,
+                                                factors)
         if last:
             self._factors.clear()
         return result
