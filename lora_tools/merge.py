@@ -17,7 +17,7 @@ from lora_tools.engine import TensorFn, output_specs, stream
 from lora_tools.errors import ProvenanceError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.range_check import check_range
+from lora_tools.range_check import check_factors, check_range
 from lora_tools.rows import DeltaSum
 
 # (name, input tensor as stored, Σ sign·wᵢ·ΔWᵢ in fp64, rounded output): sees each adapted
@@ -101,6 +101,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     # fp16 overflow is refused before the output exists; no observer on this dry pass.
     dry: dict[str, TensorFn] = build_work(adapters, reports, weights, sign, dev)
     dry.update({k: replace(fn, observe=None) for k, fn in extra.work.items()})
+    check_factors(adapters, reports)
     check_range(base, specs, dry)
     if extra.config and Path(out).suffix:
         warnings.append(f"{out} is a single file: set {extra.config} in the model's "

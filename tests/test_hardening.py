@@ -95,8 +95,11 @@ def test_every_damaged_file_is_a_format_error_for_any_reader(tmp_path: Path) -> 
         assert not (tmp_path / "files" / "PWNED").exists(), name
 
 
-def test_fp16_overflow_is_refused_before_the_writer_starts(
-        corpus: tuple[Good, dict[str, Case]], tmp_path: Path,
+@pytest.mark.parametrize(("name", "named"), [("fp16_merge_overflow", Q0),
+                                             ("adapter_nan", "lora_B.weight"),
+                                             ("adapter_inf", "lora_A.weight")])
+def test_refused_before_the_writer_starts(
+        name: str, named: str, corpus: tuple[Good, dict[str, Case]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     import lora_tools.merge as merge_mod
 
@@ -108,10 +111,10 @@ def test_fp16_overflow_is_refused_before_the_writer_starts(
         return real(out, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(merge_mod, "CheckpointWriter", spy)
-    case = corpus[1]["fp16_merge_overflow"]
+    case = corpus[1][name]
     result = CliRunner().invoke(cli, ["merge", *case.args, "-o", str(tmp_path / "o.safetensors")])
-    assert result.exit_code == 1 and Q0 in result.output
-    assert started == []
+    assert result.exit_code == 1 and named in result.output
+    assert started == [], "the output was opened before the refusal"
 
 
 def test_fp16_within_range_still_merges(corpus: tuple[Good, dict[str, Case]],
