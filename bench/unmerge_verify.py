@@ -3,6 +3,7 @@
     python bench/unmerge_verify.py precision     # the table in docs/unmerge-and-verify.md
     python bench/unmerge_verify.py speed         # 1B bf16 Llama + rank-16 LoRA (bench/_work)
     python bench/unmerge_verify.py speed --runs 3
+    python bench/unmerge_verify.py speed --small  # 12 bf16 2048×5632 tensors (277 MB)
 
 precision: a 1024×1024 weight ~ N(0, 0.02) per dtype and a rank-16 update whose RMS is
 ``rel`` times the weight's; merge, then unmerge with and without ``--check-base``: the share
@@ -92,19 +93,42 @@ def _run(argv: list[str]) -> dict[str, float]:
     return res  # type: ignore[no-any-return]
 
 
-def speed(runs: int) -> None:
-    base, adapter = build_base(), build_adapter()
-    merged = OUT / "merged"
-    if not (merged / "model.safetensors.index.json").is_file():
-        subprocess.run([sys.executable, "-m", "lora_tools", "merge", str(base), str(adapter),
-                        "-o", str(merged), "--force", "-q"], check=True)
+def _small() -> tuple[Path, Path]:
+    """Twelve 2048×5632 bf16 weights (277 MB) and a rank-16 PEFT adapter on all of them."""
+    from safetensors.torch import save_file
+
+    from lora_tools.adapters.save import FactorModule, save_adapter
+
+    folder = OUT / "small"
+    if (folder / "adapter" / "adapter_config.json").is_file():
+        return folder / "base.safetensors", folder / "adapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj" for i in range(12)]
+    save_file({n + ".weight": (torch.randn(5632, 2048, generator=g) * 0.02).bfloat16()
+               for n in names}, str(folder / "base.safetensors"))
+    save_adapter([FactorModule(n, torch.randn(16, 2048, generator=g) * 0.02,
+                               torch.randn(5632, 16, generator=g) * 0.02, alpha=32.0)
+                  for n in names], folder / "adapter", "peft")
+    return folder / "base.safetensors", folder / "adapter"
+
+
+def speed(runs: int, small: bool) -> None:
+    base, adapter = _small() if small else (build_base(), build_adapter())
+    merged = OUT / ("merged.safetensors" if small else "merged")
     lt = [sys.executable, "-m", "lora_tools"]
+    merge = [*lt, "merge", str(base), str(adapter), "-o", str(merged), "--force", "-q",
+             "--device", "cpu"]
+    if not merged.exists():
+        subprocess.run(merge, check=True)
     rows = {
         "read MERGED + BASE once": [sys.executable, "-c", _READ_BOTH, str(merged), str(base)],
+        "lora-tools merge": merge,
         "lora-tools verify": [*lt, "verify", str(merged), "--base", str(base), "-a",
                               str(adapter), "--device", "cpu", "-q"],
         "lora-tools unmerge": [*lt, "unmerge", str(merged), str(adapter), "-o",
-                               str(OUT / "unmerged"), "--force", "--device", "cpu", "-q"],
+                               str(OUT / ("unmerged" + merged.suffix)), "--force",
+                               "--device", "cpu", "-q"],
     }
     print(f"load average {load_average()}; median of {runs}")
     print("| command | wall | CPU | peak RSS |")
@@ -121,8 +145,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=["precision", "speed"])
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--small", action="store_true", help="speed on a 277 MB synthetic input")
     args = ap.parse_args()
-    precision() if args.what == "precision" else speed(args.runs)
+    precision() if args.what == "precision" else speed(args.runs, args.small)
 
 
 if __name__ == "__main__":

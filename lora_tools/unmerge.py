@@ -16,6 +16,7 @@ See docs/unmerge-and-verify.md for the bound.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,12 @@ def _base_tensor(base: Checkpoint, name: str, like: torch.Tensor) -> torch.Tenso
 def checked_exactness(name: str, m: torch.Tensor, u: torch.Tensor, w: torch.Tensor
                       ) -> TensorExactness:
     """Unmerged ``u`` against the real base ``w``, in ulps of the merged ``m`` (same shapes)."""
-    w = w.to(u.dtype)
-    err = ulp_error(u, w, u.dtype, ref=m)
-    diff = (u.double() - w.double()).abs()
-    return TensorExactness(name, u.numel(), int((u == w).sum()), _max(err), _max(diff))
+    res = TensorExactness(name, u.numel(), 0, 0.0, 0.0)
+    for mc, uc, wc in _chunks(m, u, w.to(u.dtype)):
+        res.exact += int((uc == wc).sum())
+        res.max_ulp = max(res.max_ulp, _max(ulp_error(uc, wc, u.dtype, ref=mc)))
+        res.max_abs = max(res.max_abs, _max((uc.double() - wc.double()).abs()))
+    return res
 
 
 @dataclass
@@ -160,10 +163,22 @@ def prove(m: torch.Tensor, total: torch.Tensor, u: torch.Tensor, early_roundings
 def proven_exactness(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor,
                      early_roundings: int = 0) -> TensorExactness:
     """:func:`prove` summed up for one tensor; the bound in ulps of the merged value."""
-    proof = prove(m, total, u, early_roundings)
-    bound = proof.bound_abs / ulp(m, u.dtype)
-    return TensorExactness(name, u.numel(), int(proof.exact.sum()), _max(bound),
-                           _max(proof.bound_abs), int(proof.unreachable.sum()))
+    res = TensorExactness(name, u.numel(), 0, 0.0, 0.0)
+    for mc, tc, uc in _chunks(m.to(u.dtype), total, u):
+        proof = prove(mc, tc, uc, early_roundings)
+        res.exact += int(proof.exact.sum())
+        res.unreachable += int(proof.unreachable.sum())
+        res.max_ulp = max(res.max_ulp, _max(proof.bound_abs / ulp(mc, u.dtype)))
+        res.max_abs = max(res.max_abs, _max(proof.bound_abs))
+    return res
+
+
+def _chunks(*tensors: torch.Tensor, size: int = 1 << 16) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Matching flat pieces: the fp64 temporaries stay in cache instead of costing
+    several copies of the tensor."""
+    flat = [t.reshape(-1) for t in tensors]
+    for i in range(0, flat[0].numel(), size):
+        yield tuple(f[i:i + size] for f in flat)
 
 
 def _max(t: torch.Tensor) -> float:
