@@ -17,6 +17,7 @@ from lora_tools.adapters.model import EMBEDDING, LINEAR, MERGED, LoraModule
 
 PROBE_KINDS = (LINEAR, EMBEDDING, MERGED)
 COLUMNS = 4
+ROWS = 1024
 # Rounding errors are independent of x, so ‖(M − E)x‖ concentrates near √k·‖M − E‖_F;
 # 3× is far in the chi-square tail for out·k ≥ 4 degrees of freedom.
 _SPREAD = 3.0
@@ -79,27 +80,34 @@ def probe(name: str, merged: torch.Tensor, start: torch.Tensor, expected: torch.
           terms: list[ProbeTerm], seed: int) -> tuple[float, float]:
     """(relative error ‖W'x − (Wx + Σ s·B(Ax))‖ / ‖Wx + Σ s·B(Ax)‖, the bound it must meet).
 
-    merged W', start W and expected E (the recomputed merge, fp32): same 2-D shape. The
-    bound allows the rounding that the element check already measured (‖W' − E‖_F) and
-    E's own fp32 error; a wrong layout or scale adds ‖ΔW‖-sized error and exceeds it.
+    merged W', start W and expected E (the recomputed merge, fp32): same 2-D shape. Up to
+    ``ROWS`` seeded random output rows are compared (Freivalds-style: a wrong layout or
+    scale spoils every row, or a whole fused group of them; single elements are the
+    element check's job), so the probe costs little next to reading the tensor. The bound
+    allows the rounding the element check measured (‖W' − E‖ on those rows) and E's own
+    fp32 error; a wrong layout or scale adds ‖ΔW‖-sized error and exceeds it.
     """
     # fp64 for fp32 outputs; for 16-bit ones fp32 is 2^13 times finer than their rounding.
     wd = torch.float32 if merged.element_size() <= 2 else torch.float64
     x = inputs(name, merged.shape[1], seed).to(wd)
-    want = _matmul(start, x)
+    rows = sample_rows(name, merged.shape[0], seed)
+    m, w, e = merged[rows], start[rows], expected[rows]
+    want = w.to(wd) @ x
     for t in terms:
-        want += factor_apply(t, x)
-    got = _matmul(merged, x)
+        want += factor_apply(t, x)[rows]
+    got = m.to(wd) @ x
     norm = float(want.norm()) or 1.0
     rel = float((got - want).norm()) / norm
-    # Norms in fp32: they only scale the bound, a relative error of 2^-24 is immaterial.
     # ‖E‖ + ‖W‖ bounds ‖max(|E|, |W|)‖, the size of E's own fp32 error.
-    rounding = float(torch.dist(merged.float(), expected))
-    compute = _FP32_COMPUTE * (float(expected.norm()) + float(start.float().norm()))
+    rounding = float(torch.dist(m.float(), e))
+    compute = _FP32_COMPUTE * (float(e.norm()) + float(w.float().norm()))
     bound = _SPREAD * COLUMNS**0.5 * (rounding + compute) / norm
     return rel, bound
 
 
-def _matmul(t: torch.Tensor, x: torch.Tensor, rows: int = 1 << 10) -> torch.Tensor:
-    """``t @ x`` in ``x``'s dtype, by blocks of rows: no widened copy of ``t`` is made whole."""
-    return torch.cat([t[i:i + rows].to(x.dtype) @ x for i in range(0, t.shape[0], rows)])
+def sample_rows(name: str, n: int, seed: int) -> torch.Tensor:
+    """Up to ``ROWS`` distinct row indices out of ``n``, sorted, seeded by name and seed."""
+    if n <= ROWS:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed((seed + 1 + zlib.crc32(name.encode())) % 2**63)
+    return torch.randperm(n, generator=g)[:ROWS].sort().values

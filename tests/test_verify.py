@@ -441,3 +441,12 @@ def test_verify_and_unmerge_on_cuda(good: tuple[Path, Path, Path], tmp_path: Pat
 
     s = unmerge(merged, [adapter], tmp_path / "u.safetensors", device="cuda", check_base=base)
     assert s.total["max_ulp"] <= 1.0 and s.total["elements"] > 0
+
+
+def test_probe_rows_are_a_seeded_sample() -> None:
+    rows = probe_mod.sample_rows("layer", 5000, 0)
+    assert len(rows) == probe_mod.ROWS == len(set(rows.tolist()))
+    assert bool((rows[1:] > rows[:-1]).all()) and 0 <= int(rows[0]) and int(rows[-1]) < 5000
+    assert torch.equal(rows, probe_mod.sample_rows("layer", 5000, 0))
+    assert not torch.equal(rows, probe_mod.sample_rows("layer", 5000, 1))
+    assert torch.equal(probe_mod.sample_rows("small", 300, 0), torch.arange(300))
