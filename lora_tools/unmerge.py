@@ -137,7 +137,7 @@ class Proof:
 
 def prove(m: torch.Tensor, total: torch.Tensor, u: torch.Tensor, early_roundings: int = 0
           ) -> Proof:
-    """What MERGED alone says about ``u = round(M + total)`` (``total = −Σ wᵢ·ΔWᵢ``, fp64).
+    """What MERGED alone says about ``u = round(M + total)`` (``total = −Σ wᵢ·ΔWᵢ``).
 
     The bases ``W`` with ``round(W + ΔW) = M`` fill ``[lo, hi]``: the reals that round to
     ``M`` (half a gap either side), shifted by ``total``. ``u`` is proven exact when it lies
@@ -145,13 +145,17 @@ def prove(m: torch.Tensor, total: torch.Tensor, u: torch.Tensor, early_roundings
     last one widen it. M, total, u: same shape; M and u in the output dtype.
     """
     m = m.to(u.dtype)
-    m64, u64 = m.double(), u.double()
-    below, above = (x.double() for x in neighbours(m))
-    centre = m64 + total.to(torch.float64)
-    slack = (m64.abs() + total.abs()) * (_FP32_ROUNDING * early_roundings)
+    # 16-bit outputs: fp32 has 13+ spare bits; its own roundings here (centre, lo, hi)
+    # join the slack. fp32 outputs need fp64.
+    wd = torch.float32 if u.element_size() <= 2 else torch.float64
+    early_roundings += 4 if wd == torch.float32 else 0
+    m64, u64, t = m.to(wd), u.to(wd), total.to(wd)
+    below, above = (x.to(wd) for x in neighbours(m))
+    centre = m64 + t
+    slack = (m64.abs() + t.abs()) * (_FP32_ROUNDING * early_roundings)
     lo = centre - (m64 - below) / 2 - slack
     hi = centre + (above - m64) / 2 + slack
-    u_below, u_above = (x.double() for x in neighbours(u))
+    u_below, u_above = (x.to(wd) for x in neighbours(u))
     exact = (u_below < lo) & (u_above > hi) & (lo <= u64) & (u64 <= hi)
     reach = torch.maximum(u64 - lo, hi - u64).clamp_min(0)
     # Candidates sit on the finer of u's two spacings (they differ at powers of two).
