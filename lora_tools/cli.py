@@ -38,7 +38,7 @@ class LazyGroup(click.Group):
         if cmd_name not in COMMANDS or not _available(cmd_name):
             return None
         module = importlib.import_module(f"lora_tools.commands.{COMMANDS[cmd_name][0]}")
-        cmd: click.Command = getattr(module, "command")
+        cmd: click.Command = module.command
         return cmd
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:

@@ -170,9 +170,6 @@ def test_dora_cuda_matches_cpu(tmp_path: Path) -> None:
         assert torch.allclose(cpu[k], gpu[k], rtol=2**-22, atol=0), k
 
 
-@pytest.mark.xfail(reason="the engine computes with torch.set_num_threads(1) (engine.py "
-                   "COMPUTE_THREADS); conv2d then sums in another order than PEFT's run; "
-                   "test_merge_peft.py::test_conv_bitwise fails the same way", strict=False)
 def test_dora_conv_bitwise(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential()
