@@ -128,7 +128,8 @@ def peft_config(modules: list[FactorModule], template: dict[str, Any]) -> dict[s
     cfg.update({
         "peft_type": "LORA", "r": r, "lora_alpha": _num(alpha), "use_rslora": rslora.pop(),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules),
-        "target_modules": sorted({m.name.rsplit(".", 1)[-1] for m in modules}),
+        # Full module paths: PEFT then wraps exactly these modules, not every namesake.
+        "target_modules": sorted({m.name for m in modules}),
         "rank_pattern": {m.name: m.rank for m in modules if m.rank != r},
         "alpha_pattern": {m.name: _num(m.alpha) for m in modules if m.alpha != alpha},
     })
