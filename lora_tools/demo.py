@@ -54,6 +54,11 @@ def run_demo(folder: Path | None = None) -> dict[str, Any]:
         worst = max(worst, float(((merged.get(key).double() - want).abs() / ulp).max()))
     untouched = [k for k in base.keys() if all(k != m.name + ".weight" for m in adapter.modules)]
     same = all(bytes(base.raw(k)) == bytes(merged.raw(k)) for k in untouched)
-    return {"folder": str(tmp), "base": str(base_path), "adapter": str(adapter_path),
+    from lora_tools.verify import verify
+
+    report = verify(out, base_path, [adapter_path], device="cpu")
+    return {"verify_ok": report.ok, "verify_max_ulp": report.to_dict()["max_ulp"],
+            "verify_failures": len(report.failures), "folder": str(tmp), "base": str(base_path),
+            "adapter": str(adapter_path),
             "out": str(out), "changed": summary.changed, "copied": summary.copied,
             "max_error_ulp": worst, "untouched_identical": same, "scale": adapter.modules[0].scale}

@@ -115,3 +115,4 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["untouched_identical"] and data["max_error_ulp"] <= 0.5 and data["changed"] == 4
+    assert data["verify_ok"] and data["verify_failures"] == 0

@@ -25,7 +25,7 @@ def command(folder: str | None, as_json: bool) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     result = run_demo(Path(folder) if folder else None)
     emit(result, as_json, _text)
-    if result["max_error_ulp"] > 0.5 or not result["untouched_identical"]:
+    if result["max_error_ulp"] > 0.5 or not result["untouched_identical"] or not result["verify_ok"]:
         raise click.ClickException("demo verification failed")
 
 
@@ -37,4 +37,7 @@ def _text(r: dict[str, Any]) -> str:
         f" ({'identical' if r['untouched_identical'] else 'DIFFERENT'})",
         f"checked max error {r['max_error_ulp']:.3f} ulp of bf16 against fp64 W + s·B@A "
         "(<= 0.5 means correctly rounded)",
+        f"ran     lora-tools verify {r['out']} --base {r['base']} --adapter {r['adapter']}: "
+        f"{'OK' if r['verify_ok'] else 'FAILED'} ({r['verify_failures']} failures, max "
+        f"{r['verify_max_ulp']:.2f} ulp)",
     ])
