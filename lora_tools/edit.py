@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,25 @@ def carried_metadata(adapter: Adapter, modules: list[FactorModule],
 
 
 def write_like(adapter: Adapter, modules: list[FactorModule], out: Path, force: bool,
-               record: dict[str, Any]) -> Path:
-    """Write ``modules`` in the adapter's own format (atomic, inputs never overwritten)."""
+               record: dict[str, Any], to: str | None = None) -> Path:
+    """Write ``modules`` in the adapter's own format, or convert them ``to`` another one
+    (atomic, inputs never overwritten)."""
     template = {k: v for k, v in adapter.config.items()} if adapter.format == "peft" else None
-    return save_adapter(modules, out, adapter.format, template=template,
-                        metadata=carried_metadata(adapter, modules, record), force=force,
-                        inputs=[adapter.path, *adapter.weight_files])
+    meta = carried_metadata(adapter, modules, record)
+    inputs = [adapter.path, *adapter.weight_files]
+    if to is None or to == adapter.format:
+        return save_adapter(modules, out, adapter.format, template=template, metadata=meta,
+                            force=force, inputs=inputs)
+    from lora_tools.convert import convert_adapter
+    from lora_tools.merge import AdapterOptions
+
+    # The edited adapter is staged in its own format, then converted: one conversion path.
+    with tempfile.TemporaryDirectory(prefix=".lora-tools-stage-", dir=out.parent) as tmp:
+        staged = Path(tmp) / ("adapter" if adapter.format == "peft" else "adapter.safetensors")
+        save_adapter(modules, staged, adapter.format, template=template, metadata=meta)
+        convert_adapter(staged, out, to, base=None, prefix=None, opts=AdapterOptions(),
+                        dtype=None, force=force)
+    return out
 
 
 def _fmt(x: float) -> str:

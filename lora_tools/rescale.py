@@ -94,7 +94,7 @@ def new_alpha(m: LoraModule, alpha: float | None, default: float, strength: floa
 def rescale(adapter_path: str | Path, out: str | Path, *, alpha: float | None = None,
             strength: float | None = None, rslora: bool | None = None,
             from_alpha: float | None = None, dtype: torch.dtype | None = None,
-            device: str = "auto", force: bool = False) -> RescaleSummary:
+            device: str = "auto", force: bool = False, to: str | None = None) -> RescaleSummary:
     """Write ``out``: the adapter with new alphas, its ΔW kept (or times ``strength``)."""
     _check_args(alpha, strength, rslora)
     start = time.perf_counter()
@@ -113,11 +113,11 @@ def rescale(adapter_path: str | Path, out: str | Path, *, alpha: float | None = 
         rows.append(row)
         written.append(fm)
     record = {"op": "rescale", "alpha": alpha, "strength": s, "rslora": new_rs}
-    write_like(adapter, written, target, force, record)
+    write_like(adapter, written, target, force, record, to)
     new_default = alpha if alpha is not None else new_alpha(
         _default_module(adapter.modules, default), None, default, s, new_rs)
     return RescaleSummary(
-        adapter=str(adapter.path), out=str(target), format=adapter.format,
+        adapter=str(adapter.path), out=str(target), format=to or adapter.format,
         default_alpha=default, new_default_alpha=new_default, strength=s, rslora=new_rs,
         exact=all(r["exact"] for r in rows), seconds=round(time.perf_counter() - start, 3),
         modules=rows, warnings=[f"{adapter.path}: {n}" for n in adapter.notes])

@@ -72,7 +72,7 @@ def truncate(a: torch.Tensor, b: torch.Tensor, scale: float, k: int, new_scale: 
 def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None,
            dynamic: str | None = None, alpha: float | None = None,
            from_alpha: float | None = None, dtype: torch.dtype | None = None,
-           device: str = "auto", force: bool = False) -> ResizeSummary:
+           device: str = "auto", force: bool = False, to: str | None = None) -> ResizeSummary:
     """Write ``out``: every module cut to its best rank-k approximation, same format."""
     plan = _plan(rank, dynamic, alpha, dtype)
     start = time.perf_counter()
@@ -86,12 +86,12 @@ def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None
         written.append(fm)
     total = _total(rows)
     record = {"op": "resize", "rank": rank, "dynamic": dynamic, "alpha": alpha}
-    write_like(adapter, written, target, force, record)
+    write_like(adapter, written, target, force, record, to)
     warnings = [f"{adapter.path}: {n}" for n in adapter.notes]
     if total["capped"]:
         warnings.append(f"{total['capped']} modules cannot have the rank asked for (more "
                         "than min(in, out)); capped to min(in, out), which loses nothing")
-    return ResizeSummary(adapter=str(adapter.path), out=str(target), format=adapter.format,
+    return ResizeSummary(adapter=str(adapter.path), out=str(target), format=to or adapter.format,
                          device=str(dev), seconds=round(time.perf_counter() - start, 3),
                          modules=rows, total=total, warnings=warnings)
 

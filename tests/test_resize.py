@@ -208,3 +208,29 @@ def test_cuda_matches_cpu(tmp_path: Path) -> None:
         d_gpu = deltas(tmp_path / "cuda.safetensors")[name]
         assert torch.allclose(d_cpu, d_gpu, rtol=1e-5, atol=1e-6 * float(before[name].norm()))
     assert set(cpu) == set(gpu)
+
+
+def test_resize_and_rescale_to_another_format_keep_the_merge(tmp_path: Path) -> None:
+    """--to goes through convert: the kohya output merges like the PEFT one."""
+    from lora_tools.merge import AdapterOptions, merge
+
+    model = tiny_llama()
+    base = state_dict_file(model.state_dict(), tmp_path / "base.safetensors")
+    peft_adapter(model, tmp_path / "ad", r=4, lora_alpha=8)
+    runner = CliRunner()
+    for cmd in (["resize", "--rank", "2"], ["rescale", "--alpha", "16"]):
+        name = cmd[0]
+        same = runner.invoke(cli, [cmd[0], str(tmp_path / "ad"), *cmd[1:], "-o",
+                                   str(tmp_path / f"{name}_peft")])
+        kohya = runner.invoke(cli, [cmd[0], str(tmp_path / "ad"), *cmd[1:], "--to", "kohya",
+                                    "-o", str(tmp_path / f"{name}.safetensors")])
+        assert same.exit_code == 0 and kohya.exit_code == 0, kohya.output
+        merge(base, [tmp_path / f"{name}_peft"], tmp_path / f"{name}_m1.safetensors", device="cpu")
+        merge(base, [tmp_path / f"{name}.safetensors"], tmp_path / f"{name}_m2.safetensors",
+              device="cpu", opts=AdapterOptions())
+        m1 = read(tmp_path / f"{name}_m1.safetensors")
+        m2 = read(tmp_path / f"{name}_m2.safetensors")
+        assert all(torch.allclose(m1[k], m2[k], rtol=1e-6, atol=1e-7) for k in m1)
+        assert not torch.equal(m1["model.layers.0.self_attn.q_proj.weight"],
+                               read(base)["model.layers.0.self_attn.q_proj.weight"])
+    assert not list(tmp_path.glob(".lora-tools-stage-*"))

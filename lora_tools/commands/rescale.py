@@ -26,6 +26,9 @@ from lora_tools.commands.common import emit, handle_errors, run_options, warn
 @click.option("--dtype", metavar="DTYPE",
               help="Dtype of the written factors (fp32, fp16, bf16, fp64); default: as read.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--to", type=click.Choice(["peft", "kohya", "loralib"]),
+              help="Write another adapter format (as 'lora-tools convert' would); default: "
+                   "the input's.")
 @run_options
 @handle_errors
 def command(adapter: str, out: str, **opts: Any) -> None:
@@ -47,7 +50,7 @@ def command(adapter: str, out: str, **opts: Any) -> None:
     summary = rescale(adapter, out, alpha=opts["alpha"], strength=opts["strength"],
                       rslora=opts["rslora"], from_alpha=opts["from_alpha"],
                       dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
-                      device=opts["device"], force=opts["force"])
+                      device=opts["device"], force=opts["force"], to=opts["to"])
     warn(summary.warnings, opts["quiet"])
     emit(summary.to_dict(), opts["as_json"], describe, opts["quiet"])
 
