@@ -115,4 +115,10 @@ class TorchZipWriter:
         self._fh.close()
 
     def abort(self) -> None:
+        # Close the archive first, or ZipFile.__del__ later seeks in a closed file; the
+        # partial file is deleted by the caller, so a failure here changes nothing.
+        try:
+            self._zip.close()
+        except (OSError, ValueError, RuntimeError):
+            pass
         self._fh.close()
