@@ -8,19 +8,16 @@ DoRA (same factors plus magnitude vectors). A DoRA tensor is computed whole and 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 from common import (
     ADAPTER,
     BASE,
-    TARGETS,
     WORK,
     Timing,
     build_adapter,
     build_base,
-    llama_config,
     run_full,
     settle,
 )
@@ -30,30 +27,7 @@ DORA = WORK / "dora-r16-all-linear"
 
 def build_dora(folder: Path = DORA, rank: int = 16, seed: int = 1) -> Path:
     """The plain adapter's layout with use_dora; factors and magnitudes random."""
-    if (folder / "adapter_config.json").is_file():
-        return folder
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config()).to(torch.bfloat16)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0,
-                     use_dora=True)
-    pm = get_peft_model(model, cfg)
-    pm.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            elif "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pm.save_pretrained(str(tmp))
-    tmp.rename(folder)
-    return folder
+    return build_adapter(folder=folder, rank=rank, seed=seed, dora=True)
 
 
 def main() -> None:

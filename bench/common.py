@@ -74,8 +74,9 @@ def build_base(folder: Path = BASE, seed: int = 0) -> Path:
 
 
 def build_adapter(base: Path = BASE, folder: Path = ADAPTER, rank: int = 16,
-                  seed: int = 1) -> Path:
-    """A rank-16 PEFT LoRA on every linear layer of the blocks, with random non-zero B."""
+                  seed: int = 1, dora: bool = False) -> Path:
+    """A rank-16 PEFT LoRA on every linear layer of the blocks, with random non-zero B
+    (with ``dora``: use_dora, magnitudes random in [0.5, 1.5))."""
     if (folder / "adapter_config.json").is_file():
         return folder
     import torch
@@ -84,13 +85,16 @@ def build_adapter(base: Path = BASE, folder: Path = ADAPTER, rank: int = 16,
 
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config()).to(torch.bfloat16)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0)
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0,
+                     use_dora=dora)
     pm = get_peft_model(model, cfg)
     pm.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
