@@ -27,6 +27,7 @@ from lora_tools.errors import UsageError
 from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.output import check_output
+from lora_tools.io.paths import check_not_input
 from lora_tools.lowrank import FactorSVD, split
 from lora_tools.methods.resize_rules import ResizeRule, parse_rule, pick_rank
 
@@ -79,7 +80,9 @@ def extract(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     inputs = [Path(base_path), Path(tuned_path)]
     check_output(Path(out), inputs, force)
     if save_rest is not None:
-        check_output(Path(save_rest), inputs, force)
+        # The adapter and the rest may not replace, hold or sit inside one another either.
+        check_output(Path(save_rest), [*inputs, Path(out)], force)
+        check_not_input(Path(out), [Path(save_rest)], role="output (-o)")
     dev = resolve_device(device)
     summary = ExtractSummary(str(base_path), str(tuned_path), str(out), to, str(dev))
     modules = scan(base, tuned, opts, rule, to, dev, summary)

@@ -98,6 +98,8 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     warnings.extend(extra.warnings)
     meta = provenance.metadata(base.metadata, records)
     inputs = [Path(base_path), *map(Path, adapter_paths)]
+    if restore_from is not None:  # unmerge --check-base reads it too: an input
+        inputs.append(Path(restore_from))
     # fp16 overflow is refused before the output exists; no observer on this dry pass.
     dry: dict[str, TensorFn] = build_work(adapters, reports, weights, sign, dev)
     dry.update({k: replace(fn, observe=None) for k, fn in extra.work.items()})

@@ -21,7 +21,7 @@ from lora_tools.adapters.loralib import ALPHA_META, ALPHAS_META
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV, MERGED
 from lora_tools.adapters.peft import CONFIG, PREFIX
 from lora_tools.errors import UsageError
-from lora_tools.io import safety
+from lora_tools.io import paths, safety
 from lora_tools.io.output import CheckpointWriter, check_output, temp_path
 from lora_tools.io.writer import TensorSpec, tensor_bytes
 
@@ -162,6 +162,7 @@ def _save_peft(modules: list[FactorModule], out: Path, template: dict[str, Any],
     staging = temp_path(out)
     staging.mkdir(exist_ok=True)
     try:
+        paths.mark_folder(staging)
         (staging / CONFIG).write_text(json.dumps(peft_config(modules, template), indent=2))
         _write_tensors(tensors, staging / "adapter_model.safetensors", meta, False, [])
         if out.exists():

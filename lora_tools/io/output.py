@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Protocol
 
 from lora_tools.errors import OutputError
-from lora_tools.io import safety
+from lora_tools.io import paths, safety
 from lora_tools.io.checkpoint import INDEX_NAMES, METADATA_RECORD, WEIGHT_SUFFIXES
 from lora_tools.io.torch_zip import TorchZipWriter
 from lora_tools.io.writer import (
@@ -47,15 +47,11 @@ def output_kind(out: Path) -> str:
 
 
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse to overwrite an input, or an existing output without ``force``."""
-    target = out.resolve()
-    for src in inputs:
-        s = src.resolve()
-        if target == s or s in target.parents or (s.is_file() and target in s.parents):
-            raise OutputError(f"{out}: the output would overwrite the input {src}; "
-                              "choose another output path")
-    if out.exists() and not force:
-        raise OutputError(f"{out}: already exists; pass --force to replace it")
+    """Refuse an output (or its temporary) that is, holds or sits in an input, by identity;
+    an existing output without ``force``, and anything ``force`` may not replace."""
+    paths.check_not_input(out, inputs)
+    paths.check_not_input(temp_path(out), inputs, role="temporary output")
+    paths.check_replaceable(out, force)
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: the output folder does not exist; create it first")
     safety.check_writable(out.parent)
@@ -116,6 +112,7 @@ class CheckpointWriter:
 
     def _start_folder(self) -> None:
         self.tmp.mkdir()
+        paths.mark_folder(self.tmp)
         if self.source_folder is not None:
             _copy_side_files(self.source_folder, self.tmp)
         if self.config_updates:
