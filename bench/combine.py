@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lora_tools.adapters.save import FactorModule, save_adapter
-from lora_tools.combine import combine
+from lora_tools.editing.combine import combine
 
 WORK = Path(__file__).resolve().parent / "_work" / "combine"
 RANKS, WEIGHTS = (16, 16, 16), [0.5, 0.3, 0.2]

@@ -65,7 +65,7 @@ def slice_pair(layers: int) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
     from lora_tools.io import open_checkpoint
-    from lora_tools.merge import merge
+    from lora_tools.merging.merge import merge
 
     base_s = WORK / f"slice{layers}-base.safetensors"
     tuned_s = WORK / f"slice{layers}-tuned.safetensors"
@@ -82,8 +82,8 @@ def slice_pair(layers: int) -> tuple[Path, Path]:
 def extract_error(base: Path, out: Path) -> float:
     """Worst ‖ΔW_extracted − ΔW_adapter‖ / ‖ΔW_adapter‖ over the modules."""
     from lora_tools.adapters import load_adapter
-    from lora_tools.delta import module_delta
     from lora_tools.io import open_checkpoint
+    from lora_tools.modules.lora import module_delta
 
     ck = open_checkpoint(base)
     got, true = load_adapter(out), load_adapter(ADAPTER)

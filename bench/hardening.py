@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_tools.io.safetensors_file import read_header
-from lora_tools.merge import merge
+from lora_tools.merging.merge import merge
 
 
 def build(root: Path, layers: int, side: int) -> tuple[Path, Path]:

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_tools.device import resolve_device
+from lora_tools.engine.device import resolve_device
 from lora_tools.io.dtypes import parse_dtype
-from lora_tools.lowrank import factor_svd, split
+from lora_tools.math.lowrank import factor_svd, split
 
 SHAPES = [(4096, 4096), (4096, 11008)]  # (out, in): q/o_proj, down_proj
 MORE_SHAPES = [(11008, 4096)]  # up/gate_proj: like down_proj, transposed

@@ -55,8 +55,8 @@ def precision() -> None:
     from safetensors.torch import save_file
 
     from lora_tools.adapters.save import FactorModule, save_adapter
-    from lora_tools.merge import merge
-    from lora_tools.unmerge import unmerge
+    from lora_tools.merging.merge import merge
+    from lora_tools.merging.unmerge import unmerge
 
     work = OUT / "precision"
     print("| dtype | update RMS / weight RMS | exact (measured) | exact (proven) | max error |")

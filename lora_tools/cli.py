@@ -11,7 +11,7 @@ import importlib.util
 
 import click
 
-from lora_tools import __version__
+from lora_tools.version import __version__
 
 # name -> (module, one-line help shown by ``lora-tools --help``)
 COMMANDS: dict[str, tuple[str, str]] = {

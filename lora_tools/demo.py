@@ -10,7 +10,7 @@ import torch
 
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint, tensor_bytes
-from lora_tools.merge import merge
+from lora_tools.merging.merge import merge
 
 
 def build_example(folder: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -54,7 +54,7 @@ def run_demo(folder: Path | None = None) -> dict[str, Any]:
         worst = max(worst, float(((merged.get(key).double() - want).abs() / ulp).max()))
     untouched = [k for k in base.keys() if all(k != m.name + ".weight" for m in adapter.modules)]
     same = all(bytes(base.raw(k)) == bytes(merged.raw(k)) for k in untouched)
-    from lora_tools.verify import verify
+    from lora_tools.merging.verify import verify
 
     report = verify(out, base_path, [adapter_path], device="cpu")
     return {"verify_ok": report.ok, "verify_max_ulp": report.to_dict()["max_ulp"],

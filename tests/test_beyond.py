@@ -14,8 +14,8 @@ from helpers import peft_adapter, read, state_dict_file
 
 from lora_tools.cli import cli
 from lora_tools.io import open_checkpoint
-from lora_tools.merge import merge
-from lora_tools.quant import expand_scale
+from lora_tools.io.quant import expand_scale
+from lora_tools.merging.merge import merge
 
 
 def llama(seed: int = 0, **cfg):  # type: ignore[no-untyped-def]

@@ -65,7 +65,7 @@ def test_merge_json_summary_and_provenance(tmp_path: Path) -> None:
 
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    prov = json.loads(meta["lora_tools.provenance"])
+    prov = json.loads(meta["lora_tools.merging.provenance"])
     assert prov[0]["sha256"] == rec["sha256"] and meta["format"] == "pt"
 
 

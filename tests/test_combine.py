@@ -13,7 +13,7 @@ from helpers import peft_adapter, read, state_dict_file, tiny_llama
 from lora_tools.adapters import load_adapter
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.cli import cli
-from lora_tools.lowrank import flatten_factors
+from lora_tools.math.lowrank import flatten_factors
 from lora_tools.methods.combine import METHODS
 
 Q0 = "model.layers.0.self_attn.q_proj"

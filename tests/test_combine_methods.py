@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_tools.combine import rel_error
+from lora_tools.editing.combine import rel_error
+from lora_tools.math.deltas import lora_scale
 from lora_tools.methods.combine import (
     METHODS,
     Options,
@@ -21,7 +22,6 @@ from lora_tools.methods.combine import (
     magnitude_prune,
     ties,
 )
-from lora_tools.ops import lora_scale
 
 
 def make_terms(seed: int, m: int, n: int, specs: list[tuple[int, float, bool, float]]

@@ -17,14 +17,15 @@ from helpers import peft_adapter, read, state_dict_file, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_tools import ops
 from lora_tools.adapters import load_adapter
 from lora_tools.adapters.fold import fold_rslora, transposed, unfuse
 from lora_tools.adapters.model import EMBEDDING, LINEAR, MERGED
 from lora_tools.adapters.names import LAYOUT_META
+from lora_tools.adapters.options import AdapterOptions
 from lora_tools.adapters.save import FactorModule
 from lora_tools.cli import cli
-from lora_tools.merge import AdapterOptions, merge
+from lora_tools.math import deltas as ops
+from lora_tools.merging.merge import merge
 
 
 def run(*args: str, ok: bool = True) -> str:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import peft_adapter, read, state_dict_file
 
-from lora_tools.merge import merge
+from lora_tools.merging.merge import merge
 
 pytestmark = pytest.mark.cuda
 
@@ -61,7 +61,7 @@ def test_cuda_row_blocks_equal_cpu(tmp_path: Path) -> None:
 
 
 def test_cuda_mover_round_trip_is_exact() -> None:
-    from lora_tools.transfer import CudaMover
+    from lora_tools.engine.transfer import CudaMover
 
     mover = CudaMover(torch.device("cuda"))
     host = torch.randn(300, 70).bfloat16().pin_memory()
@@ -72,7 +72,7 @@ def test_cuda_mover_round_trip_is_exact() -> None:
 
 
 def test_auto_picks_cuda_for_big_jobs_only() -> None:
-    from lora_tools.device import AUTO_CUDA_MIN_BYTES, choose_device
+    from lora_tools.engine.device import AUTO_CUDA_MIN_BYTES, choose_device
 
     assert choose_device("auto", AUTO_CUDA_MIN_BYTES) == "cuda"
     assert choose_device("auto", 1000) == "cpu"

@@ -13,10 +13,11 @@ from helpers import peft_adapter, read, state_dict_file, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_tools import dora, provenance
 from lora_tools.cli import cli
 from lora_tools.io import open_checkpoint
-from lora_tools.merge import apply_adapters, merge
+from lora_tools.math import dora
+from lora_tools.merging import provenance
+from lora_tools.merging.merge import apply_adapters, merge
 
 
 def _randomize_magnitudes(pm, seed: int = 3) -> None:  # type: ignore[no-untyped-def]

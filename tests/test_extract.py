@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from lora_tools.adapters import load_adapter
 from lora_tools.cli import cli
-from lora_tools.delta import module_delta
-from lora_tools.extract import ExtractOptions, extract
-from lora_tools.merge import merge
+from lora_tools.editing.extract import ExtractOptions, extract
+from lora_tools.merging.merge import merge
+from lora_tools.modules.lora import module_delta
 
 
 def run(*args: object, ok: bool = True) -> str:

@@ -101,7 +101,7 @@ def test_every_damaged_file_is_a_format_error_for_any_reader(tmp_path: Path) -> 
 def test_refused_before_the_writer_starts(
         name: str, named: str, corpus: tuple[Good, dict[str, Case]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import lora_tools.merge as merge_mod
+    import lora_tools.merging.merge as merge_mod
 
     started: list[Path] = []
     real = merge_mod.CheckpointWriter

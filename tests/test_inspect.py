@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.cli import cli
+from lora_tools.inspection.figures import factor_figures, module_group, module_layer
+from lora_tools.inspection.report import inspect_path
 from lora_tools.io.checkpoint import SafetensorsCheckpoint
-from lora_tools.stats import inspect_path
-from lora_tools.stats_math import factor_figures, module_group, module_layer
 
 TOP = 3
 

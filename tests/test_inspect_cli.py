@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from lora_tools.cli import cli
+from lora_tools.inspection.report import inspect_path
 from lora_tools.io.checkpoint import SafetensorsCheckpoint
-from lora_tools.stats import inspect_path
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def peft_case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_checkpoint_header_only_with_provenance_and_shards(
         peft_case: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_tools.merge import merge
+    from lora_tools.merging.merge import merge
 
     tmp = peft_case["tmp"]
     merge(tmp / "base.safetensors", [peft_case["adapter"]], tmp / "merged", shard_size=20_000)

@@ -9,7 +9,7 @@ import torch
 from helpers import read, state_dict_file
 
 from lora_tools.errors import MatchError
-from lora_tools.merge import merge
+from lora_tools.merging.merge import merge
 
 BASE = {
     "down_blocks.0.attentions.0.proj_in.weight": (8, 6, 1, 1),

@@ -10,9 +10,10 @@ import torch
 from click.testing import CliRunner
 from helpers import read, state_dict_file
 
+from lora_tools.adapters.options import AdapterOptions
 from lora_tools.cli import cli
 from lora_tools.errors import UsageError
-from lora_tools.merge import AdapterOptions, merge
+from lora_tools.merging.merge import merge
 
 
 class _Net(torch.nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import peft_adapter, read, state_dict_file, tiny_llama
 
-from lora_tools.merge import merge
+from lora_tools.merging.merge import merge
 
 
 def _peft_reference(model, tmp: Path, **cfg):  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_tools import ops
+from lora_tools.math import deltas as ops
 
 dims = st.integers(1, 9)
 

@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_tools.cli import cli
-from lora_tools.engine import output_specs, stream
+from lora_tools.engine.blocks import MIN_ROWS, plan_rows
+from lora_tools.engine.pipeline import Pipeline
+from lora_tools.engine.stream import output_specs, stream
 from lora_tools.io import CheckpointWriter, open_checkpoint
-from lora_tools.merge import merge
-from lora_tools.pipeline import Pipeline
-from lora_tools.rows import MIN_ROWS, plan_rows
+from lora_tools.merging.merge import merge
 
 # ---------------------------------------------------------------- the pipeline itself
 
@@ -252,7 +252,7 @@ def test_cli_device_cuda_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_auto_device_stays_on_cpu_for_small_jobs(tmp_path: Path) -> None:
-    from lora_tools.device import AUTO_CUDA_MIN_BYTES, choose_device
+    from lora_tools.engine.device import AUTO_CUDA_MIN_BYTES, choose_device
 
     base, adapter = _cli_case(tmp_path)
     s = merge(base, [adapter], tmp_path / "o.safetensors", device="auto")

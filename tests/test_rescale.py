@@ -14,11 +14,11 @@ from helpers import peft_adapter, read, state_dict_file, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_tools import ops
 from lora_tools.cli import cli
-from lora_tools.edit import open_for_edit
-from lora_tools.merge import merge
-from lora_tools.rescale import absorb, is_power_of_two, split_factor
+from lora_tools.editing.common import open_for_edit
+from lora_tools.editing.rescale import absorb, is_power_of_two, split_factor
+from lora_tools.math import deltas as ops
+from lora_tools.merging.merge import merge
 
 
 def deltas(path: Path, from_alpha: float | None = None) -> dict[str, torch.Tensor]:

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from test_rescale import deltas, peft_merged, run, run_json
 
 from lora_tools.cli import cli
-from lora_tools.edit import open_for_edit
+from lora_tools.editing.common import open_for_edit
+from lora_tools.editing.resize import truncate
 from lora_tools.errors import UsageError
-from lora_tools.merge import merge
+from lora_tools.merging.merge import merge
 from lora_tools.methods.resize_rules import RULES, parse_rule, pick_rank
-from lora_tools.resize import truncate
 
 
 def full_svd(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -212,7 +212,8 @@ def test_cuda_matches_cpu(tmp_path: Path) -> None:
 
 def test_resize_and_rescale_to_another_format_keep_the_merge(tmp_path: Path) -> None:
     """--to goes through convert: the kohya output merges like the PEFT one."""
-    from lora_tools.merge import AdapterOptions, merge
+    from lora_tools.adapters.options import AdapterOptions
+    from lora_tools.merging.merge import merge
 
     model = tiny_llama()
     base = state_dict_file(model.state_dict(), tmp_path / "base.safetensors")

@@ -13,14 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_verify import loralib_case
 
-from lora_tools import ops
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.cli import cli
 from lora_tools.errors import ProvenanceError
-from lora_tools.merge import merge
-from lora_tools.ulp import ulp
-from lora_tools.unmerge import prove, unmerge
-from lora_tools.verify import verify
+from lora_tools.math import deltas as ops
+from lora_tools.math.ulp import ulp
+from lora_tools.merging.merge import merge
+from lora_tools.merging.unmerge import prove, unmerge
+from lora_tools.merging.verify import verify
 
 ADAPTED = ("q_proj", "v_proj", "down_proj")
 

@@ -18,11 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from lora_tools import probe as probe_mod
+from lora_tools.adapters.options import AdapterOptions
 from lora_tools.cli import cli
 from lora_tools.io import open_checkpoint
-from lora_tools.merge import AdapterOptions, merge
-from lora_tools.verify import verify
+from lora_tools.merging import probe as probe_mod
+from lora_tools.merging.merge import merge
+from lora_tools.merging.verify import verify
 
 
 @dataclass
@@ -404,7 +405,7 @@ def _module(layout: str, g: torch.Generator) -> tuple[Any, torch.Tensor, torch.T
 @given(layout=st.sampled_from(_LAYOUTS), seed=st.integers(0, 2**31 - 1))
 def test_probe_factor_form_matches_the_dense_formulas(layout: str, seed: int) -> None:
     """The probe's B(Ax) and ops' dense ΔW are written independently; they must agree."""
-    from lora_tools.delta import module_delta
+    from lora_tools.modules.lora import module_delta
 
     m, a, b, shape = _module(layout, torch.Generator().manual_seed(seed))
     dense = module_delta(m, a, b, 0.7, shape).double()
@@ -415,7 +416,7 @@ def test_probe_factor_form_matches_the_dense_formulas(layout: str, seed: int) ->
 
 @pytest.mark.parametrize("layout", _LAYOUTS)
 def test_probe_catches_a_wrong_layout_the_elements_would_miss(layout: str) -> None:
-    from lora_tools.delta import module_delta
+    from lora_tools.modules.lora import module_delta
 
     g = torch.Generator().manual_seed(0)
     m, a, b, shape = _module(layout, g)
@@ -438,7 +439,7 @@ def test_verify_and_unmerge_on_cuda(good: tuple[Path, Path, Path], tmp_path: Pat
     base, adapter, merged = good
     rep = verify(merged, base, [adapter], device="cuda")
     assert rep.ok and rep.device.startswith("cuda")
-    from lora_tools.unmerge import unmerge
+    from lora_tools.merging.unmerge import unmerge
 
     s = unmerge(merged, [adapter], tmp_path / "u.safetensors", device="cuda", check_base=base)
     assert s.total["max_ulp"] <= 1.0 and s.total["elements"] > 0

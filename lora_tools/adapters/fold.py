@@ -12,9 +12,9 @@ from dataclasses import replace
 
 import torch
 
-from lora_tools import ops
 from lora_tools.adapters.model import EMBEDDING, LINEAR, MERGED
 from lora_tools.adapters.save import FactorModule
+from lora_tools.math import deltas as ops
 
 
 def unfuse(m: FactorModule) -> FactorModule:

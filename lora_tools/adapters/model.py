@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from lora_tools import ops
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.math import deltas as ops
 
 LINEAR = "linear"
 EMBEDDING = "embedding"

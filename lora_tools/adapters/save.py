@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from lora_tools import __version__
 from lora_tools.adapters.loralib import ALPHA_META, ALPHAS_META
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV, MERGED
 from lora_tools.adapters.peft import CONFIG, PREFIX
@@ -24,6 +23,7 @@ from lora_tools.errors import UsageError
 from lora_tools.io import paths, safety
 from lora_tools.io.output import CheckpointWriter, check_output, temp_path
 from lora_tools.io.writer import TensorSpec, tensor_bytes
+from lora_tools.version import __version__
 
 FORMATS = ("peft", "kohya", "loralib")
 

@@ -69,9 +69,9 @@ def command(adapters: tuple[str, ...], out: str, weights: str | None, **opts: An
       lora-tools combine a/ b/ -o ties/ --method ties --density 0.2 --rank 8
       lora-tools combine a.safetensors b.safetensors -o ab.safetensors --format same
     """
-    from lora_tools.combine import combine
+    from lora_tools.adapters.options import AdapterOptions
+    from lora_tools.editing.combine import combine
     from lora_tools.io.dtypes import parse_dtype
-    from lora_tools.merge import AdapterOptions
 
     summary = combine(
         list(adapters), out, weights=parse_weights(weights), method=opts["method"],

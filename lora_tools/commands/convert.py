@@ -53,10 +53,10 @@ def command(source: str, out: str, to: str, **opts: Any) -> None:
           --base gpt2.pt -o out/
       lora-tools convert pytorch_model.bin --to safetensors -o model_dir/ --shard-size 2GB
     """
-    from lora_tools.convert import convert
+    from lora_tools.adapters.options import AdapterOptions
+    from lora_tools.editing.convert import convert
     from lora_tools.io import parse_size
     from lora_tools.io.dtypes import parse_dtype
-    from lora_tools.merge import AdapterOptions
 
     adapter_opts = AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
                                   opts["fan_in_fan_out"])

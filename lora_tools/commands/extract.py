@@ -48,7 +48,7 @@ def command(base: str, tuned: str, out: str, rank: int, **opts: Any) -> None:
       lora-tools extract base.safetensors tuned.safetensors -o lora.safetensors --to kohya \\
           --rank 64 --dynamic sv_fro:0.95 --randomized --device cuda
     """
-    from lora_tools.extract import ExtractOptions, extract
+    from lora_tools.editing.extract import ExtractOptions, extract
     from lora_tools.io.dtypes import parse_dtype
 
     xo = ExtractOptions(rank=rank, alpha=opts["alpha"], dynamic=opts["dynamic"],

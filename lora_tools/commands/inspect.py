@@ -46,7 +46,7 @@ def command(path: str, base: str | None, top: int, plot: str | None, **opts: Any
       lora-tools inspect merged.safetensors
     """
     from lora_tools.commands.inspect_text import render
-    from lora_tools.stats import inspect_path
+    from lora_tools.inspection.report import inspect_path
 
     report = inspect_path(path, base=base, top=top, alpha=opts["alpha"],
                           enable_lora=parse_enable_lora(opts["enable_lora"]),

@@ -11,11 +11,10 @@ from lora_tools.commands.common import (
     emit,
     handle_errors,
     output_options,
-    parse_enable_lora,
-    progress_wanted,
     run_options,
     warn,
 )
+from lora_tools.commands.merge_shared import describe_merge, library_kwargs
 
 
 @click.command("merge")
@@ -55,44 +54,9 @@ def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float
       lora-tools merge model_dir style.safetensors char.safetensors -w 0.8 -w 0.5 -o out_dir
       lora-tools merge gpt2.pt lora.pt --alpha 128 --enable-lora 1,0,1 -o merged.pt
     """
-    from lora_tools.merge import merge
+    from lora_tools.merging.merge import merge
 
     kwargs = library_kwargs(opts)
     summary = merge(base, list(adapters), out, weights=list(weights), **kwargs)
     warn(summary.warnings, opts["quiet"])
-    emit(summary.to_dict(), opts["as_json"], describe, opts["quiet"])
-
-
-def library_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
-    """Options shared by merge and unmerge, turned into library arguments."""
-    from lora_tools.io import parse_size
-    from lora_tools.io.dtypes import parse_dtype
-    from lora_tools.merge import AdapterOptions
-
-    return {
-        "opts": AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
-                               opts["fan_in_fan_out"]),
-        "dtype": parse_dtype(opts["dtype"]) if opts["dtype"] else None,
-        "device": opts["device"],
-        "shard_size": parse_size(opts["shard_size"]) if opts["shard_size"] else None,
-        "force": opts["force"],
-        "allow_unmatched": opts["allow_unmatched"],
-        "resize_vocab": opts.get("resize_vocab", False),
-        "untie": opts.get("untie", False),
-        "dequantize": opts.get("dequantize", False),
-        "progress": progress_wanted(opts["quiet"], opts["as_json"]),
-        "max_memory": parse_size(opts["max_memory"]) if opts.get("max_memory") else None,
-        "overlap": opts.get("overlap", True),
-    }
-
-
-def describe(d: dict[str, Any]) -> str:
-    lines = []
-    for a in d["adapters"]:
-        scales = ", ".join(f"{s:g}" for s in a["scales"])
-        lines.append(f"{a['op']}d {a['adapter']} ({a['format']}, weight {a['weight']:g}, "
-                     f"scale {scales}): {a['merged_modules']} of {a['modules']} modules")
-    lines.append(f"wrote {d['out']}: {d['tensors']} tensors ({d['changed']} changed, "
-                 f"{d['copied']} copied byte for byte), {d['bytes_written'] / 1e6:.1f} MB "
-                 f"in {d['seconds']:.2f}s on {d['device']}")
-    return "\n".join(lines)
+    emit(summary.to_dict(), opts["as_json"], describe_merge, opts["quiet"])

@@ -44,8 +44,8 @@ def command(adapter: str, out: str, **opts: Any) -> None:
       lora-tools rescale adapter_dir --rslora -o adapter_rs         # alpha/sqrt(r), same ΔW
       lora-tools rescale gpt2_lora.pt --from-alpha 128 --alpha 8 -o lora_a8.pt
     """
+    from lora_tools.editing.rescale import rescale
     from lora_tools.io.dtypes import parse_dtype
-    from lora_tools.rescale import rescale
 
     summary = rescale(adapter, out, alpha=opts["alpha"], strength=opts["strength"],
                       rslora=opts["rslora"], from_alpha=opts["from_alpha"],

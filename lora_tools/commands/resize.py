@@ -42,8 +42,8 @@ def command(adapter: str, out: str, **opts: Any) -> None:
       lora-tools resize style.safetensors --dynamic sv_fro:0.9 --rank 32 -o small.safetensors
       lora-tools resize adapter_dir --rank 16 --alpha 16 -o r16 --device cuda --json
     """
+    from lora_tools.editing.resize import resize
     from lora_tools.io.dtypes import parse_dtype
-    from lora_tools.resize import resize
 
     summary = resize(adapter, out, rank=opts["rank"], dynamic=opts["dynamic"],
                      alpha=opts["alpha"], from_alpha=opts["from_alpha"],

@@ -14,6 +14,7 @@ from lora_tools.commands.common import (
     run_options,
     warn,
 )
+from lora_tools.commands.merge_shared import describe_merge, library_kwargs
 
 # Text output lists every adapted tensor up to this many, else the least exact ones.
 _LIST_LIMIT = 40
@@ -49,8 +50,7 @@ def command(merged: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
       lora-tools unmerge merged_dir a.safetensors b.safetensors -w 0.7 -w 0.3 -o base_dir
       lora-tools unmerge merged.safetensors adapter_dir -o b.safetensors --check-base base.safetensors
     """
-    from lora_tools.commands.merge import library_kwargs
-    from lora_tools.unmerge import unmerge
+    from lora_tools.merging.unmerge import unmerge
 
     summary = unmerge(merged, list(adapters), out, weights=list(weights), check_base=check_base,
                       **library_kwargs(opts))
@@ -59,8 +59,6 @@ def command(merged: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
 
 
 def describe(d: dict[str, Any]) -> str:
-    from lora_tools.commands.merge import describe as describe_merge
-
     ex = d["exactness"]
     what = (f"against {ex['base']}" if ex["mode"] == "checked"
             else "proven from MERGED alone; --check-base BASE to measure")

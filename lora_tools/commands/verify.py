@@ -46,10 +46,10 @@ def command(merged: str, base: str, adapters: tuple[str, ...], weights: tuple[fl
       lora-tools verify merged_dir --base model_dir -a a.safetensors -a b.safetensors -w 0.7 -w 0.3
       lora-tools verify merged.pt --base gpt2.pt -a lora.pt --alpha 128 --enable-lora 1,0,1 --json
     """
+    from lora_tools.adapters.options import AdapterOptions
     from lora_tools.commands.common import parse_enable_lora
     from lora_tools.io.dtypes import parse_dtype
-    from lora_tools.merge import AdapterOptions
-    from lora_tools.verify import verify
+    from lora_tools.merging.verify import verify
 
     report = verify(merged, base, list(adapters), weights=list(weights),
                     opts=AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.adapters.save import FactorModule, save_adapter
-from lora_tools.combine_plan import (
+from lora_tools.editing.combine_plan import (
     Group,
     Member,
     check_adapters,
@@ -34,16 +35,16 @@ from lora_tools.combine_plan import (
     whole_tensors,
     widest_dtype,
 )
-from lora_tools.delta import check_finite
-from lora_tools.device import resolve_device
+from lora_tools.engine.device import resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.io.dtypes import dtype_name
-from lora_tools.lowrank import stacked_svd
-from lora_tools.merge import AdapterOptions, open_adapters
+from lora_tools.math.finite import check_finite
+from lora_tools.math.lowrank import stacked_svd
 from lora_tools.methods.combine import CombineMethod, Options, Term, get_method
 from lora_tools.methods.combine.base import MAJORITY_SIGN
+from lora_tools.modules.lora import load_factors
 
-META_KEY = "lora_tools.combine"
+META_KEY = "lora_tools.editing.combine"
 
 
 @dataclass
@@ -77,7 +78,7 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
     t0 = time.perf_counter()
     spec = get_method(method)
     options = method_options(spec, rank, density, majority_sign)
-    ws = parse_weights(weights, len(adapter_paths))
+    ws = adapter_weights(weights, len(adapter_paths))
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     check_adapters(adapters)
     groups = plan(adapters, ws)
@@ -137,15 +138,6 @@ def method_options(spec: CombineMethod, rank: int | None, density: float | None,
     return Options(rank=rank, density=density, majority_sign=majority_sign)
 
 
-def parse_weights(weights: list[float] | None, n: int) -> list[float]:
-    if not weights:
-        return [1.0] * n
-    if len(weights) != n:
-        raise UsageError(f"{len(weights)} weights for {n} adapters; give one per adapter, in "
-                         "the same order (e.g. --weights 0.7,0.3)")
-    return [float(w) for w in weights]
-
-
 def _new_rank(spec: CombineMethod, g: Group, rank: int | None, largest: int) -> int:
     try:
         return spec.new_rank([mb.module.rank for mb in g.members], g.dims, rank, largest)
@@ -179,9 +171,7 @@ def combine_group(g: Group, spec: CombineMethod, k: int, alpha: float, options: 
 
 
 def _term(mb: Member, dev: torch.device) -> Term:
-    a, b = mb.adapter.factors(mb.module)
-    check_finite(a, f"{mb.adapter.path}: {mb.module.a_key}")
-    check_finite(b, f"{mb.adapter.path}: {mb.module.b_key}")
+    a, b = load_factors(mb.adapter, mb.module)
     a, b = a.reshape(a.shape[0], -1).to(dev), b.reshape(b.shape[0], b.shape[1]).to(dev)
     return Term(a, b, mb.module.scale, mb.weight)
 

@@ -79,7 +79,7 @@ def carried_metadata(adapter: Adapter, modules: list[FactorModule],
     if _KOHYA_ALPHA in meta:
         alphas = {m.alpha for m in modules}
         meta[_KOHYA_ALPHA] = _fmt(alphas.pop()) if len(alphas) == 1 else "Dynamic"
-    meta["lora_tools.edit"] = json.dumps(record)
+    meta["lora_tools.editing.common"] = json.dumps(record)
     return meta
 
 
@@ -93,8 +93,8 @@ def write_like(adapter: Adapter, modules: list[FactorModule], out: Path, force: 
     if to is None or to == adapter.format:
         return save_adapter(modules, out, adapter.format, template=template, metadata=meta,
                             force=force, inputs=inputs)
-    from lora_tools.convert import convert_adapter
-    from lora_tools.merge import AdapterOptions
+    from lora_tools.adapters.options import AdapterOptions
+    from lora_tools.editing.convert import convert_adapter
 
     # The edited adapter is staged in its own format, then converted: one conversion path.
     with tempfile.TemporaryDirectory(prefix=".lora-tools-stage-", dir=out.parent) as tmp:

@@ -20,14 +20,14 @@ import torch
 from lora_tools.adapters import Adapter, fold, load_adapter, names, require_alpha
 from lora_tools.adapters.mapping import resolve
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV
+from lora_tools.adapters.options import AdapterOptions
 from lora_tools.adapters.save import FactorModule, factor_modules, save_adapter
-from lora_tools.engine import output_specs, stream
+from lora_tools.engine.range import check_range, limit_of, peak
+from lora_tools.engine.stream import output_specs, stream
 from lora_tools.errors import FormatError, NumericError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.writer import TORCH_SUFFIXES
-from lora_tools.merge import AdapterOptions
-from lora_tools.range_check import check_range, limit_of, peak
 
 ADAPTER_TARGETS = ("peft", "kohya", "loralib")
 CHECKPOINT_TARGETS = ("safetensors", "pt")

@@ -20,15 +20,15 @@ import torch
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR
 from lora_tools.adapters.names import base_module
 from lora_tools.adapters.save import FactorModule, save_adapter
-from lora_tools.convert import ADAPTER_TARGETS, for_target
-from lora_tools.delta import check_finite
-from lora_tools.device import resolve_device
+from lora_tools.editing.convert import ADAPTER_TARGETS, for_target
+from lora_tools.engine.device import resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.output import check_output
 from lora_tools.io.paths import check_not_input
-from lora_tools.lowrank import FactorSVD, split
+from lora_tools.math.finite import check_finite
+from lora_tools.math.lowrank import FactorSVD, split
 from lora_tools.methods.resize_rules import ResizeRule, parse_rule, pick_rank
 
 # Module-path tokens of embedding tables (HF names: embed_tokens, wte, word_embeddings ...).

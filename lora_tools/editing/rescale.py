@@ -23,10 +23,10 @@ import torch
 
 from lora_tools.adapters.model import LoraModule
 from lora_tools.adapters.save import FactorModule, factor_modules
-from lora_tools.device import resolve_device
-from lora_tools.edit import check_factors, check_out, default_alpha, open_for_edit, write_like
+from lora_tools.editing.common import check_factors, check_out, default_alpha, open_for_edit, write_like
+from lora_tools.engine.device import resolve_device
 from lora_tools.errors import UsageError
-from lora_tools.ops import lora_scale
+from lora_tools.math.deltas import lora_scale
 
 
 @dataclass

@@ -22,13 +22,13 @@ import torch
 
 from lora_tools.adapters.model import LoraModule
 from lora_tools.adapters.save import FactorModule, factor_modules
-from lora_tools.device import resolve_device
-from lora_tools.edit import check_factors, check_out, open_for_edit, write_like
+from lora_tools.editing.common import check_factors, check_out, open_for_edit, write_like
+from lora_tools.editing.rescale import absorb
+from lora_tools.engine.device import resolve_device
 from lora_tools.errors import UsageError
-from lora_tools.lowrank import FactorSVD, factor_svd, flatten_factors, split
+from lora_tools.math.deltas import lora_scale
+from lora_tools.math.lowrank import FactorSVD, factor_svd, flatten_factors, split
 from lora_tools.methods.resize_rules import ResizeRule, parse_rule, pick_rank
-from lora_tools.ops import lora_scale
-from lora_tools.rescale import absorb
 
 
 @dataclass

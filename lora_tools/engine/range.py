@@ -8,25 +8,17 @@ refusal comes before the output file exists. Wide dtypes (bf16, fp32) skip the p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
 import torch
 
-from lora_tools.delta import check_finite
-from lora_tools.engine import TensorFn
+from lora_tools.engine.blocks import threads
+from lora_tools.engine.stream import TensorFn
 from lora_tools.errors import NumericError
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.writer import TensorSpec
 
-if TYPE_CHECKING:
-    from lora_tools.adapters.mapping import MatchReport
-    from lora_tools.adapters.model import Adapter
-
-# The work functions run cache-sized blocks, where an OpenMP team costs far more than it
-# saves (and on a busy machine far more): one thread, as the engine computes.
-_THREADS = 1
 # Below this largest finite value a dtype is "narrow": fp16 (65504) and the fp8 types.
 NARROW = 1e10
 
@@ -53,13 +45,11 @@ def check_range(base: Checkpoint, specs: list[TensorSpec], work: Mapping[str, Te
     ``work[name](name, W, torch.float32)`` must return the result in fp32, shape of ``W``;
     untouched tensors are checked only when cast to a narrower dtype than stored.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_THREADS)
-    try:
+    # The work functions run cache-sized blocks, where an OpenMP team costs far more than
+    # it saves: one thread, as the engine computes.
+    with threads(1):
         for spec in specs:
             _check_one(base, spec, work)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _check_one(base: Checkpoint, spec: TensorSpec, work: Mapping[str, TensorFn]) -> None:
@@ -78,16 +68,3 @@ def _check_one(base: Checkpoint, spec: TensorSpec, work: Mapping[str, TensorFn])
             f"{base.path}: tensor {spec.name!r} would reach {value:.6g} in the output, "
             f"beyond {dtype_name(spec.dtype)}'s largest value {limit:g}; nothing was "
             "written. Use --dtype bf16 (same range as fp32) or --dtype fp32")
-
-
-def check_factors(adapters: Sequence[Adapter], reports: Sequence[MatchReport]) -> None:
-    """NaN/Inf in any matched factor, refused before the output exists.
-
-    Factors are small next to the base, so reading them once more up front is cheap, and a
-    damaged module in the last layer no longer costs a whole written-then-removed output.
-    """
-    for adapter, report in zip(adapters, reports, strict=True):
-        for match in report.matches:
-            a, b = adapter.factors(match.module)
-            check_finite(a, f"{adapter.path}: {match.module.a_key}")
-            check_finite(b, f"{adapter.path}: {match.module.b_key}")

@@ -19,22 +19,19 @@ from typing import Any
 
 import torch
 
+from lora_tools.engine.blocks import plan_rows
+from lora_tools.engine.pipeline import Pipeline
+from lora_tools.engine.transfer import Mover, mover_for, read_rows
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.output import CheckpointWriter
 from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.io.writer import TensorSpec, tensor_bytes
-from lora_tools.pipeline import Pipeline
-from lora_tools.rows import plan_rows
-from lora_tools.transfer import Mover, mover_for, read_rows
 
 TensorFn = Callable[[str, torch.Tensor, torch.dtype], torch.Tensor]
 
 DEFAULT_MAX_MEMORY = 1 << 30
 # fp32 working copies a work function holds per element (accumulator, delta, scaled delta)
 WORK_FP32_COPIES = 3
-# Intra-op threads for cache-sized blocks (rows.one_thread applies it around them; whole
-# tensors keep torch's setting, as the peers compute them). Kept for range_check/verify.
-COMPUTE_THREADS = 1
 
 
 @dataclass

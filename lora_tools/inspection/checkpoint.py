@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_tools import provenance
 from lora_tools.io import open_checkpoint
 from lora_tools.io.dtypes import dtype_name
+from lora_tools.merging import provenance
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Per-module LoRA figures computed in factor space, and module naming rules.
 
 Every spectral figure comes from the exact SVD of ``B @ A`` obtained by QR of the factors
-and an ``r × r`` core (:func:`lora_tools.lowrank.factor_svd`), never from the ``out × in``
+and an ``r × r`` core (:func:`lora_tools.math.lowrank.factor_svd`), never from the ``out × in``
 update. Figures that do not depend on the scale (stable rank, effective ranks, factor
 norms) are reported even when alpha is unknown.
 """
@@ -16,7 +16,7 @@ import torch
 
 from lora_tools.adapters.kohya import strip_prefix
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV, MERGED
-from lora_tools.lowrank import factor_singular_values
+from lora_tools.math.lowrank import factor_singular_values
 
 
 @dataclass

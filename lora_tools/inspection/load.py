@@ -84,7 +84,7 @@ def _load_dora(folder: Path, path: Path) -> tuple[Adapter, int]:
 
 def _magnitude_summary(source: Checkpoint) -> str:
     """min / mean / max of all DoRA magnitude entries m (one per output feature)."""
-    from lora_tools.dora import magnitude_stats
+    from lora_tools.math.dora import magnitude_stats
 
     mags = [source.get(k).reshape(-1).double() for k in source.keys() if k.endswith(MAGNITUDE)]
     if not mags:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from lora_tools.errors import OutputError, UsageError
 
 if TYPE_CHECKING:
-    from lora_tools.stats import AdapterReport
-    from lora_tools.stats_checkpoint import CheckpointReport
+    from lora_tools.inspection.checkpoint import CheckpointReport
+    from lora_tools.inspection.model import AdapterReport
 
 MAX_LINES = 64  # spectra drawn; beyond this the plot turns into a smear
 LEGEND = 5  # strongest modules named in the legend
@@ -47,7 +47,7 @@ def check_target(out: str | Path) -> Path:
 
 def write_plot(report: AdapterReport | CheckpointReport, out: str | Path) -> Path:
     """Write the PNG atomically (temporary name, then rename); return its path."""
-    from lora_tools.stats import AdapterReport
+    from lora_tools.inspection.model import AdapterReport
 
     if not isinstance(report, AdapterReport):
         raise UsageError(f"--plot draws adapter spectra; {report.path} is a checkpoint "

@@ -2,7 +2,7 @@
 
 Header facts (modules, shapes, ranks, alphas, parameter counts, dtypes, sizes) come from
 file headers without reading tensor data. Per-module figures read each module's two
-factors once and work in factor space (see :mod:`lora_tools.stats_math`): with ΔW = s·B@A,
+factors once and work in factor space (see :mod:`lora_tools.inspection.figures`): with ΔW = s·B@A,
 A: (r, in), B: (out, r), the SVD of B@A costs O((in + out)·r²) and ΔW is never formed.
 """
 
@@ -10,91 +10,27 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_tools.adapters import Adapter
 from lora_tools.adapters.mapping import BaseIndex, match_adapter
 from lora_tools.adapters.model import LoraModule
-from lora_tools.device import resolve_device
+from lora_tools.engine.device import resolve_device
 from lora_tools.errors import FormatError, UsageError
-from lora_tools.io import open_checkpoint
-from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.stats_checkpoint import CheckpointReport, inspect_checkpoint
-from lora_tools.stats_load import is_adapter, open_for_inspect
-from lora_tools.stats_math import (
+from lora_tools.inspection.checkpoint import CheckpointReport, inspect_checkpoint
+from lora_tools.inspection.figures import (
     FactorFigures,
     factor_figures,
     fused_groups,
     module_group,
     module_layer,
 )
-from lora_tools.stats_summary import summarize
-
-
-@dataclass
-class ModuleStats:
-    """Every figure of one module. Scale-dependent ones are None while alpha is unknown."""
-
-    name: str
-    group: str
-    layer: str | None
-    kind: str
-    rank: int
-    alpha: float | None
-    alpha_source: str
-    scale: float | None
-    rslora: bool
-    a_shape: list[int]
-    b_shape: list[int]
-    params: int
-    norm_a: float
-    norm_b: float
-    norm_ba: float | None
-    norm_delta: float | None
-    spectral_norm: float | None
-    singular_values: list[float] | None
-    singular_values_ba: list[float]
-    stable_rank: float | None
-    eff_rank_90: int | None
-    eff_rank_99: int | None
-    nan: int
-    inf: int
-    zero_a: bool
-    zero_b: bool
-    base_key: str | None = None
-    norm_base: float | None = None
-    rel_update: float | None = None
-    spectrum: list[float] = field(default_factory=list, repr=False)  # for the plot only
-
-
-@dataclass
-class AdapterReport:
-    path: str
-    format: str
-    files: list[str]
-    size_bytes: int
-    dtypes: list[str]
-    params: int
-    modules: list[ModuleStats]
-    summary: dict[str, Any]
-    dora_magnitudes: int = 0
-    whole_tensors: list[dict[str, Any]] = field(default_factory=list)
-    base: dict[str, Any] | None = None
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    top: int = 5
-    device: str = "cpu"
-    seconds: float = 0.0
-    plot: str | None = None
-    mode: str = "adapter"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for m in d["modules"]:
-            m.pop("spectrum", None)
-        return d
+from lora_tools.inspection.load import is_adapter, open_for_inspect
+from lora_tools.inspection.model import AdapterReport, ModuleStats
+from lora_tools.inspection.summary import summarize
+from lora_tools.io import open_checkpoint
+from lora_tools.io.checkpoint import Checkpoint
 
 
 def inspect_path(path: str | Path, *, base: str | Path | None = None, top: int = 5,
@@ -109,7 +45,7 @@ def inspect_path(path: str | Path, *, base: str | Path | None = None, top: int =
         raise UsageError(f"--top {top}: give a count of 1 or more")
     adapter = is_adapter(p)
     if plot is not None:
-        from lora_tools.plot import check_target
+        from lora_tools.inspection.plot import check_target
 
         if not adapter:
             raise UsageError(f"--plot draws adapter spectra; {p} is a checkpoint without LoRA "
@@ -122,7 +58,7 @@ def inspect_path(path: str | Path, *, base: str | Path | None = None, top: int =
     report = inspect_adapter(p, base=base, top=top, alpha=alpha, enable_lora=enable_lora,
                              fan_in_fan_out=fan_in_fan_out, device=device)
     if plot is not None:
-        from lora_tools.plot import write_plot
+        from lora_tools.inspection.plot import write_plot
 
         report.plot = str(write_plot(report, plot))
     return report

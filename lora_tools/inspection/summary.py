@@ -7,7 +7,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lora_tools.stats import ModuleStats
+    from lora_tools.inspection.model import ModuleStats
 
 GROUP_ORDER = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "attn", "mlp", "conv",
                "embedding", "other")

@@ -18,21 +18,34 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+Rows = tuple[int, int]
+
+
 def linear_delta(a: torch.Tensor, b: torch.Tensor, factor: float,
-                 fan_in_fan_out: bool = False) -> torch.Tensor:
+                 fan_in_fan_out: bool = False, rows: Rows | None = None) -> torch.Tensor:
     """A: (r, in), B: (out, r) -> (out, in), or (in, out) when ``fan_in_fan_out``.
 
     PEFT ``Linear.get_delta_weight`` and loralib ``Linear``: ``T(B @ A) * scale``.
+    ``rows=(start, stop)`` gives just those rows of the result: rows of B, or (transposed)
+    columns of A. Each element is the same r-term dot product as in the whole product.
     """
-    d = b.float() @ a.float()
+    a32, b32 = a.float(), b.float()
+    if rows is not None:
+        start, stop = rows
+        if fan_in_fan_out:
+            a32 = a32[:, start:stop]
+        else:
+            b32 = b32[start:stop]
+    d = b32 @ a32
     if fan_in_fan_out:
         d = d.T
     return d * factor
 
 
-def embedding_delta(a: torch.Tensor, b: torch.Tensor, factor: float) -> torch.Tensor:
+def embedding_delta(a: torch.Tensor, b: torch.Tensor, factor: float,
+                    rows: Rows | None = None) -> torch.Tensor:
     """A: (r, num_embeddings), B: (dim, r) -> (num_embeddings, dim): ``(B @ A)ᵀ * scale``."""
-    return (b.float() @ a.float()).T * factor
+    return linear_delta(a, b, factor, fan_in_fan_out=True, rows=rows)
 
 
 def conv_delta(a: torch.Tensor, b: torch.Tensor, factor: float,

@@ -1,74 +1,25 @@
-"""Adapter deltas by row blocks, and the per-tensor work object the engine runs.
+"""The merge kernel: ``W + Σ wᵢ·ΔWᵢ`` for one base tensor, whole or by row blocks.
 
-A tensor whose working set is larger than the memory cap (``--max-memory``, or free GPU
-memory) is processed as blocks of rows ``[start, stop)`` of the base tensor. Rows of a
-linear delta are ``B[start:stop] @ A``; rows of a transposed one (``fan_in_fan_out``,
-embeddings) are columns of ``B @ A``, i.e. ``(B @ A[:, start:stop])ᵀ``. Each element is
-the same r-term dot product as in the one-shot product; blocks are kept at least
-``MIN_ROWS`` rows so the BLAS takes its ordinary matrix kernel (a 1-row product goes
-through gemv, which sums in another order), and the row-block result is tested equal to
-the one-shot result bit for bit.
+This is one of the three files that say how a tensor is merged: this one sums the terms
+and rounds once; :mod:`lora_tools.modules.lora` gives each module's ΔW (whole or by rows),
+and :mod:`lora_tools.math.deltas` holds the formula of each layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from lora_tools.adapters.mapping import Match
-from lora_tools.adapters.model import EMBEDDING, LINEAR, Adapter, LoraModule
-from lora_tools.delta import check_finite, module_delta
+from lora_tools.adapters.model import LINEAR, Adapter
+from lora_tools.engine.blocks import CACHE_BLOCK, plan_rows, threads
+from lora_tools.math.finite import check_finite
+from lora_tools.modules.lora import load_factors, module_delta, row_blockable
 
-MIN_ROWS = 64
-CACHE_BLOCK = 512 * 1024  # bytes of fp32 rows computed at a time on the CPU (about L2)
-
-
-def plan_rows(n_rows: int, row_cost: int, cap: int) -> list[tuple[int, int]]:
-    """Row ranges whose cost fits ``cap`` (but at least ``MIN_ROWS`` rows; a short tail
-    joins the block before it)."""
-    per = max(MIN_ROWS, cap // max(1, row_cost))
-    if per >= n_rows or n_rows < 2 * MIN_ROWS:
-        return [(0, n_rows)]
-    bounds = list(range(0, n_rows, per)) + [n_rows]
-    if bounds[-1] - bounds[-2] < MIN_ROWS:
-        del bounds[-2]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Cache-sized blocks run faster on one thread: an OpenMP team costs more than it
-    saves there (far more on a busy machine); the pipeline's stages are the parallelism.
-    Whole tensors keep torch's threads, as the peers compute them (conv results depend
-    on the thread count)."""
-    n = torch.get_num_threads()
-    if n != 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if n != 1:
-            torch.set_num_threads(n)
-
-
-def row_blockable(m: LoraModule) -> bool:
-    return m.kind in (LINEAR, EMBEDDING)
-
-
-def delta_rows(m: LoraModule, a: torch.Tensor, b: torch.Tensor, factor: float,
-               start: int, stop: int) -> torch.Tensor:
-    """Rows ``[start, stop)`` of ``module_delta``: A: (r, in), B: (out, r) ->
-    (stop - start, in), or (stop - start, out) for transposed layouts, in fp32."""
-    if m.kind == EMBEDDING or (m.kind == LINEAR and m.fan_in_fan_out):
-        return (b.float() @ a.float()[:, start:stop]).T * factor
-    if m.kind == LINEAR:
-        return (b.float()[start:stop] @ a.float()) * factor
-    raise ValueError(f"{m.name}: {m.kind} deltas are not computed by row blocks")
-
-
+# (name, input tensor as stored, Σ sign·wᵢ·ΔWᵢ in fp64, rounded output): sees each adapted
+# tensor as it streams by (unmerge's exactness report).
 Observer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
@@ -113,7 +64,7 @@ class DeltaSum:
         else:
             result = torch.empty(w.shape, dtype=out, device=self.device)
             row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
-            with one_thread():
+            with threads(1):
                 for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
                     result[b0:b1] = self._block(name, w[b0:b1], start + b0, start + b1,
                                                 factors)
@@ -133,7 +84,8 @@ class DeltaSum:
         # added to in place below.
         acc = w.to(self.device, torch.float32, copy=True)
         for (_, match, weight), (a, b) in zip(self.terms, factors):
-            acc += delta_rows(match.module, a, b, match.module.scale * weight, start, stop)
+            acc += module_delta(match.module, a, b, match.module.scale * weight, tuple(w.shape),
+                                rows=(start, stop))
         self._check(acc, w, name)
         return acc
 
@@ -158,11 +110,8 @@ class DeltaSum:
 
     def _get(self, i: int, adapter: Adapter, match: Match) -> tuple[torch.Tensor, torch.Tensor]:
         if i not in self._factors:
-            a, b = adapter.factors(match.module)
-            a, b = a.to(self.device), b.to(self.device)
-            check_finite(a, f"{adapter.path}: {match.module.a_key}")
-            check_finite(b, f"{adapter.path}: {match.module.b_key}")
-            self._factors[i] = (a, b)
+            a, b = load_factors(adapter, match.module)
+            self._factors[i] = (a.to(self.device), b.to(self.device))
         return self._factors[i]
 
     def _check(self, acc: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lora_tools import beyond_plan, provenance, quant
-from lora_tools.adapters import Adapter, load_adapter, require_alpha
+from lora_tools.adapters import Adapter
 from lora_tools.adapters.mapping import Match, MatchReport, resolve
-from lora_tools.device import choose_device, resolve_device
-from lora_tools.engine import TensorFn, output_specs, stream
-from lora_tools.errors import ProvenanceError, UsageError
-from lora_tools.io import CheckpointWriter, open_checkpoint
+from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
+from lora_tools.engine.device import choose_device, resolve_device
+from lora_tools.engine.range import check_range
+from lora_tools.engine.stream import TensorFn, output_specs, stream
+from lora_tools.errors import ProvenanceError
+from lora_tools.io import CheckpointWriter, open_checkpoint, quant
 from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.range_check import check_factors, check_range
-from lora_tools.rows import DeltaSum
-
-# (name, input tensor as stored, Σ sign·wᵢ·ΔWᵢ in fp64, rounded output): sees each adapted
-# tensor as it streams by (unmerge's exactness report).
-Observer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-@dataclass
-class AdapterOptions:
-    """Options for formats that leave something unsaid (loralib's alpha, fused layout)."""
-
-    alpha: float | None = None
-    enable_lora: tuple[bool, ...] | None = None
-    fan_in_fan_out: bool | None = None
+from lora_tools.merging import plan as beyond_plan
+from lora_tools.merging import provenance
+from lora_tools.merging.checks import check_factors
+from lora_tools.merging.kernel import DeltaSum, Observer
 
 
 @dataclass
@@ -51,14 +40,6 @@ class MergeSummary:
         return asdict(self)
 
 
-def open_adapters(paths: list[str | Path], opts: AdapterOptions) -> list[Adapter]:
-    adapters = [load_adapter(p, alpha=opts.alpha, enable_lora=opts.enable_lora,
-                             fan_in_fan_out=opts.fan_in_fan_out) for p in paths]
-    for a in adapters:
-        require_alpha(a)
-    return adapters
-
-
 def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path, *,
                    sign: float = 1.0, weights: list[float] | None = None,
                    opts: AdapterOptions | None = None, dtype: torch.dtype | None = None,
@@ -76,7 +57,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     touches one side of tied weights), ``dequantize`` (fp8 bases); ``restore_from``: the
     original base, from which an unmerge restores tensors an adapter replaced whole.
     """
-    weights = _weights(weights, len(adapter_paths))
+    weights = adapter_weights(weights, len(adapter_paths))
     base = open_checkpoint(base_path)
     deq = quant.prepare(base, dequantize)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
@@ -131,17 +112,6 @@ def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Pat
           **kwargs: Any) -> MergeSummary:
     """Merge adapters into ``base_path``: every adapted tensor becomes ``W + Σ wᵢ·sᵢ·BᵢAᵢ``."""
     return apply_adapters(base_path, adapter_paths, out, sign=1.0, op="merge", **kwargs)
-
-
-def _weights(weights: list[float] | None, n: int) -> list[float]:
-    if not weights:
-        return [1.0] * n
-    if len(weights) == 1 and n > 1:
-        return list(weights) * n
-    if len(weights) != n:
-        raise UsageError(f"{len(weights)} --weight values for {n} adapters; give one per "
-                         "adapter, in the same order")
-    return list(weights)
 
 
 def _check_history(base: Checkpoint, adapters: list[Adapter], op: str, force: bool,

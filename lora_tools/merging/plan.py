@@ -9,15 +9,16 @@ from typing import Any
 
 import torch
 
-from lora_tools import ties
 from lora_tools.adapters.mapping import MatchReport
 from lora_tools.adapters.model import Adapter
-from lora_tools.beyond import Observer, SpecialWork, collect_norms, special_work, stored_norms
-from lora_tools.engine import TensorFn, out_dtype
+from lora_tools.engine.stream import TensorFn, out_dtype
 from lora_tools.errors import MatchError
+from lora_tools.io import tied as ties
 from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.io.quant import Dequantizer
 from lora_tools.io.writer import TensorSpec
-from lora_tools.quant import Dequantizer
+from lora_tools.merging.kernel import Observer
+from lora_tools.merging.special import SpecialWork, collect_norms, special_work, stored_norms
 
 DEQUANT_DTYPE = torch.bfloat16
 
@@ -68,7 +69,7 @@ def plan(base: Checkpoint, adapters: list[Adapter], reports: list[MatchReport],
 
 
 def _records(base: Checkpoint) -> list[dict[str, Any]]:
-    from lora_tools import provenance
+    from lora_tools.merging import provenance
 
     return provenance.read(base.metadata)
 

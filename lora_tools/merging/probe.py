@@ -2,7 +2,7 @@
 
 The reference applies the factors one after the other, as the layer does at run time,
 never forming ΔW; so it checks the layouts (transposes, fused groups) that the dense
-formulas in :mod:`lora_tools.ops` encode, independently of them. Computed in fp64 for
+formulas in :mod:`lora_tools.math.deltas` encode, independently of them. Computed in fp64 for
 fp32 outputs, in fp32 for 16-bit ones.
 """
 

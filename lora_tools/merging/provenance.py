@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lora_tools import __version__
 from lora_tools.adapters.model import Adapter
+from lora_tools.version import __version__
 
-KEY = "lora_tools.provenance"
+KEY = "lora_tools.merging.provenance"
 VERSION_KEY = "lora_tools.version"
 
 

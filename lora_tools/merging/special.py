@@ -17,15 +17,16 @@ from typing import Any
 
 import torch
 
-from lora_tools import dora
 from lora_tools.adapters.mapping import Match, MatchReport
 from lora_tools.adapters.model import Adapter
-from lora_tools.delta import check_finite, module_delta
 from lora_tools.errors import FormatError, MatchError, ProvenanceError, UsageError
 from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.math import dora
+from lora_tools.math.finite import check_finite
+from lora_tools.merging.kernel import Observer
+from lora_tools.modules.lora import load_factors, module_delta
 
 Dequant = Callable[[str, torch.Tensor], torch.Tensor]
-Observer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
 NormKey = tuple[str, str]  # (adapter sha256, base key)
 
 
@@ -110,9 +111,7 @@ class SpecialWork:
 
     def _delta(self, adapter: Adapter, match: Match, weight: float,
                shape: tuple[int, ...]) -> torch.Tensor:
-        a, b = adapter.factors(match.module)
-        check_finite(a, f"{adapter.path}: {match.module.a_key}")
-        check_finite(b, f"{adapter.path}: {match.module.b_key}")
+        a, b = load_factors(adapter, match.module)
         factor = match.module.scale * weight
         return module_delta(match.module, a.to(self.device), b.to(self.device), factor, shape)
 

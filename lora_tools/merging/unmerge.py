@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
+from lora_tools.engine.blocks import threads
 from lora_tools.errors import FormatError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.merge import MergeSummary, apply_adapters
-from lora_tools.ulp import neighbours, ulp, ulp_error
+from lora_tools.math.ulp import neighbours, ulp, ulp_error
+from lora_tools.merging.merge import MergeSummary, apply_adapters
 
 # Relative error of one fp32 rounding (24 significand bits).
 _FP32_ROUNDING = 2.0**-24
@@ -81,7 +82,7 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
             check_base: str | Path | None = None, **kwargs: Any) -> UnmergeSummary:
     """Write ``MERGED − Σ wᵢ·ΔWᵢ`` to ``out``, with per-tensor exactness (see the module doc).
 
-    ``kwargs`` are :func:`lora_tools.merge.apply_adapters`'s (weights, opts, dtype, device,
+    ``kwargs`` are :func:`lora_tools.merging.merge.apply_adapters`'s (weights, opts, dtype, device,
     shard_size, force, allow_unmatched, progress).
     """
     base = open_checkpoint(check_base) if check_base is not None else None
@@ -93,17 +94,13 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
 
     def observe(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor) -> None:
         m, total, u = m.cpu(), total.cpu(), u.cpu()  # the engine may hand device tensors
-        threads = torch.get_num_threads()
         # Cache-sized chunks: an OpenMP team costs more than it saves on them.
-        torch.set_num_threads(1)
-        try:
+        with threads(1):
             if base is None:
                 early = extra + (1 if u.element_size() < 4 else 0)
                 stats.append(proven_exactness(name, m, total, u, early))
             else:
                 stats.append(checked_exactness(name, m, u, _base_tensor(base, name, u)))
-        finally:
-            torch.set_num_threads(threads)
 
     summary = apply_adapters(merged_path, adapter_paths, out, sign=-1.0, op="unmerge",
                              observe=observe, restore_from=check_base, **kwargs)

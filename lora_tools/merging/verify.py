@@ -5,7 +5,7 @@ For every tensor of BASE, in file order, with one tensor of each checkpoint in m
 * adapted tensors are recomputed in fp32 by the merge engine itself and compared with
   MERGED elementwise, in units of the last place (ulp) of the stored dtype, taken at the
   larger of the merged value and the update (the update's own rounding is that big);
-  then a functional probe (:mod:`lora_tools.probe`) checks ``W'x`` against ``Wx + s·B(Ax)``;
+  then a functional probe (:mod:`lora_tools.merging.probe`) checks ``W'x`` against ``Wx + s·B(Ax)``;
 * untouched tensors must be byte-identical (after the cast, when ``dtype`` is given);
 * names, shapes and dtypes must match, and no value may be NaN or Inf.
 
@@ -22,20 +22,22 @@ from typing import Any
 
 import torch
 
-from lora_tools import probe as probe_mod
-from lora_tools import provenance
 from lora_tools.adapters import Adapter
 from lora_tools.adapters.mapping import MatchReport, resolve
-from lora_tools.beyond import special_work
-from lora_tools.device import resolve_device
-from lora_tools.engine import TensorFn, out_dtype
+from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
+from lora_tools.engine.blocks import threads
+from lora_tools.engine.device import resolve_device
+from lora_tools.engine.stream import TensorFn, out_dtype
 from lora_tools.errors import UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.safetensors_file import TensorInfo
-from lora_tools.merge import AdapterOptions, _weights, build_work, open_adapters
-from lora_tools.ulp import ulp_error
+from lora_tools.math.ulp import ulp_error
+from lora_tools.merging import probe as probe_mod
+from lora_tools.merging import provenance
+from lora_tools.merging.merge import build_work
+from lora_tools.merging.special import special_work
 
 # Default tolerance in ulps by bytes per element. 16-bit: a correctly rounded merge is
 # within 0.5, one that rounded ΔW first (PEFT with 16-bit adapter weights) within 1.
@@ -111,7 +113,7 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     if tol is not None and not tol >= 0:
         raise UsageError(f"--tolerance {tolerance}: give a number of ulps >= 0, e.g. 1")
     t0 = time.perf_counter()
-    weights = _weights(weights, len(adapter_paths))
+    weights = adapter_weights(weights, len(adapter_paths))
     merged, base = open_checkpoint(merged_path), open_checkpoint(base_path)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     reports, warnings = resolve(adapters, base, allow_unmatched)
@@ -126,16 +128,12 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     for key in special:  # not W + s·B(A·x): the element check covers them, the probe not
         plan.terms.pop(key, None)
     checker = _Checker(merged, base, work, plan, dtype, tol, seed)
-    threads = torch.get_num_threads()
     # One thread: on these streaming, memory-bound passes an OpenMP team costs more than it
     # saves (measured: 2 threads took 1.4× the wall time of 1). fp32 results that depend on
     # the thread count (convs) stay within the fp32 tolerance.
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         for info in base.infos():
             rep.failures += checker.check(info, rep)
-    finally:
-        torch.set_num_threads(threads)
     for name in merged.keys():
         if name not in base:
             rep.failures.append(Failure(name, "extra", "in MERGED but not in BASE"))

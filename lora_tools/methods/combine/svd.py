@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_tools.lowrank import split, stacked_svd
+from lora_tools.math.lowrank import split, stacked_svd
 from lora_tools.methods.combine.base import CombineMethod, Options, Term, truncated_rank
 
 

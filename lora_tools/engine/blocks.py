@@ -1,0 +1,49 @@
+"""Row blocks and the thread setting they run under: how a large tensor is cut.
+
+A tensor whose working set is larger than the memory cap (``--max-memory``, or free GPU
+memory) is processed as blocks of rows ``[start, stop)``. Blocks are kept at least
+``MIN_ROWS`` rows so the BLAS takes its ordinary matrix kernel (a 1-row product goes
+through gemv, which sums in another order); results by blocks are tested equal to the
+one-shot result bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+MIN_ROWS = 64
+CACHE_BLOCK = 512 * 1024  # bytes of fp32 rows computed at a time on the CPU (about L2)
+
+
+def plan_rows(n_rows: int, row_cost: int, cap: int) -> list[tuple[int, int]]:
+    """Row ranges whose cost fits ``cap`` (but at least ``MIN_ROWS`` rows; a short tail
+    joins the block before it)."""
+    per = max(MIN_ROWS, cap // max(1, row_cost))
+    if per >= n_rows or n_rows < 2 * MIN_ROWS:
+        return [(0, n_rows)]
+    bounds = list(range(0, n_rows, per)) + [n_rows]
+    if bounds[-1] - bounds[-2] < MIN_ROWS:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+@contextmanager
+def threads(n: int = 1) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, restoring the caller's setting after.
+
+    Cache-sized blocks run faster on one thread: an OpenMP team costs more than it saves
+    there (far more on a busy machine); the pipeline's stages are the parallelism. Whole
+    tensors keep torch's threads, as the peers compute them (conv results depend on the
+    thread count).
+    """
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
