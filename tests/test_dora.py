@@ -162,13 +162,16 @@ def test_verify_accepts_dora_merge_and_catches_a_change(tmp_path: Path) -> None:
 
 @pytest.mark.cuda
 def test_dora_cuda_matches_cpu(tmp_path: Path) -> None:
-    """On a GPU the norm's reduction order may differ: within one fp32 unit of the CPU's."""
+    """On a GPU the norm's reduction order may differ: within verify's documented fp32
+    bound (8 ulp, DEFAULT_TOLERANCE_ULP) of the CPU's; 16-bit outputs within 1 ulp."""
     base, _ = _dora_pair(tiny_llama(), tmp_path)
     merge(base, [tmp_path / "adapter"], tmp_path / "cpu.safetensors", device="cpu")
     merge(base, [tmp_path / "adapter"], tmp_path / "gpu.safetensors", device="cuda")
     cpu, gpu = read(tmp_path / "cpu.safetensors"), read(tmp_path / "gpu.safetensors")
     for k in cpu:
-        assert torch.allclose(cpu[k], gpu[k], rtol=2**-22, atol=0), k
+        eps = torch.finfo(cpu[k].dtype).eps if cpu[k].is_floating_point() else 0.0
+        rtol = eps * (8 if cpu[k].dtype == torch.float32 else 1)
+        assert torch.allclose(cpu[k], gpu[k], rtol=rtol, atol=0), k
 
 
 def test_dora_conv_bitwise(tmp_path: Path) -> None:

@@ -251,13 +251,14 @@ def test_cli_device_cuda_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_auto_device_stays_on_cpu_for_small_jobs(tmp_path: Path) -> None:
-    from lora_tools.engine.device import AUTO_CUDA_MIN_BYTES, choose_device
+def test_auto_device_keeps_writers_on_the_cpu(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one rule (engine/device.py): writers stay on the CPU under auto, GPU or not."""
+    from lora_tools.engine.device import resolve_device
 
     base, adapter = _cli_case(tmp_path)
     s = merge(base, [adapter], tmp_path / "o.safetensors", device="auto")
     assert s.device == "cpu"
-    assert choose_device("auto", 10) == "cpu"
-    assert choose_device("cpu", 10**12) == "cpu"
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert choose_device("auto", AUTO_CUDA_MIN_BYTES) == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("auto", auto="cuda") == torch.device("cuda")

@@ -35,7 +35,7 @@ from lora_tools.editing.combine_plan import (
     whole_tensors,
     widest_dtype,
 )
-from lora_tools.engine.device import resolve_device
+from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.math.finite import check_finite
@@ -68,6 +68,7 @@ class CombineSummary:
         return asdict(self)
 
 
+@exact
 def combine(adapter_paths: list[str | Path], out: str | Path, *,
             weights: list[float] | None = None, method: str = "cat", rank: int | None = None,
             density: float | None = None, majority_sign: str = "total",

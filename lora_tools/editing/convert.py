@@ -22,6 +22,7 @@ from lora_tools.adapters.mapping import resolve
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV
 from lora_tools.adapters.options import AdapterOptions
 from lora_tools.adapters.save import FactorModule, factor_modules, save_adapter
+from lora_tools.engine.device import exact
 from lora_tools.engine.range import check_range, limit_of, peak
 from lora_tools.engine.stream import output_specs, stream
 from lora_tools.errors import FormatError, NumericError, UsageError
@@ -50,6 +51,7 @@ class ConvertSummary:
         return asdict(self)
 
 
+@exact
 def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | None = None,
             prefix: str | None = None, opts: AdapterOptions | None = None,
             dtype: torch.dtype | None = None, shard_size: int | None = None,

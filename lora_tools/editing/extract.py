@@ -21,7 +21,7 @@ from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR
 from lora_tools.adapters.names import base_module
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.editing.convert import ADAPTER_TARGETS, for_target
-from lora_tools.engine.device import resolve_device
+from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
@@ -70,6 +70,7 @@ class ExtractSummary:
         return asdict(self)
 
 
+@exact
 def extract(base_path: str | Path, tuned_path: str | Path, out: str | Path,
             opts: ExtractOptions, *, to: str = "peft", prefix: str | None = None,
             save_rest: str | Path | None = None, device: str = "auto",

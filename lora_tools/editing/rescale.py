@@ -24,7 +24,7 @@ import torch
 from lora_tools.adapters.model import LoraModule
 from lora_tools.adapters.save import FactorModule, factor_modules
 from lora_tools.editing.common import check_factors, check_out, default_alpha, open_for_edit, write_like
-from lora_tools.engine.device import resolve_device
+from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.math.deltas import lora_scale
 
@@ -91,6 +91,7 @@ def new_alpha(m: LoraModule, alpha: float | None, default: float, strength: floa
     return m.alpha * abs(strength)
 
 
+@exact
 def rescale(adapter_path: str | Path, out: str | Path, *, alpha: float | None = None,
             strength: float | None = None, rslora: bool | None = None,
             from_alpha: float | None = None, dtype: torch.dtype | None = None,

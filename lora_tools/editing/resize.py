@@ -24,7 +24,7 @@ from lora_tools.adapters.model import LoraModule
 from lora_tools.adapters.save import FactorModule, factor_modules
 from lora_tools.editing.common import check_factors, check_out, open_for_edit, write_like
 from lora_tools.editing.rescale import absorb
-from lora_tools.engine.device import resolve_device
+from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.math.deltas import lora_scale
 from lora_tools.math.lowrank import FactorSVD, factor_svd, flatten_factors, split
@@ -69,6 +69,7 @@ def truncate(a: torch.Tensor, b: torch.Tensor, scale: float, k: int, new_scale: 
     return a2.reshape((k, *a.shape[1:])), b2.reshape((b.shape[0], k, *b.shape[2:]))
 
 
+@exact
 def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None,
            dynamic: str | None = None, alpha: float | None = None,
            from_alpha: float | None = None, dtype: torch.dtype | None = None,

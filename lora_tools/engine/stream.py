@@ -10,7 +10,6 @@ whole plan up front, so nothing is buffered beyond the items in flight.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -86,7 +85,12 @@ def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn]
     stats, t0 = StreamStats(), time.perf_counter()
     mover = mover_for(device or torch.device("cpu"))
     cap = max_memory or DEFAULT_MAX_MEMORY
-    items = list(_plan(base, writer.specs, work, cap, mover, stats))
+    free = mover.free_bytes()
+    if free is not None:
+        # One budget bounds host and device bytes in flight (an item's cost counts both):
+        # half of the GPU's free memory, the rest left to factors and allocator slack.
+        cap = min(cap, max(1, free // 2))
+    items = list(_plan(base, writer.specs, work, cap, stats))
     bar = _bar(sum(s.nbytes for s in writer.specs), progress)
     stages = _Stages(base, writer, work, mover, stats, bar)
     pipe = Pipeline(stages.read, stages.compute, stages.write, lambda it: it.cost, cap)
@@ -100,25 +104,24 @@ def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn]
     return stats
 
 
-def item_cost(info: TensorInfo, spec: TensorSpec, mode: str, mover: Mover) -> int:
-    """Bytes an item holds in host memory from its read until its write is done."""
+def item_cost(info: TensorInfo, spec: TensorSpec, mode: str) -> int:
+    """Bytes an item holds from its read until its write is done: in host memory, and on a
+    GPU the same input and output buffers plus the fp32 working set (so one budget bounds
+    both)."""
     if mode == "copy":
         return 0 if info.offset >= 0 else info.nbytes  # file ranges are copied by the kernel
     numel = info.nbytes // max(1, info.dtype.itemsize)
-    fp32 = 0 if mover.pin or mode == "cast" else WORK_FP32_COPIES * 4 * numel
+    fp32 = 0 if mode == "cast" else WORK_FP32_COPIES * 4 * numel
     return info.nbytes + spec.nbytes + fp32
 
 
 def _plan(base: Checkpoint, specs: list[TensorSpec], work: dict[str, TensorFn], cap: int,
-          mover: Mover, stats: StreamStats) -> Iterator[Item]:
-    device_cap = mover.free_bytes()
+          stats: StreamStats) -> Iterator[Item]:
     for spec in specs:
         info = base.info(spec.name)
         mode = "work" if spec.name in work else "copy" if spec.dtype == info.dtype else "cast"
-        cost = item_cost(info, spec, mode, mover)
-        dev_cost = info.nbytes + spec.nbytes + WORK_FP32_COPIES * 4 * math.prod(spec.shape)
-        too_big = cost > cap or (device_cap is not None and dev_cost > device_cap // 2)
-        if mode == "copy" or not too_big or not info.shape:
+        cost = item_cost(info, spec, mode)
+        if mode == "copy" or cost <= cap or not info.shape:
             yield Item(spec, info, mode, 0, info.shape[0] if info.shape else 0, cost=cost)
             continue
         if mode == "work" and not getattr(work[spec.name], "blockable", False):
@@ -126,9 +129,7 @@ def _plan(base: Checkpoint, specs: list[TensorSpec], work: dict[str, TensorFn], 
             yield Item(spec, info, mode, 0, info.shape[0], cost=cost)
             continue
         rows = info.shape[0]
-        limit = cap // 3 if device_cap is None else min(cap // 3, device_cap // 4)
-        per_row = max(cost, dev_cost if device_cap is not None else 0) // max(1, rows)
-        blocks = plan_rows(rows, per_row, limit)
+        blocks = plan_rows(rows, cost // max(1, rows), cap // 3)
         for i, (start, stop) in enumerate(blocks):
             yield Item(spec, info, mode, start, stop, whole=len(blocks) == 1,
                        last=i == len(blocks) - 1, cost=cost * (stop - start) // rows)

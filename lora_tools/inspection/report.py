@@ -16,7 +16,7 @@ from typing import Any
 from lora_tools.adapters import Adapter
 from lora_tools.adapters.mapping import BaseIndex, match_adapter
 from lora_tools.adapters.model import LoraModule
-from lora_tools.engine.device import resolve_device
+from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.inspection.checkpoint import CheckpointReport, inspect_checkpoint
 from lora_tools.inspection.figures import (
@@ -33,6 +33,7 @@ from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 
 
+@exact
 def inspect_path(path: str | Path, *, base: str | Path | None = None, top: int = 5,
                  alpha: float | None = None, enable_lora: tuple[bool, ...] | None = None,
                  fan_in_fan_out: bool | None = None, device: str = "auto",
@@ -68,7 +69,7 @@ def inspect_adapter(path: Path, *, base: str | Path | None = None, top: int = 5,
                     alpha: float | None = None, enable_lora: tuple[bool, ...] | None = None,
                     fan_in_fan_out: bool | None = None, device: str = "auto") -> AdapterReport:
     t0 = time.perf_counter()
-    dev = resolve_device(device)
+    dev = resolve_device(device, auto="cuda")
     adapter, magnitudes = open_for_inspect(path, alpha, enable_lora, fan_in_fan_out)
     base_ckpt = open_checkpoint(base) if base is not None else None
     keys, warnings = _match_base(adapter, base_ckpt) if base_ckpt is not None else ({}, [])

@@ -15,6 +15,7 @@ import torch
 from lora_tools.adapters.mapping import Match
 from lora_tools.adapters.model import LINEAR, Adapter
 from lora_tools.engine.blocks import CACHE_BLOCK, plan_rows, threads
+from lora_tools.errors import NumericError
 from lora_tools.math.finite import check_finite
 from lora_tools.modules.lora import load_factors, module_delta, row_blockable
 
@@ -39,6 +40,7 @@ class DeltaSum:
     replace: tuple[Adapter, str] | None = None
     observe: Observer | None = None
     _factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _finite: torch.Tensor | None = None  # device-side "all blocks finite so far"
 
     @property
     def blockable(self) -> bool:
@@ -61,6 +63,11 @@ class DeltaSum:
         factors = [self._get(i, a, m) for i, (a, m, _) in enumerate(self.terms)]
         if whole and not self._cache_blocks():
             result = self._whole(name, w, out, factors)
+        elif self._sync_free():
+            # The GPU takes the engine's block in one go (no cache-sized re-cut) and with no
+            # host sync: the finite check is reduced on the device, read at the last block.
+            acc = self._block(name, w, start, stop, factors, sync=False)
+            result = acc.to(out)
         else:
             result = torch.empty(w.shape, dtype=out, device=self.device)
             row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
@@ -70,7 +77,12 @@ class DeltaSum:
                                                 factors)
         if last:
             self._factors.clear()
+            self._finish_check(name)
         return result
+
+    def _sync_free(self) -> bool:
+        """Device blocks run whole and without host syncs (any device but the CPU)."""
+        return self.device.type != "cpu"
 
     def _cache_blocks(self) -> bool:
         return self.device.type == "cpu" and self.replace is None and self.observe is None \
@@ -78,7 +90,8 @@ class DeltaSum:
                     for _, m, _ in self.terms)
 
     def _block(self, name: str, w: torch.Tensor, start: int, stop: int,
-               factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+               factors: list[tuple[torch.Tensor, torch.Tensor]], sync: bool = True
+               ) -> torch.Tensor:
         """Rows ``[start, stop)`` in fp32, before rounding."""
         # copy=True: the base tensor may be the reader's own (a loaded torch file) and is
         # added to in place below.
@@ -86,8 +99,21 @@ class DeltaSum:
         for (_, match, weight), (a, b) in zip(self.terms, factors):
             acc += module_delta(match.module, a, b, match.module.scale * weight, tuple(w.shape),
                                 rows=(start, stop))
-        self._check(acc, w, name)
+        if sync:
+            self._check(acc, w, name)
+        else:
+            ok = torch.isfinite(acc.sum())
+            self._finite = ok if self._finite is None else self._finite & ok
         return acc
+
+    def _finish_check(self, name: str) -> None:
+        """The deferred device check of a tensor run by blocks without host syncs. Its
+        blocks may already be written: the error aborts the whole (atomic) output."""
+        ok, self._finite = self._finite, None
+        if ok is not None and not bool(ok):
+            raise NumericError(f"merged tensor {name}: NaN/Inf values (in the base tensor or "
+                               "the sum); check the base and the adapter with lora-tools "
+                               "inspect, or re-export them")
 
     def _whole(self, name: str, w: torch.Tensor, out: torch.dtype,
                factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

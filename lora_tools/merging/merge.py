@@ -11,7 +11,7 @@ import torch
 from lora_tools.adapters import Adapter
 from lora_tools.adapters.mapping import Match, MatchReport, resolve
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
-from lora_tools.engine.device import choose_device, resolve_device
+from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.range import check_range
 from lora_tools.engine.stream import TensorFn, output_specs, stream
 from lora_tools.errors import ProvenanceError
@@ -40,6 +40,7 @@ class MergeSummary:
         return asdict(self)
 
 
+@exact
 def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path, *,
                    sign: float = 1.0, weights: list[float] | None = None,
                    opts: AdapterOptions | None = None, dtype: torch.dtype | None = None,
@@ -63,7 +64,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab)
     _check_history(base, adapters, op, force, weights)
-    dev = resolve_device(choose_device(device, _work_bytes(base, reports)))
+    dev = resolve_device(device)
     work = build_work(adapters, reports, weights, sign, dev, observe)
     restore = open_checkpoint(restore_from) if restore_from is not None else None
     req = beyond_plan.Request(sign, dev, dtype, untie, deq, observe, restore)
@@ -101,11 +102,6 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                         copied=stats.copied, bytes_written=stats.bytes_written,
                         seconds=round(stats.seconds, 3), device=str(dev), adapters=records,
                         warnings=warnings, blocks=stats.blocks)
-
-
-def _work_bytes(base: Checkpoint, reports: list[MatchReport]) -> int:
-    keys = {m.base_key for r in reports for m in r.matches}
-    return sum(base.info(k).nbytes for k in keys)
 
 
 def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,

@@ -105,7 +105,8 @@ class SpecialWork:
                              f"merged one {list(w.shape)}; is it the base the merge was made "
                              "from? (a resized vocabulary cannot be unmerged)")
         result = orig.to(out)
-        if self.observe is not None:
+        if self.observe is not None:  # w may be on the engine's device, orig is the reader's
+            w = w.cpu()
             self.observe(name, w, orig.double() - w.double(), result)
         return result
 

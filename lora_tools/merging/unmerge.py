@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lora_tools.engine.blocks import threads
-from lora_tools.errors import FormatError
+from lora_tools.errors import FormatError, UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.math.ulp import neighbours, ulp, ulp_error
@@ -85,6 +85,11 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
     ``kwargs`` are :func:`lora_tools.merging.merge.apply_adapters`'s (weights, opts, dtype, device,
     shard_size, force, allow_unmatched, progress).
     """
+    if check_base is None and str(kwargs.get("device") or "auto").lower().startswith("cuda"):
+        # The proof has no slack for a ΔW summed in another order than the merge's (CPU).
+        raise UsageError("unmerge --device cuda: the exactness proof needs ΔW recomputed as "
+                         "the merge computed it, on the CPU; use --device cpu (the default), "
+                         "or --check-base BASE to measure against the real base on the GPU")
     base = open_checkpoint(check_base) if check_base is not None else None
     stats: list[TensorExactness] = []
 

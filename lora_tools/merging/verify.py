@@ -26,7 +26,7 @@ from lora_tools.adapters import Adapter
 from lora_tools.adapters.mapping import MatchReport, resolve
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.engine.blocks import threads
-from lora_tools.engine.device import resolve_device
+from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.stream import TensorFn, out_dtype
 from lora_tools.errors import UsageError
 from lora_tools.io import open_checkpoint
@@ -98,6 +98,7 @@ class VerifyReport:
         return d
 
 
+@exact
 def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[str | Path], *,
            weights: list[float] | None = None, opts: AdapterOptions | None = None,
            dtype: torch.dtype | None = None, tolerance: float | None = None,
@@ -117,7 +118,7 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     merged, base = open_checkpoint(merged_path), open_checkpoint(base_path)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     reports, warnings = resolve(adapters, base, allow_unmatched)
-    dev = resolve_device(device)
+    dev = resolve_device(device, auto="cuda")
     rep = VerifyReport(str(merged_path), str(base_path), tol, str(dev), warnings=warnings)
     rep.warnings += _provenance_notes(merged, adapters)
     work = build_work(adapters, reports, weights, 1.0, dev)
