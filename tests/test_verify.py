@@ -329,7 +329,7 @@ def test_cli_exit_status_and_json(good: tuple[Path, Path, Path], tmp_path: Path)
     runner = CliRunner()
     ok = runner.invoke(cli, ["verify", merged, "--base", base, "--adapter", adapter])
     assert ok.exit_code == 0, ok.output
-    assert ok.output.startswith("OK: ")
+    assert ok.stdout.startswith("OK: ")
     bad = str(_tampered(good, tmp_path, lambda sd: _bump(sd, Q, 2, good[0])))
     res = runner.invoke(cli, ["verify", bad, "--base", base, "-a", adapter, "--json"])
     assert res.exit_code == 1

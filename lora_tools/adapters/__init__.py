@@ -4,30 +4,58 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_tools.adapters.accounting import check_accounted
 from lora_tools.adapters.kohya import is_kohya, load_kohya
 from lora_tools.adapters.loralib import RECIPES, is_loralib, load_loralib
 from lora_tools.adapters.model import Adapter, LoraModule
 from lora_tools.adapters.peft import CONFIG, is_peft_folder, load_peft
+from lora_tools.adapters.unsupported import describe, unsupported_types
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.io.checkpoint import open_file
 
 __all__ = ["Adapter", "LoraModule", "load_adapter", "RECIPES"]
 
 
+KNOWN_FORMATS = ("PEFT folder (adapter_config.json + adapter_model.safetensors/.bin)",
+                 "kohya/LyCORIS LoRA file (lora_down/lora_up[/alpha])",
+                 "loralib state dict (<module>.lora_A/.lora_B)")
+
+
 def load_adapter(path: str | Path, *, alpha: float | None = None,
                  enable_lora: tuple[bool, ...] | None = None,
                  fan_in_fan_out: bool | None = None) -> Adapter:
-    """Open an adapter of any supported format; tensors stay on disk until asked for."""
-    p = Path(path)
+    """Open an adapter of any supported format; tensors stay on disk until asked for.
+
+    Every key of the result is accounted for (``accounting.check_accounted``).
+    """
+    adapter = _read(Path(path), alpha, enable_lora, fan_in_fan_out)
+    check_accounted(adapter)
+    return adapter
+
+
+def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
+          fan_in_fan_out: bool | None) -> Adapter:
     if not p.exists():
         raise FormatError(f"{p}: no such adapter file or folder")
     if is_peft_folder(p) or (p.is_file() and (p.parent / CONFIG).is_file()
                              and p.name.startswith("adapter_model")):
-        return load_peft(p, alpha)
+        adapter = load_peft(p, alpha)
+        adapter.notes += _other_adapters(p)
+        return adapter
     if p.is_dir():
+        named = named_adapters(p)
+        if named:
+            raise UsageError(f"{p}: holds {len(named)} PEFT adapters ({', '.join(named)}), as "
+                             "PEFT's save_pretrained writes several; name the one to use, "
+                             f"e.g. {p / named[0]}")
         raise FormatError(f"{p}: a folder without {CONFIG}; if this is a PEFT adapter, put "
                           f"back the {CONFIG} that PEFT saved with its weights")
     source = open_file(p)
+    found = unsupported_types(source.keys())
+    if found:
+        raise FormatError(f"{p}: {describe(found)}: a known adapter type that lora-tools does "
+                          "not merge; use the library that trained it (LyCORIS, PEFT) to "
+                          "merge it")
     if is_kohya(source):
         return load_kohya(p, source, alpha)
     if is_loralib(source):
@@ -35,8 +63,23 @@ def load_adapter(path: str | Path, *, alpha: float | None = None,
     if any(".lora_A.weight" in k or "lora_embedding_A" in k for k in source.keys()):
         raise FormatError(f"{p}: PEFT-style keys but no {CONFIG} beside the file; put the "
                           "adapter_config.json that PEFT saved next to it")
-    raise FormatError(f"{p}: no LoRA keys found (looked for PEFT lora_A/lora_B, loralib "
-                      ".lora_A/.lora_B and kohya lora_down/lora_up); is this an adapter?")
+    keys = source.keys()
+    raise FormatError(f"{p}: not a LoRA adapter format this tool knows (first keys: "
+                      f"{', '.join(keys[:5]) or 'none'}{' ...' if len(keys) > 5 else ''}); "
+                      f"known formats: {'; '.join(KNOWN_FORMATS)}")
+
+
+def named_adapters(folder: Path) -> list[str]:
+    """Sub-folders holding a PEFT adapter each: PEFT's save_pretrained with several
+    adapters writes every one but ``default`` to ``folder/<name>``."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and (d / CONFIG).is_file())
+
+
+def _other_adapters(p: Path) -> list[str]:
+    folder = p if p.is_dir() else p.parent
+    named = named_adapters(folder)
+    return [f"this folder also holds the adapters {', '.join(named)}; this is the one at its "
+            f"root (PEFT's 'default'); name another as {folder / named[0]}"] if named else []
 
 
 def require_alpha(adapter: Adapter) -> None:

@@ -35,8 +35,8 @@ def load_kohya(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
         a_shape, b_shape = source.info(key).shape, source.info(up).shape
         check_factor_shapes(path, name, a_shape, b_shape)
         rank = a_shape[0]
-        alpha_key = name + ALPHA
-        if alpha_key in source:
+        alpha_key: str | None = name + ALPHA if name + ALPHA in source else None
+        if alpha_key is not None:
             if source.info(alpha_key).shape not in ((), (1,)):
                 raise FormatError(f"{path}: {alpha_key} holds shape "
                                   f"{list(source.info(alpha_key).shape)}, not one number; "
@@ -51,7 +51,8 @@ def load_kohya(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
         modules.append(LoraModule(
             name=name, a_key=key, b_key=up, kind=CONV if len(a_shape) > 2 else LINEAR,
             rank=rank, alpha=value, alpha_source=where, fan_in_fan_out=False,
-            a_shape=a_shape, b_shape=b_shape, underscore=True))
+            a_shape=a_shape, b_shape=b_shape, underscore=True, alpha_key=alpha_key,
+            orientation_source="format"))
         used.update((key, up))
     rest = [k for k in source.keys() if k not in used]
     if rest:

@@ -57,8 +57,10 @@ def load_loralib(path: Path, source: Checkpoint, alpha: float | None,
     rest = [k for k in source.keys() if k not in used]
     notes = [f"{len(rest)} non-LoRA tensors in the file are ignored "
              f"(e.g. {rest[0]})"] if rest else []
+    # loralib checkpoints are often whole state dicts: the base's own tensors ride along.
+    ignored = {k: "not a LoRA factor (a model tensor saved with the LoRA): left out" for k in rest}
     return Adapter(path=path, format="loralib", source=source, modules=modules, notes=notes,
-                   weight_files=[path])
+                   weight_files=[path], ignored=ignored)
 
 
 def _per_module_alphas(source: Checkpoint) -> dict[str, float]:

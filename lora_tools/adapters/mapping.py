@@ -106,7 +106,22 @@ def match_adapter(adapter: Adapter, index: BaseIndex, resize_vocab: bool = False
             report.misfits.append(f"{m.name} -> {keys[0]}: {problem}")
         else:
             report.matches.append(Match(m, keys[0]))
+    _one_module_per_tensor(report)
     return report
+
+
+def _one_module_per_tensor(report: MatchReport) -> None:
+    """Two modules of one adapter on one base tensor would add its update twice (PEFT keys
+    with and without ``base_model.model.``, kohya ``lora_unet_X`` and ``lora_te_X``)."""
+    first: dict[str, Match] = {}
+    for mt in list(report.matches):
+        seen = first.setdefault(mt.base_key, mt)
+        if seen is not mt:
+            report.matches.remove(mt)
+            report.misfits.append(
+                f"{seen.module.a_key} and {mt.module.a_key} both map to base tensor "
+                f"{mt.base_key}: one update would be applied twice; remove one of the two "
+                "modules (or give each its own base model)")
 
 
 def _one_key(index: BaseIndex, target: str, key: str, report: MatchReport) -> str | None:
@@ -194,7 +209,7 @@ def _orient(m: LoraModule, shape: tuple[int, ...], natural: tuple[int, int]) -> 
                     "pass --fan-in-fan-out or --no-fan-in-fan-out")
         return None
     if fits or flipped:
-        m.fan_in_fan_out = flipped
+        m.fan_in_fan_out, m.orientation_source = flipped, "shapes"
         return None
     return f"base shape {list(shape)}, adapter gives {list(natural)} (out, in)"
 

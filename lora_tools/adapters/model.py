@@ -43,6 +43,10 @@ class LoraModule:
     underscore: bool = False  # kohya: match the base by underscore form
     magnitude_key: str | None = None  # DoRA: the magnitude vector m, one per output feature
     bias_key: str | None = None  # PEFT lora_bias: lora_B's bias, added to the layer's bias
+    alpha_key: str | None = None  # kohya: the ``.alpha`` tensor this module's alpha came from
+    # Why the orientation is what it is: "shapes", "config", "layer type", "format",
+    # "--fan-in-fan-out", "default"; empty: told by the interpretation from kind and format.
+    orientation_source: str = ""
 
     @property
     def scale(self) -> float:
@@ -78,6 +82,14 @@ class Adapter:
     replacements: dict[str, str] = field(default_factory=dict)
     # PEFT trainable tokens: module path + ".weight" -> (key of the (n, dim) rows, row indices).
     token_rows: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    # Keys that are no LoRA factor and that a reader knowingly leaves alone:
+    # key -> what it is and what is done with it (e.g. loralib's saved base weights).
+    # Every other key must belong to a module, ``replacements`` or ``token_rows``
+    # (adapters/accounting.py).
+    ignored: dict[str, str] = field(default_factory=dict)
+    # Key prefix -> the base model or component its modules belong to (kohya lora_te2_ ->
+    # "text encoder 2"); readers fill it, the interpretation states it.
+    components: dict[str, str] = field(default_factory=dict)
     _sha: str | None = None
 
     def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from lora_tools.commands.common import (
     handle_errors,
     parse_enable_lora,
     run_options,
+    stating,
     warn,
 )
 
@@ -73,16 +74,17 @@ def command(adapters: tuple[str, ...], out: str, weights: str | None, **opts: An
     from lora_tools.editing.combine import combine
     from lora_tools.io.dtypes import parse_dtype
 
-    summary = combine(
-        list(adapters), out, weights=parse_weights(weights), method=opts["method"],
-        rank=opts["rank"], density=opts["density"], majority_sign=opts["majority_sign"],
-        seed=opts["seed"], fmt=opts["fmt"],
-        dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
-        opts=AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
-                            opts["fan_in_fan_out"]),
-        device=opts["device"], force=opts["force"])
+    with stating(opts["quiet"], opts["as_json"]) as said:
+        summary = combine(
+            list(adapters), out, weights=parse_weights(weights), method=opts["method"],
+            rank=opts["rank"], density=opts["density"], majority_sign=opts["majority_sign"],
+            seed=opts["seed"], fmt=opts["fmt"],
+            dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
+            opts=AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
+                                opts["fan_in_fan_out"]),
+            device=opts["device"], force=opts["force"])
     warn(summary.warnings, opts["quiet"])
-    emit(summary.to_dict(), opts["as_json"], describe, opts["quiet"])
+    emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 
 
 def describe(d: dict[str, Any]) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
@@ -74,7 +75,9 @@ def output_options(fn: F) -> F:
 
 
 def run_options(fn: F) -> F:
-    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar or text.")(fn)
+    fn = click.option("--quiet", "-q", is_flag=True,
+                      help="No progress bar or text (nor the statement of how each adapter "
+                           "was read).")(fn)
     fn = click.option("--json", "as_json", is_flag=True,
                       help="Print a machine-readable JSON summary.")(fn)
     fn = click.option("--device", default="auto", show_default=True,
@@ -94,6 +97,23 @@ def warn(lines: list[str], quiet: bool = False) -> None:
     if not quiet:
         for line in lines:
             click.echo(f"warning: {line}", err=True)
+
+
+@contextmanager
+def stating(quiet: bool, as_json: bool) -> Iterator[list[dict[str, Any]]]:
+    """What the library understood of each adapter (adapters/interpretation.py): printed to
+    stderr as soon as it is stated, before anything is written, and collected for --json."""
+    from lora_tools.adapters.interpretation import Interpretation, listening
+
+    said: list[dict[str, Any]] = []
+
+    def hear(interp: Interpretation) -> None:
+        said.append(interp.to_dict())
+        if not quiet and not as_json:
+            click.echo(interp.text(), err=True)
+
+    with listening(hear):
+        yield said
 
 
 def progress_wanted(quiet: bool, as_json: bool) -> bool:

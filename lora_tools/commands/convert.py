@@ -12,6 +12,7 @@ from lora_tools.commands.common import (
     handle_errors,
     parse_enable_lora,
     progress_wanted,
+    stating,
     warn,
 )
 
@@ -60,13 +61,14 @@ def command(source: str, out: str, to: str, **opts: Any) -> None:
 
     adapter_opts = AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
                                   opts["fan_in_fan_out"])
-    summary = convert(
-        source, out, to, base=opts["base"], prefix=opts["prefix"], opts=adapter_opts,
-        dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
-        shard_size=parse_size(opts["shard_size"]) if opts["shard_size"] else None,
-        force=opts["force"], progress=progress_wanted(opts["quiet"], opts["as_json"]))
+    with stating(opts["quiet"], opts["as_json"]) as said:
+        summary = convert(
+            source, out, to, base=opts["base"], prefix=opts["prefix"], opts=adapter_opts,
+            dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
+            shard_size=parse_size(opts["shard_size"]) if opts["shard_size"] else None,
+            force=opts["force"], progress=progress_wanted(opts["quiet"], opts["as_json"]))
     warn(summary.warnings, opts["quiet"])
-    emit(summary.to_dict(), opts["as_json"], describe, opts["quiet"])
+    emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 
 
 def describe(d: dict[str, Any]) -> str:

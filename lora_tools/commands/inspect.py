@@ -12,6 +12,7 @@ from lora_tools.commands.common import (
     handle_errors,
     parse_enable_lora,
     run_options,
+    stating,
     warn,
 )
 
@@ -48,9 +49,10 @@ def command(path: str, base: str | None, top: int, plot: str | None, **opts: Any
     from lora_tools.commands.inspect_text import render
     from lora_tools.inspection.report import inspect_path
 
-    report = inspect_path(path, base=base, top=top, alpha=opts["alpha"],
-                          enable_lora=parse_enable_lora(opts["enable_lora"]),
-                          fan_in_fan_out=opts["fan_in_fan_out"], device=opts["device"],
-                          plot=plot)
+    with stating(opts["quiet"], opts["as_json"]) as said:
+        report = inspect_path(path, base=base, top=top, alpha=opts["alpha"],
+                              enable_lora=parse_enable_lora(opts["enable_lora"]),
+                              fan_in_fan_out=opts["fan_in_fan_out"], device=opts["device"],
+                              plot=plot)
     warn(report.warnings, opts["quiet"] or opts["as_json"])
-    emit(report.to_dict(), opts["as_json"], render, opts["quiet"])
+    emit({**report.to_dict(), "interpretation": said}, opts["as_json"], render, opts["quiet"])

@@ -12,6 +12,7 @@ from lora_tools.commands.common import (
     handle_errors,
     output_options,
     run_options,
+    stating,
     warn,
 )
 from lora_tools.commands.merge_shared import describe_merge, library_kwargs
@@ -57,6 +58,7 @@ def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float
     from lora_tools.merging.merge import merge
 
     kwargs = library_kwargs(opts)
-    summary = merge(base, list(adapters), out, weights=list(weights), **kwargs)
+    with stating(opts["quiet"], opts["as_json"]) as said:
+        summary = merge(base, list(adapters), out, weights=list(weights), **kwargs)
     warn(summary.warnings, opts["quiet"])
-    emit(summary.to_dict(), opts["as_json"], describe_merge, opts["quiet"])
+    emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe_merge, opts["quiet"])

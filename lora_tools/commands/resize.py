@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lora_tools.commands.common import emit, handle_errors, run_options, warn
+from lora_tools.commands.common import emit, handle_errors, run_options, stating, warn
 
 
 @click.command("resize")
@@ -45,12 +45,13 @@ def command(adapter: str, out: str, **opts: Any) -> None:
     from lora_tools.editing.resize import resize
     from lora_tools.io.dtypes import parse_dtype
 
-    summary = resize(adapter, out, rank=opts["rank"], dynamic=opts["dynamic"],
-                     alpha=opts["alpha"], from_alpha=opts["from_alpha"],
-                     dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
-                     device=opts["device"], force=opts["force"], to=opts["to"])
+    with stating(opts["quiet"], opts["as_json"]) as said:
+        summary = resize(adapter, out, rank=opts["rank"], dynamic=opts["dynamic"],
+                         alpha=opts["alpha"], from_alpha=opts["from_alpha"],
+                         dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
+                         device=opts["device"], force=opts["force"], to=opts["to"])
     warn(summary.warnings, opts["quiet"])
-    emit(summary.to_dict(), opts["as_json"], describe, opts["quiet"])
+    emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 
 
 def describe(d: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from lora_tools.commands.common import (
     handle_errors,
     output_options,
     run_options,
+    stating,
     warn,
 )
 from lora_tools.commands.merge_shared import describe_merge, library_kwargs
@@ -52,10 +53,11 @@ def command(merged: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
     """
     from lora_tools.merging.unmerge import unmerge
 
-    summary = unmerge(merged, list(adapters), out, weights=list(weights), check_base=check_base,
-                      **library_kwargs(opts))
+    with stating(opts["quiet"], opts["as_json"]) as said:
+        summary = unmerge(merged, list(adapters), out, weights=list(weights), check_base=check_base,
+                          **library_kwargs(opts))
     warn(summary.merge.warnings, opts["quiet"])
-    emit(summary.to_dict(), opts["as_json"], describe, opts["quiet"])
+    emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 
 
 def describe(d: dict[str, Any]) -> str:

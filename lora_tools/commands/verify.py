@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lora_tools.commands.common import adapter_options, emit, handle_errors, warn
+from lora_tools.commands.common import adapter_options, emit, handle_errors, stating, warn
 
 
 @click.command("verify")
@@ -51,14 +51,15 @@ def command(merged: str, base: str, adapters: tuple[str, ...], weights: tuple[fl
     from lora_tools.io.dtypes import parse_dtype
     from lora_tools.merging.verify import verify
 
-    report = verify(merged, base, list(adapters), weights=list(weights),
-                    opts=AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
-                                        opts["fan_in_fan_out"]),
-                    dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
-                    tolerance=opts["tolerance"], device=opts["device"], seed=opts["seed"],
-                    allow_unmatched=opts["allow_unmatched"])
+    with stating(opts["quiet"], opts["as_json"]) as said:
+        report = verify(merged, base, list(adapters), weights=list(weights),
+                        opts=AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
+                                            opts["fan_in_fan_out"]),
+                        dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
+                        tolerance=opts["tolerance"], device=opts["device"], seed=opts["seed"],
+                        allow_unmatched=opts["allow_unmatched"])
     warn(report.warnings, opts["quiet"] or opts["as_json"])
-    emit(report.to_dict(), opts["as_json"], describe, opts["quiet"])
+    emit({**report.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
     if not report.ok:
         raise SystemExit(1)
 

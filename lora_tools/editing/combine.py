@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.editing.combine_plan import (
@@ -81,6 +82,8 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
     options = method_options(spec, rank, density, majority_sign)
     ws = adapter_weights(weights, len(adapter_paths))
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
+    for a in adapters:
+        state(a)
     check_adapters(adapters)
     groups = plan(adapters, ws)
     fmt = output_format(fmt, adapters, groups)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lora_tools.adapters import Adapter, fold, load_adapter, names, require_alpha
+from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import resolve
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV
 from lora_tools.adapters.options import AdapterOptions
@@ -135,9 +136,11 @@ def settle(adapter: Adapter, to: str, base: str | Path | None, opts: AdapterOpti
             if opts.fan_in_fan_out is None:
                 notes.append("loralib does not record layer orientation: taken as (out, in) "
                              "weights (pass --fan-in-fan-out or --base to say otherwise)")
+        state(adapter)
         return None, whole
     ck = open_checkpoint(base)
     report = resolve([adapter], ck)[0][0]
+    state(adapter, report, str(base))
     if whole and to != "peft":
         differ = [a for b, a in report.replacements.items() if not torch.equal(
             ck.get(b), whole[a].to(ck.info(b).dtype))]

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from lora_tools.adapters import Adapter, load_adapter
+from lora_tools.adapters import Adapter, load_adapter, named_adapters
 from lora_tools.adapters.kohya import is_kohya
 from lora_tools.adapters.loralib import is_loralib
 from lora_tools.adapters.peft import CONFIG, WEIGHT_NAMES, peft_modules
+from lora_tools.adapters.unsupported import unsupported_types
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint, open_file
 
@@ -23,12 +24,13 @@ MAGNITUDE = ".lora_magnitude_vector"
 
 def is_adapter(path: Path) -> bool:
     """True for PEFT folders and for files with LoRA factor keys; False for checkpoints."""
-    if path.is_dir():
-        return (path / CONFIG).is_file()
+    if path.is_dir():  # a PEFT folder, or one of several named PEFT adapters
+        return (path / CONFIG).is_file() or bool(named_adapters(path))
     if (path.parent / CONFIG).is_file() and path.name.startswith("adapter_model"):
         return True
     source = open_file(path)
-    return (is_kohya(source) or is_loralib(source)
+    # a known type lora-tools does not merge (LoHa...) is refused by name, not shown as a model
+    return (is_kohya(source) or is_loralib(source) or bool(unsupported_types(source.keys()))
             or any(".lora_A.weight" in k or "lora_embedding_A" in k for k in source.keys()))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.adapters import Adapter
+from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import BaseIndex, match_adapter
 from lora_tools.adapters.model import LoraModule
 from lora_tools.engine.device import exact, resolve_device
@@ -73,6 +74,8 @@ def inspect_adapter(path: Path, *, base: str | Path | None = None, top: int = 5,
     adapter, magnitudes = open_for_inspect(path, alpha, enable_lora, fan_in_fan_out)
     base_ckpt = open_checkpoint(base) if base is not None else None
     keys, warnings = _match_base(adapter, base_ckpt) if base_ckpt is not None else ({}, [])
+    if base_ckpt is None:
+        state(adapter)
     stats = []
     for m in adapter.modules:
         a, b = adapter.factors(m)
@@ -121,6 +124,7 @@ def module_stats(m: LoraModule, figs: FactorFigures, top: int) -> ModuleStats:
 def _match_base(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, str], list[str]]:
     """Module name -> base key; problems become warnings (inspect describes, it does not fail)."""
     report = match_adapter(adapter, BaseIndex(base))
+    state(adapter, report, str(base.path))
     warnings = [f"{adapter.path}: {bad}" for bad in report.misfits]
     if report.unmatched:
         warnings.append(f"{len(report.unmatched)} modules match no tensor of {base.path}: "

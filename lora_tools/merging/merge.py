@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from lora_tools.adapters import Adapter
+from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import Match, MatchReport, resolve
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.engine.device import exact, resolve_device
@@ -63,6 +64,8 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     deq = quant.prepare(base, dequantize)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab)
+    for a, r in zip(adapters, reports):
+        state(a, r, str(base_path))
     _check_history(base, adapters, op, force, weights)
     dev = resolve_device(device)
     work = build_work(adapters, reports, weights, sign, dev, observe)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lora_tools.adapters import Adapter
+from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import MatchReport, resolve
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.engine.blocks import threads
@@ -118,6 +119,8 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     merged, base = open_checkpoint(merged_path), open_checkpoint(base_path)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     reports, warnings = resolve(adapters, base, allow_unmatched)
+    for a, r in zip(adapters, reports):
+        state(a, r, str(base_path))
     dev = resolve_device(device, auto="cuda")
     rep = VerifyReport(str(merged_path), str(base_path), tol, str(dev), warnings=warnings)
     rep.warnings += _provenance_notes(merged, adapters)
