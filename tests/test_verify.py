@@ -336,7 +336,7 @@ def test_cli_exit_status_and_json(good: tuple[Path, Path, Path], tmp_path: Path)
     data = json.loads(res.output)
     assert data["ok"] is False and data["failures"][0]["name"] == Q
     text = runner.invoke(cli, ["verify", bad, "--base", base, "-a", adapter])
-    assert text.exit_code == 1 and text.output.startswith(f"FAIL {Q}: values: 1 of 1024")
+    assert text.exit_code == 1 and text.stdout.startswith(f"FAIL {Q}: values: 1 of 1024")
     for usage in (["verify", merged, "--base", base],  # no adapter
                   ["verify", merged, "--base", base, "-a", adapter, "--tolerance", "-1"],
                   ["verify", merged, "--base", str(tmp_path / "nope"), "-a", adapter]):

@@ -15,6 +15,8 @@ from lora_tools.adapters.model import Adapter, LoraModule
 from lora_tools.errors import FormatError
 
 FACTOR = "factor"
+# Kinds of key owned by a module (the rest belong to a base tensor, or are ignored).
+MODULE_KINDS = (FACTOR, "alpha", "DoRA magnitude", "lora_bias")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ For every tensor of BASE, in file order, with one tensor of each checkpoint in m
   MERGED elementwise, in units of the last place (ulp) of the stored dtype, taken at the
   larger of the merged value and the update (the update's own rounding is that big);
   then a functional probe (:mod:`lora_tools.merging.probe`) checks ``W'x`` against ``Wx + s·B(Ax)``;
+* adapted tensors must hold the base's bits wherever the update is exactly 0 (changed
+  only where a module maps), and every adapter tensor must be used
+  (:mod:`lora_tools.merging.coverage`);
 * untouched tensors must be byte-identical (after the cast, when ``dtype`` is given);
 * names, shapes and dtypes must match, and no value may be NaN or Inf.
 
@@ -36,6 +39,7 @@ from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.math.ulp import ulp_error
 from lora_tools.merging import probe as probe_mod
+from lora_tools.merging.coverage import changed_outside, key_use
 from lora_tools.merging import provenance
 from lora_tools.merging.merge import build_work
 from lora_tools.merging.special import special_work
@@ -84,6 +88,7 @@ class VerifyReport:
     untouched: int = 0
     failures: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    key_use: list[dict[str, Any]] = field(default_factory=list)  # per adapter: keys used
     bytes_read: int = 0
     seconds: float = 0.0
 
@@ -123,6 +128,7 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
         state(a, r, str(base_path))
     dev = resolve_device(device, auto="cuda")
     rep = VerifyReport(str(merged_path), str(base_path), tol, str(dev), warnings=warnings)
+    _check_key_use(adapters, reports, allow_unmatched, rep)
     rep.warnings += _provenance_notes(merged, adapters)
     work = build_work(adapters, reports, weights, 1.0, dev)
     # DoRA, lora_bias, modules_to_save, trainable tokens: the merge's own special work.
@@ -143,6 +149,18 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
             rep.failures.append(Failure(name, "extra", "in MERGED but not in BASE"))
     rep.seconds = round(time.perf_counter() - t0, 3)
     return rep
+
+
+def _check_key_use(adapters: list[Adapter], reports: list[MatchReport],
+                   allow_unmatched: bool, rep: VerifyReport) -> None:
+    """Every adapter tensor used by the merge; under --allow-unmatched the skipped ones
+    are counted, not failed (the merge skipped them too)."""
+    for a, r in zip(adapters, reports):
+        use = key_use(a, r)
+        rep.key_use.append(asdict(use))
+        if not allow_unmatched:
+            rep.failures += [Failure(k, "unused", f"a tensor of {a.path} that the merge "
+                                     "does not apply") for k in use.unused]
 
 
 @dataclass
@@ -235,6 +253,13 @@ class _Checker:
         # the engine refuses a non-finite result, so an exact match has none
         fails = _nonfinite(name, m) if differ else []
         res = AdaptedCheck(name, m.numel(), worst, over)
+        moved, at = changed_outside(m, w, expected)
+        if moved:
+            fails.append(Failure(name, "outside", (
+                f"{moved} elements changed where no adapter module maps (the update there "
+                f"is exactly 0); first at flat index {at}: base "
+                f"{float(w.reshape(-1)[at]):.6g}, merged {float(m.reshape(-1)[at]):.6g}"),
+                moved))
         if over:
             fails.append(Failure(name, "values", (
                 f"{over} of {res.elements} elements off by up to {worst:.4g} ulp (tolerance "
