@@ -19,7 +19,7 @@ from lora_tools.errors import FormatError
 from lora_tools.merging.verify import verify
 
 Q = "model.layers.0.self_attn.q_proj.weight"
-O = "model.layers.0.self_attn.o_proj.weight"
+OUT = "model.layers.0.self_attn.o_proj.weight"
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +69,11 @@ def test_module_applied_twice_fails(case: tuple[Path, Path, Path], tmp_path: Pat
 def test_module_on_the_wrong_tensor_of_equal_shape_fails(case: tuple[Path, Path, Path],
                                                          tmp_path: Path) -> None:
     base, merged = read(case[0]), read(case[2])
-    assert merged[Q].shape == merged[O].shape
-    merged[O] = base[O] + (merged[Q] - base[Q])  # q_proj's update put into o_proj
+    assert merged[Q].shape == merged[OUT].shape
+    merged[OUT] = base[OUT] + (merged[Q] - base[Q])  # q_proj's update put into o_proj
     merged[Q] = base[Q]
     save_file(merged, str(tmp_path / "misrouted.safetensors"))
-    assert _checks(tmp_path / "misrouted.safetensors", case) == {(Q, "values"), (O, "bytes")}
+    assert _checks(tmp_path / "misrouted.safetensors", case) == {(Q, "values"), (OUT, "bytes")}
 
 
 def test_change_where_no_module_maps_fails_even_within_tolerance(

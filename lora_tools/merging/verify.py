@@ -39,8 +39,8 @@ from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.math.ulp import ulp_error
 from lora_tools.merging import probe as probe_mod
-from lora_tools.merging.coverage import changed_outside, key_use
 from lora_tools.merging import provenance
+from lora_tools.merging.coverage import changed_outside, key_use
 from lora_tools.merging.merge import build_work
 from lora_tools.merging.special import special_work
 
