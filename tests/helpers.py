@@ -53,3 +53,18 @@ def read(path: Path) -> dict[str, torch.Tensor]:
             out.update(load_file(str(f)))
         return out
     return torch.load(path, weights_only=True)
+
+
+def without_reading(text: str) -> str:
+    """CLI output without the statement of how each adapter was read (``reading …`` and
+    its indented lines), which commands print before a refusal."""
+    lines, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("reading "):
+            skipping = True
+            continue
+        if skipping and line.startswith("  "):
+            continue
+        skipping = False
+        lines.append(line)
+    return "".join(lines)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from corpus import EMBED, Q0, Case, Evil, Good, all_cases, file_damages
+from helpers import without_reading
 
 from lora_tools.cli import cli
 from lora_tools.errors import FormatError
@@ -44,7 +45,7 @@ def run_refused(args: list[str], out_dir: Path, inputs: list[Path]) -> str:
     """Run the CLI, check the refusal contract, return the message."""
     before = {p: digest(p) for p in inputs}
     result = CliRunner().invoke(cli, args)
-    text = result.output
+    text = without_reading(result.output)
     assert result.exit_code == 1, (result.exit_code, text, result.exception)
     assert not isinstance(result.exception, (AssertionError, TypeError, KeyError, IndexError))
     assert "Traceback" not in text

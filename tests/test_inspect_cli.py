@@ -63,7 +63,7 @@ def test_checkpoint_header_only_with_provenance_and_shards(
 
 DOCUMENTED = {"mode", "path", "format", "files", "size_bytes", "dtypes", "params", "modules",
               "summary", "dora_magnitudes", "whole_tensors", "base", "warnings", "notes", "top", "device",
-              "seconds", "plot"}
+              "seconds", "plot", "interpretation"}
 MODULE_FIELDS = {"name", "group", "layer", "kind", "rank", "alpha", "alpha_source", "scale",
                  "rslora", "a_shape", "b_shape", "params", "norm_a", "norm_b", "norm_ba",
                  "norm_delta", "spectral_norm", "singular_values", "singular_values_ba",
