@@ -265,3 +265,26 @@ def test_the_table_uses_peft_own_parameter_names() -> None:
     for layer in (loha.LoHaLayer, lokr.LoKrLayer, ia3.IA3Layer, oft.OFTLayer,
                   boft.BOFTLayer, vera.VeraLayer, hra.HRALayer):
         assert any(n in UNSUPPORTED for n in layer.adapter_layer_names), layer
+
+
+def test_loralib_full_state_dict_says_what_it_left_out(tmp_path: Path) -> None:
+    import loralib as lora
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(lora.Linear(12, 10, r=4, lora_alpha=8))
+    torch.nn.init.normal_(net[0].lora_B)
+    whole = tmp_path / "whole.pt"
+    torch.save(net.state_dict(), whole)  # factors and the model's own weight and bias
+    interp = interpret(load_adapter(whole, alpha=8))
+    [m] = interp.modules
+    assert (m.alpha_source, m.orientation) == ("--alpha", "undecided")  # no base yet
+    assert {o.key: o.kind for o in interp.other_keys} == {"0.weight": "ignored", "0.bias": "ignored"}
+    base = state_dict_file({k: v for k, v in net.state_dict().items() if "lora_" not in k},
+                           tmp_path / "base.pt")
+    res = CliRunner().invoke(cli, ["merge", str(base), str(whole), "--alpha", "8",
+                                   "-o", str(tmp_path / "m.pt")])
+    assert res.exit_code == 0, res.output
+    assert "(out, in) (shapes)" in res.stderr and "2 ignored keys" in res.stderr
+    net.eval()  # loralib merges on eval: the peer's own merge
+    torch.testing.assert_close(read(tmp_path / "m.pt")["0.weight"], net[0].weight,
+                               rtol=0, atol=0)
