@@ -288,3 +288,12 @@ def test_loralib_full_state_dict_says_what_it_left_out(tmp_path: Path) -> None:
     net.eval()  # loralib merges on eval: the peer's own merge
     torch.testing.assert_close(read(tmp_path / "m.pt")["0.weight"], net[0].weight,
                                rtol=0, atol=0)
+
+
+def test_a_staged_copy_is_not_stated_again(peft_case: tuple[Path, Path, Path],
+                                           tmp_path: Path) -> None:
+    _, adapter, _ = peft_case
+    res = CliRunner().invoke(cli, ["rescale", str(adapter), "--strength", "2", "--to", "kohya",
+                                   "-o", str(tmp_path / "k.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("reading ") == 1 and f"reading {adapter}:" in res.stderr

@@ -203,6 +203,13 @@ def listening(fn: Listener) -> Iterator[None]:
         _listener.reset(token)
 
 
+@contextmanager
+def unheard() -> Iterator[None]:
+    """State nothing inside the block (an operation's own staged intermediate files)."""
+    with listening(lambda _: None):
+        yield
+
+
 def state(adapter: Adapter, report: MatchReport | None = None,
           base: str | None = None) -> Interpretation:
     """Build the interpretation and tell the current listener, if any."""

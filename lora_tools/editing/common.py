@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lora_tools.adapters import Adapter, load_adapter
-from lora_tools.adapters.interpretation import state
+from lora_tools.adapters.interpretation import state, unheard
 from lora_tools.adapters.loralib import ALPHA_META
 from lora_tools.adapters.save import ALPHAS_META, FactorModule, save_adapter
 from lora_tools.errors import NumericError, UsageError
@@ -102,8 +102,9 @@ def write_like(adapter: Adapter, modules: list[FactorModule], out: Path, force: 
     with tempfile.TemporaryDirectory(prefix=".lora-tools-stage-", dir=out.parent) as tmp:
         staged = Path(tmp) / ("adapter" if adapter.format == "peft" else "adapter.safetensors")
         save_adapter(modules, staged, adapter.format, template=template, metadata=meta)
-        convert_adapter(staged, out, to, base=None, prefix=None, opts=AdapterOptions(),
-                        dtype=None, force=force)
+        with unheard():  # the source's reading was stated; the staged copy is ours
+            convert_adapter(staged, out, to, base=None, prefix=None,
+                            opts=AdapterOptions(), dtype=None, force=force)
     return out
 
 
