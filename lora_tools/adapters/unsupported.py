@@ -71,4 +71,5 @@ def unsupported_types(keys: Iterable[str]) -> dict[str, tuple[str, int]]:
 
 def describe(found: dict[str, tuple[str, int]]) -> str:
     """``LoHa (24 keys, e.g. x.hada_w1_a)``, one entry per type."""
-    return "; ".join(f"{kind} ({n} keys, e.g. {first})" for kind, (first, n) in found.items())
+    return "; ".join(f"{kind} ({n} key{'' if n == 1 else 's'}, e.g. {first})"
+                     for kind, (first, n) in found.items())
