@@ -49,8 +49,11 @@ def changed_outside(merged: torch.Tensor, base: torch.Tensor, expected: torch.Te
     """(elements, first flat index) where ``expected`` (fp32) equals the base value yet
     ``merged`` does not hold the base's bits (cast to MERGED's dtype).
 
-    fp64 tensors are left out: the merge computes in fp32, so their unchanged elements are
-    not the base's bits either way.
+    "Equals the base value" is ``fp32(W + ΔW) == W``: ΔW is 0 or below half an fp32 ulp
+    of W, and every correct merge, in fp32 or rounded to 16 bits, leaves such an element
+    as it was (a peer's fp32 merge could differ only for a ΔW within ~1e-7 of exactly half
+    an ulp). fp64 tensors are left out: the merge computes in fp32, so their unchanged
+    elements are not the base's bits either way.
     """
     if not merged.is_floating_point() or torch.float64 in (merged.dtype, base.dtype):
         return 0, -1
