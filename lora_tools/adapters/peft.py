@@ -120,6 +120,7 @@ def peft_modules(source: Checkpoint, cfg: dict[str, Any]
     replacements = {k.removeprefix(PREFIX).replace(".base_layer.weight", ".weight"): k
                     for k in source.keys() if k.endswith(".base_layer.weight")}
     replacements.update(saved_copies(source, cfg))
+    replacements.update(saved_biases(source, cfg))
     used.update(replacements.values())
     for key in source.keys():
         for a_suf, (b_suf, kind) in _A_SUFFIXES.items():
@@ -183,6 +184,22 @@ def saved_copies(source: Checkpoint, cfg: dict[str, Any]) -> dict[str, str]:
         if param in ("weight", "bias") and _listed(stem, cfg.get("modules_to_save")) \
                 and not key.endswith(".base_layer.weight"):
             out[f"{stem}.{param}"] = key
+    return out
+
+
+def saved_biases(source: Checkpoint, cfg: dict[str, Any]) -> dict[str, str]:
+    """``bias="lora_only"|"all"``: PEFT saves the trained biases (an adapted layer's as
+    ``<module>.base_layer.bias``, any other as ``<module>.bias``) and loads them over the
+    base's before merging: each replaces the base's bias whole."""
+    if cfg.get("bias", "none") not in ("lora_only", "all"):
+        return {}
+    out: dict[str, str] = {}
+    for key in source.keys():
+        if not key.endswith(".bias") or key.endswith(BIAS_SUFFIX) or ".lora_" in key:
+            continue
+        path = key.removeprefix(PREFIX).replace(".base_layer.bias", ".bias")
+        if not any(m in path for m in _SAVED_COPY):  # modules_to_save copies: saved_copies
+            out[path] = key
     return out
 
 
