@@ -7,7 +7,7 @@ from pathlib import Path
 from lora_tools.adapters.accounting import check_accounted
 from lora_tools.adapters.kohya import is_kohya, load_kohya
 from lora_tools.adapters.loralib import RECIPES, is_loralib, load_loralib
-from lora_tools.adapters.model import Adapter, LoraModule
+from lora_tools.adapters.model import Adapter, LoraModule, check_float_tensors
 from lora_tools.adapters.peft import CONFIG, is_peft_folder, load_peft
 from lora_tools.adapters.unsupported import describe, unsupported_types
 from lora_tools.errors import FormatError, UsageError
@@ -30,6 +30,7 @@ def load_adapter(path: str | Path, *, alpha: float | None = None,
     """
     adapter = _read(Path(path), alpha, enable_lora, fan_in_fan_out)
     check_accounted(adapter)
+    check_float_tensors(adapter)
     return adapter
 
 

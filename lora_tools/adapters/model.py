@@ -125,3 +125,21 @@ def check_factor_shapes(path: object, name: str, a_shape: tuple[int, ...],
         raise FormatError(f"{path}: module {name}: factors A{list(a_shape)} B{list(b_shape)} "
                           "are not a LoRA pair (A: (r, in), B: (out, r), r > 0); the file is "
                           "damaged: re-export the adapter")
+
+
+def check_float_tensors(adapter: Adapter) -> None:
+    """Factors, magnitudes, biases and saved tensors must be floating point.
+
+    A BOOL or integer "factor" is no LoRA weight (a mask, codes, indices): multiplying it
+    would merge nonsense, so the file is refused when it is read, naming the key.
+    """
+    keys = [k for m in adapter.modules
+            for k in (m.a_key, m.b_key, m.magnitude_key, m.bias_key) if k is not None]
+    keys += list(adapter.replacements.values()) + [k for k, _ in adapter.token_rows.values()]
+    for key in keys:
+        dtype = adapter.source.info(key).dtype
+        if not dtype.is_floating_point:
+            raise FormatError(f"{adapter.path}: {key} is {str(dtype).removeprefix('torch.')}, "
+                              "not a floating-point tensor: it cannot be a LoRA weight (a "
+                              "quantized or damaged adapter?); re-export the adapter in "
+                              "fp32/bf16/fp16")

@@ -3,7 +3,10 @@
 fp16 holds nothing beyond 65504: a merged value past it would be stored as inf and the
 model would silently produce NaNs. For such narrow output dtypes a first pass computes
 each changed (or down-cast) tensor once, keeping only its largest magnitude, so the
-refusal comes before the output file exists. Wide dtypes (bf16, fp32) skip the pass.
+refusal comes before the output file exists. Wide dtypes (bf16, fp32) skip the pass:
+an overflow there needs values near 3.4e38, and the merge kernel checks every rounded
+result as it computes (``math.finite.check_result``), so the writer is aborted and no
+output is left.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Formats, by the tensor names their libraries write:
 - bitsandbytes 4-bit (nf4/fp4): ``*.absmax``, ``*.quant_map``, ``*.quant_state.bitsandbytes__*``
 - bitsandbytes 8-bit (LLM.int8): ``*.SCB`` (``*.weight_format``)
 - GPTQ / AWQ: ``*.qweight``, ``*.qzeros``, ``*.scales`` (GPTQ also ``*.g_idx``)
+- compressed-tensors int8 (W8A8): int8 weights with ``*.weight_scale`` (and maybe a
+  ``*.weight_zero_point``); refused, not dequantized.
 - fp8: float8 weights with ``*.weight_scale`` (per tensor or per row, compressed-tensors /
   FBGEMM) or ``*.weight_scale_inv`` (per 128×128 block, DeepSeek-V3 style), both applied
   as ``W = q · scale``. Only fp8 is dequantized: it is an exact product in fp32.
@@ -37,6 +39,8 @@ SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv")
 # Activation scales of fp8 layers: meaningless once the weights are dequantized.
 DROP_SUFFIXES = (".input_scale", ".output_scale", ".k_scale", ".v_scale")
 BLOCK = 128
+# Integer weights with a ``.weight_scale``: compressed-tensors int8 (W8A8) and the like.
+INT_CODES = (torch.int8, torch.uint8, torch.int16, torch.int32)
 
 
 @dataclass
@@ -79,6 +83,10 @@ def detect(base: Checkpoint) -> tuple[str, list[str]] | None:
     fp8 = [i.name for i in base.infos() if i.dtype in FP8]
     if fp8:
         return "fp8", fp8[:3]
+    ints = [i.name for i in base.infos() if i.dtype in INT_CODES
+            and i.name.removesuffix(".weight") + ".weight_scale" in base]
+    if ints:
+        return "compressed-tensors int8 (W8A8)", ints[:3]
     return None
 
 

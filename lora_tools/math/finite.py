@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lora_tools.errors import NumericError
+from lora_tools.io.dtypes import dtype_name
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -13,3 +14,21 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         bad = int((~torch.isfinite(t)).sum())
         raise NumericError(f"{what}: {bad} NaN/Inf values; the file is damaged or the "
                            "training diverged; fix or re-export it")
+
+
+def check_result(result: torch.Tensor, base: torch.Tensor, name: str) -> None:
+    """A merged tensor, rounded to its output dtype, must be finite.
+
+    The factors and the base were checked finite, so an Inf here is an overflow: a sum past
+    fp32's range, or a finite fp32 sum past the output dtype's (bf16 tops out at 3.39e38,
+    below fp32's 3.40e38). One cheap sum first; the exact checks only when it is not finite.
+    """
+    if bool(torch.isfinite(result.sum())) or bool(torch.isfinite(result).all()):
+        return
+    check_finite(base, f"base tensor {name}")
+    bad = int((~torch.isfinite(result)).sum())
+    top = float(torch.finfo(result.dtype).max)
+    raise NumericError(f"merged tensor {name}: {bad} values beyond {dtype_name(result.dtype)}'s largest "
+                       f"value {top:.6g} (W + ΔW overflows); no output was left. The adapter's "
+                       "scale (alpha/r times the weight) is far too large for this model: "
+                       "check alpha and --weight")

@@ -16,7 +16,7 @@ from lora_tools.adapters.mapping import Match
 from lora_tools.adapters.model import LINEAR, Adapter
 from lora_tools.engine.blocks import CACHE_BLOCK, plan_rows, threads
 from lora_tools.errors import NumericError
-from lora_tools.math.finite import check_finite
+from lora_tools.math.finite import check_finite, check_result
 from lora_tools.modules.lora import load_factors, module_delta, row_blockable
 
 # (name, input tensor as stored, Σ sign·wᵢ·ΔWᵢ in fp64, rounded output): sees each adapted
@@ -68,6 +68,9 @@ class DeltaSum:
             # host sync: the finite check is reduced on the device, read at the last block.
             acc = self._block(name, w, start, stop, factors, sync=False)
             result = acc.to(out)
+            # a finite fp32 sum can still round past the output dtype's range (bf16)
+            assert self._finite is not None
+            self._finite &= torch.isfinite(result.sum())
         else:
             result = torch.empty(w.shape, dtype=out, device=self.device)
             row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
@@ -75,6 +78,7 @@ class DeltaSum:
                 for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
                     result[b0:b1] = self._block(name, w[b0:b1], start + b0, start + b1,
                                                 factors)
+            check_result(result, w, name)  # rounding to bf16 can overflow a finite fp32 sum
         if last:
             self._factors.clear()
             self._finish_check(name)
@@ -111,9 +115,10 @@ class DeltaSum:
         blocks may already be written: the error aborts the whole (atomic) output."""
         ok, self._finite = self._finite, None
         if ok is not None and not bool(ok):
-            raise NumericError(f"merged tensor {name}: NaN/Inf values (in the base tensor or "
-                               "the sum); check the base and the adapter with lora-tools "
-                               "inspect, or re-export them")
+            raise NumericError(f"merged tensor {name}: NaN/Inf values (in the base tensor, or "
+                               "W + ΔW overflowing the output dtype); no output was left. "
+                               "Check the base and the adapter (alpha, --weight) with "
+                               "lora-tools inspect")
 
     def _whole(self, name: str, w: torch.Tensor, out: torch.dtype,
                factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -129,6 +134,7 @@ class DeltaSum:
                 total += delta
         self._check(acc, src, name)
         result = acc.to(out)
+        check_result(result, src, name)
         if self.observe is not None and total is not None:
             result = result.cpu()
             self.observe(name, w, total.cpu(), result)
@@ -146,4 +152,4 @@ class DeltaSum:
         # the culprit.
         if not bool(torch.isfinite(acc.sum())):
             check_finite(src, f"base tensor {name}")
-            check_finite(acc, f"merged tensor {name}")
+            check_result(acc, src, name)  # factors are checked finite: an fp32 overflow

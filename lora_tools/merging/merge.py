@@ -20,7 +20,7 @@ from lora_tools.io import CheckpointWriter, open_checkpoint, quant
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.merging import plan as beyond_plan
 from lora_tools.merging import provenance
-from lora_tools.merging.checks import check_factors
+from lora_tools.merging.checks import check_factors, check_targets
 from lora_tools.merging.kernel import DeltaSum, Observer
 
 
@@ -66,6 +66,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab)
     for a, r in zip(adapters, reports):
         state(a, r, str(base_path))
+    check_targets(base, reports, deq.scales if deq is not None else ())
     _check_history(base, adapters, op, force, weights)
     dev = resolve_device(device)
     work = build_work(adapters, reports, weights, sign, dev, observe)

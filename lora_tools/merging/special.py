@@ -22,7 +22,7 @@ from lora_tools.adapters.model import Adapter
 from lora_tools.errors import FormatError, MatchError, ProvenanceError, UsageError
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.math import dora
-from lora_tools.math.finite import check_finite
+from lora_tools.math.finite import check_finite, check_result
 from lora_tools.merging.kernel import Observer
 from lora_tools.modules.lora import load_factors, module_delta
 
@@ -67,9 +67,8 @@ class SpecialWork:
             b = adapter.source.get(match.module.bias_key).to(self.device, torch.float32)
             check_finite(b, f"{adapter.path}: {match.module.bias_key}")
             acc += b * (match.module.scale * weight)
-        if not bool(torch.isfinite(acc.sum())):  # one pass; the exact check names it
-            check_finite(acc, f"merged tensor {name}")
         result = acc.to(out).cpu()
+        check_result(result, w, name)  # an fp32 overflow, or past the output dtype's range
         if self.observe is not None and not self.has_dora:
             self.observe(name, w, (acc.double() - start.double()).cpu(), result)
         return result
