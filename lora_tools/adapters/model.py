@@ -47,6 +47,7 @@ class LoraModule:
     # Why the orientation is what it is: "shapes", "config", "layer type", "format",
     # "--fan-in-fan-out", "default"; empty: told by the interpretation from kind and format.
     orientation_source: str = ""
+    init: str | None = None  # PEFT PiSSA/OLoRA: the base is moved by W − s·B₀A₀ first
 
     @property
     def scale(self) -> float:

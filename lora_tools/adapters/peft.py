@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lora_tools.adapters import peft_init
 from lora_tools.adapters.model import (
     CONV,
     EMBEDDING,
@@ -95,9 +96,23 @@ def load_peft(path: Path, alpha: float | None = None) -> Adapter:
     source = open_file(weights)
     notes = _unknown_fields(folder, cfg)
     modules, replacements = peft_modules(source, cfg)
+    init = peft_init.base_init(folder / CONFIG, cfg)
+    if init is not None:
+        _moved_base(folder, init, modules)
+        notes.append(peft_init.note(init))
     return Adapter(path=folder, format="peft", source=source, modules=modules, config=cfg,
                    notes=notes, weight_files=[weights], replacements=replacements,
                    token_rows=trainable_tokens(source, cfg))
+
+
+def _moved_base(folder: Path, init: str, modules: list[LoraModule]) -> None:
+    """PiSSA/OLoRA: PEFT runs them on Linear layers only (not OLoRA with fan_in_fan_out)."""
+    for m in modules:
+        if m.kind != LINEAR or (init == "olora" and m.fan_in_fan_out):
+            raise FormatError(f"{folder / CONFIG}: init_lora_weights={init!r} on {m.name}, a "
+                              f"{'fan_in_fan_out ' if m.fan_in_fan_out else ''}{m.kind} layer, "
+                              "which PEFT itself cannot reload; " + peft_init.ROUTE)
+        m.init = init
 
 
 def _unknown_fields(folder: Path, cfg: dict[str, Any]) -> list[str]:

@@ -30,6 +30,12 @@ def plan_rows(n_rows: int, row_cost: int, cap: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+# torch's own intra-op thread count, as a peer library computes with it: factorizations
+# (PiSSA's SVD, OLoRA's QR) whose last bits depend on it run with this, whatever a
+# caller's block setting, so a merge and its verify agree with each other and with PEFT.
+PEER_THREADS = torch.get_num_threads()
+
+
 @contextmanager
 def threads(n: int = 1) -> Iterator[None]:
     """Run the block with ``n`` intra-op threads, restoring the caller's setting after.

@@ -19,9 +19,10 @@ import torch
 
 from lora_tools.adapters.mapping import Match, MatchReport
 from lora_tools.adapters.model import Adapter
+from lora_tools.engine.blocks import PEER_THREADS, threads
 from lora_tools.errors import FormatError, MatchError, ProvenanceError, UsageError
 from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.math import dora
+from lora_tools.math import dora, inits
 from lora_tools.math.finite import check_finite, check_result
 from lora_tools.merging.kernel import Observer
 from lora_tools.modules.lora import load_factors, module_delta
@@ -81,6 +82,12 @@ class SpecialWork:
         acc = src.to(self.device, torch.float32, copy=True)
         if not bool(torch.isfinite(acc.sum())):
             check_finite(acc, f"base tensor {name}")
+        for _, match, _ in self.terms:
+            m = match.module
+            if m.init is not None:  # PiSSA/OLoRA: the residual PEFT trained on
+                with threads(PEER_THREADS):
+                    acc = inits.residual(acc, m.init, m.rank, m.scale,
+                                         bool(m.fan_in_fan_out), src.dtype)
         for adapter, key, rows in self.tokens:
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             acc = acc.index_copy(0, index, adapter.source.get(key).to(self.device, torch.float32))
@@ -165,7 +172,7 @@ class SpecialWork:
 def needs_special(report: MatchReport) -> set[str]:
     """Base keys of one adapter's report that plain row-block sums cannot do."""
     keys = set(report.replacements) | set(report.token_rows)
-    keys.update(m.base_key for m in report.matches if m.module.magnitude_key)
+    keys.update(m.base_key for m in report.matches if m.module.magnitude_key or m.module.init)
     return keys
 
 
@@ -189,6 +196,7 @@ def special_work(base: Checkpoint, adapters: list[Adapter], reports: list[MatchR
         return out.setdefault(key, SpecialWork(dev, sign, observe=observe))
 
     keys = set().union(*(needs_special(r) for r in reports)) if reports else set()
+    _check_moved(adapters, reports, sign)
     for a, r, w in zip(adapters, reports, weights):
         for m in r.matches:
             if m.base_key in keys:
@@ -245,3 +253,14 @@ def _restore(adapter: Adapter, whole: dict[str, str], restore: Checkpoint | None
     for base_key in whole:
         fn = get(base_key)
         fn.restore, fn.terms = restore, []
+
+
+def _check_moved(adapters: list[Adapter], reports: list[MatchReport], sign: float) -> None:
+    """PiSSA/OLoRA replaced W by a residual computed from W: subtracting ΔW from a merged
+    model gives that residual back, never W."""
+    for a, r in zip(adapters, reports):
+        moved = next((m.module for m in r.matches if m.module.init), None)
+        if moved is not None and sign < 0:
+            raise UsageError(f"{a.path}: init_lora_weights={moved.init!r} ({moved.name}): the "
+                             "merge moved the base to a residual of itself, which an unmerge "
+                             "cannot undo; use the original base model instead")
