@@ -93,3 +93,17 @@ def test_unmerge_of_pissa_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="residual"):
         unmerge(tmp_path / "m.safetensors", [tmp_path / "a"], tmp_path / "u.safetensors",
                 device="cpu")
+
+
+def test_edits_of_pissa_refused(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lora_tools.cli import cli
+
+    _build(tmp_path, "pissa")
+    for args in (["convert", tmp_path / "a", "--to", "kohya", "-o", tmp_path / "k.safetensors"],
+                 ["combine", tmp_path / "a", tmp_path / "a", "-o", tmp_path / "c"]):
+        result = CliRunner().invoke(cli, [str(x) for x in args])
+        assert result.exit_code == 1, result.output
+        assert "init_lora_weights='pissa'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "k.safetensors").exists() and not (tmp_path / "c").exists()

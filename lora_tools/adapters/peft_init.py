@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lora_tools.adapters.model import Adapter
 from lora_tools.errors import FormatError
 from lora_tools.math.inits import KINDS
 
@@ -23,9 +24,9 @@ _WHY = {
     "lora_ga": "gradients of the training data",
     "loftq": "the quantized base LoftQ computed",
 }
-ROUTE = ("merge it with PEFT, or re-save it converted to a plain LoRA of the original base: "
-         "model.save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter "
-         "saved before training>)")
+ROUTE = ("merge it with PEFT's merge_and_unload, or have PEFT convert it to a plain LoRA of "
+         "the original base: model.save_pretrained(out, path_initial_model_for_weight_"
+         "conversion=<the adapter saved before training>)")
 
 
 def base_init(cfg_path: Path, cfg: dict[str, Any]) -> str | None:
@@ -50,3 +51,13 @@ def note(kind: str) -> str:
     return (f"init_lora_weights={kind!r}: as PEFT does when it loads this adapter onto the "
             f"original base, the base is first moved to W − s·B₀A₀ ({how} of W, rounded to "
             "its dtype); give the ORIGINAL base, not a saved residual model")
+
+
+def refuse_edit(adapter: Adapter, what: str) -> None:
+    """An adapter whose ΔW depends on the base it is loaded onto cannot be edited into
+    factors alone: another format (or a new rank, alpha or sum) would lose the base move."""
+    moved = next((m for m in adapter.modules if m.init), None)
+    if moved is not None:
+        raise FormatError(f"{adapter.path}: init_lora_weights={moved.init!r}: PEFT moves the "
+                          f"base when it loads this adapter, which {what} cannot carry; merge "
+                          "it into the original base with 'lora-tools merge', or " + ROUTE)

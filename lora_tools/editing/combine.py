@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lora_tools.adapters import peft_init
 from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.adapters.save import FactorModule, save_adapter
@@ -84,6 +85,7 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     for a in adapters:
         state(a)
+        peft_init.refuse_edit(a, "a combined adapter")
     check_adapters(adapters)
     groups = plan(adapters, ws)
     fmt = output_format(fmt, adapters, groups)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lora_tools.adapters import Adapter, load_adapter
+from lora_tools.adapters import Adapter, load_adapter, peft_init
 from lora_tools.adapters.interpretation import state, unheard
 from lora_tools.adapters.loralib import ALPHA_META
 from lora_tools.adapters.save import ALPHAS_META, FactorModule, save_adapter
@@ -30,6 +30,7 @@ _KOHYA_DIM, _KOHYA_ALPHA = "ss_network_dim", "ss_network_alpha"
 def open_for_edit(path: str | Path, from_alpha: float | None = None) -> Adapter:
     """Load an adapter and make sure every module has an alpha (``from_alpha`` fills gaps)."""
     adapter = load_adapter(path)
+    peft_init.refuse_edit(adapter, "an edited adapter")
     if from_alpha is not None:
         if adapter.format == "peft":
             raise UsageError(f"{adapter.path}: a PEFT adapter stores its alpha in "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lora_tools.adapters import Adapter, fold, load_adapter, names, require_alpha
+from lora_tools.adapters import Adapter, fold, load_adapter, names, peft_init, require_alpha
 from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import resolve
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV
@@ -81,6 +81,7 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
     require_alpha(adapter)
+    peft_init.refuse_edit(adapter, f"a {to} adapter")
     _check_all_keys(adapter, to)
     notes: list[str] = []
     base_keys, whole = settle(adapter, to, base, opts, notes)
