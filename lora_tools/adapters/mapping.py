@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lora_tools.adapters import loralib
 from lora_tools.adapters.kohya import strip_prefix
 from lora_tools.adapters.model import (
     CONV,
@@ -47,6 +48,7 @@ class BaseIndex:
 
     def __init__(self, base: Checkpoint) -> None:
         self.base = base
+        self._conv1d: bool | None = None
         self._by_last: dict[str, list[tuple[str, str]]] = {}
         for key in base.keys():
             # ``x.conv.weight`` is indexed as module ``x`` (loralib ConvLoRA) and as module
@@ -56,6 +58,13 @@ class BaseIndex:
                     path = key[: -len(suffix)]
                     last = path.rsplit(".", 1)[-1]
                     self._by_last.setdefault(last, []).append((path, key))
+
+    @property
+    def conv1d(self) -> bool:
+        """Whether the base keeps GPT-2's c_attn/c_proj/c_fc as HF Conv1D layers."""
+        if self._conv1d is None:
+            self._conv1d = loralib.conv1d_base(self.base)
+        return self._conv1d
 
     def candidates(self, module: LoraModule) -> list[str]:
         if module.underscore:
@@ -90,6 +99,7 @@ def match_adapter(adapter: Adapter, index: BaseIndex, resize_vocab: bool = False
     report = MatchReport()
     _match_replacements(adapter, index, report, resize_vocab)
     _match_token_rows(adapter, index, report)
+    squares: dict[str, list[str]] = {}
     for m in adapter.modules:
         keys = index.candidates(m)
         if not keys:
@@ -101,11 +111,19 @@ def match_adapter(adapter: Adapter, index: BaseIndex, resize_vocab: bool = False
             continue
         # A resized vocabulary: the LoRA applies to the adapter's saved, larger tensor.
         shape = report.resized.get(keys[0], index.base.info(keys[0]).shape)
+        if adapter.format == "loralib" and m.fan_in_fan_out is None:
+            _square_default(m, shape, index, squares)
         problem = fit(m, shape)
         if problem:
             report.misfits.append(f"{m.name} -> {keys[0]}: {problem}")
         else:
             report.matches.append(Match(m, keys[0]))
+    for why, names in squares.items():
+        note = (f"{len(names)} square weights ({', '.join(names[:3])}"
+                f"{' ...' if len(names) > 3 else ''}), whose shape cannot tell the orientation: "
+                f"{why}; --fan-in-fan-out/--no-fan-in-fan-out overrides")
+        if note not in adapter.notes:
+            adapter.notes.append(note)
     _one_module_per_tensor(report)
     return report
 
@@ -122,6 +140,17 @@ def _one_module_per_tensor(report: MatchReport) -> None:
                 f"{seen.module.a_key} and {mt.module.a_key} both map to base tensor "
                 f"{mt.base_key}: one update would be applied twice; remove one of the two "
                 "modules (or give each its own base model)")
+
+
+def _square_default(m: LoraModule, shape: tuple[int, ...], index: BaseIndex,
+                    squares: dict[str, list[str]]) -> None:
+    """loralib stores no orientation: a square weight takes the base's layer type, else
+    loralib's default (non-square ones are settled by their shape in ``fit``)."""
+    natural = (m.b_shape[0], m.a_shape[1])
+    if len(shape) == 2 and tuple(shape) == natural == natural[::-1]:
+        m.fan_in_fan_out, why = loralib.square_orientation(m.name, index.conv1d)
+        m.orientation_source = "layer type" if m.fan_in_fan_out else "default"
+        squares.setdefault(f"fan_in_fan_out={m.fan_in_fan_out}: {why}", []).append(m.name)
 
 
 def _one_key(index: BaseIndex, target: str, key: str, report: MatchReport) -> str | None:

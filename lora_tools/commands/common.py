@@ -51,14 +51,17 @@ def parse_enable_lora(value: str | None) -> tuple[bool, ...] | None:
 def adapter_options(fn: F) -> F:
     """--alpha, --enable-lora, --fan-in-fan-out: what some formats leave unsaid."""
     fn = click.option("--fan-in-fan-out/--no-fan-in-fan-out", "fan_in_fan_out", default=None,
-                      help="Weights stored (in, out) like GPT-2 Conv1D. Detected from shapes "
-                           "when they are not square.")(fn)
+                      help="Weights stored (in, out) like GPT-2 Conv1D. Default: from the "
+                           "shapes; square loralib weights: from the base's layer type (GPT-2 "
+                           "Conv1D c_attn/c_proj/c_fc), else loralib's default (no).")(fn)
     fn = click.option("--enable-lora", metavar="FLAGS",
                       help="loralib MergedLinear: which fused parts are adapted, e.g. 1,0,1 "
                            "for q and v of GPT-2's c_attn.")(fn)
     fn = click.option("--alpha", type=float,
-                      help="Alpha for files that do not store it (loralib). Recipes: GPT-2 "
-                           "NLG r=4 alpha=128; NLU alpha=2r.")(fn)
+                      help="Alpha for files that do not store it (loralib): use the value "
+                           "you trained with. GPT-2 NLG (gpt2_ft.py): argparse default 128, "
+                           "but its README trains with --lora_alpha 32 (r=4): check your "
+                           "training command. NLU: alpha=2r.")(fn)
     return fn
 
 

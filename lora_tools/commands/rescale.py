@@ -21,8 +21,10 @@ from lora_tools.commands.common import emit, handle_errors, run_options, stating
 @click.option("--rslora/--no-rslora", default=None,
               help="Switch to the alpha/sqrt(r) (or back to alpha/r) convention, keeping ΔW.")
 @click.option("--from-alpha", type=float,
-              help="Current alpha of files that do not store it (loralib). Recipes: GPT-2 "
-                   "NLG r=4 alpha=128; NLU alpha=2r.")
+              help="Current alpha of files that do not store it (loralib): the value "
+                   "you trained with. GPT-2 NLG (gpt2_ft.py): argparse default 128, but its "
+                   "README trains with --lora_alpha 32: check your training command. NLU: "
+                   "alpha=2r.")
 @click.option("--dtype", metavar="DTYPE",
               help="Dtype of the written factors (fp32, fp16, bf16, fp64); default: as read.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

@@ -18,7 +18,7 @@ import torch
 
 from lora_tools.adapters import Adapter, load_adapter, peft_init
 from lora_tools.adapters.interpretation import state, unheard
-from lora_tools.adapters.loralib import ALPHA_META
+from lora_tools.adapters.loralib import ALPHA_META, RECIPES
 from lora_tools.adapters.save import ALPHAS_META, FactorModule, save_adapter
 from lora_tools.errors import NumericError, UsageError
 from lora_tools.io.writer import TORCH_SUFFIXES
@@ -43,7 +43,7 @@ def open_for_edit(path: str | Path, from_alpha: float | None = None) -> Adapter:
     if missing:
         raise UsageError(f"{adapter.path}: this {adapter.format} file does not store alpha, so "
                          f"the scale alpha/r of {len(missing)} modules is unknown; pass "
-                         "--from-alpha (GPT-2 NLG recipe: 128 with r=4; NLU: 2*r)")
+                         f"--from-alpha ({RECIPES})")
     state(adapter)
     return adapter
 

@@ -17,7 +17,7 @@ from lora_tools.errors import FormatError, UnsafeFileError
 from lora_tools.io import safetensors_file as stf
 from lora_tools.io.detect import SAFETENSORS, sniff
 from lora_tools.io.safetensors_file import TensorInfo
-from lora_tools.io.torch_file import load_state_dict
+from lora_tools.io.torch_file import load_torch
 
 METADATA_RECORD = "lora_tools_metadata.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -33,6 +33,7 @@ class Checkpoint:
         self.path = path
         self.metadata: dict[str, str] = {}
         self._infos: dict[str, TensorInfo] = {}
+        self.container: str | None = None  # torch files: the dict key the tensors were under
 
     @property
     def files(self) -> list[Path]:
@@ -86,7 +87,7 @@ class SafetensorsCheckpoint(Checkpoint):
 class TorchCheckpoint(Checkpoint):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._tensors = load_state_dict(path)
+        self._tensors, self.container = load_torch(path)  # container: e.g. model_state_dict
         self.metadata = read_zip_metadata(path)
         for name, t in self._tensors.items():
             nbytes = t.numel() * t.element_size()

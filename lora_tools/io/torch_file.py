@@ -12,7 +12,9 @@ import torch
 from lora_tools.errors import FormatError, UnsafeFileError
 from lora_tools.io.detect import TORCH_ZIP, sniff
 
-_NESTED_KEYS = ("state_dict", "model", "module", "params")
+# Training scripts' containers around the weights, e.g. microsoft/LoRA's gpt2_ft.py saves
+# ``{'model_state_dict': ...}``; other entries (optimizer, epoch) are left unread.
+_NESTED_KEYS = ("model_state_dict", "state_dict", "model", "module", "params")
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -21,6 +23,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Pickles are loaded with ``weights_only=True``: a file that needs arbitrary code to
     unpickle is refused, never executed.
     """
+    return load_torch(path)[0]
+
+
+def load_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The flat tensors and the container key they were found under (None: top level)."""
     mmap = sniff(path) == TORCH_ZIP
     try:
         with warnings.catch_warnings():
@@ -77,24 +84,27 @@ def _detail(lines: list[str]) -> str:
     return "unpickling failed"
 
 
-def _flatten(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+def _flatten(path: Path, obj: Any) -> tuple[dict[str, torch.Tensor], str | None]:
     if isinstance(obj, dict):
         for key in _NESTED_KEYS:
             inner = obj.get(key)
             if isinstance(inner, dict) and inner and all(
                 isinstance(v, torch.Tensor) for v in inner.values()
             ):
-                return dict(inner)
+                return dict(inner), key
         tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
         if tensors and len(tensors) == len(obj) and all(isinstance(k, str) for k in tensors):
-            return tensors
+            return tensors, None
         if tensors:
             others = sorted(str(k) for k in obj if k not in tensors)[:5]
             raise FormatError(
                 f"{path}: a state dict mixes tensors with other values ({', '.join(others)}); "
                 "save only the tensors (model.state_dict())"
             )
+    keys = (f" with keys {', '.join(sorted(str(k) for k in obj)[:6])}"
+            if isinstance(obj, dict) else "")
     raise FormatError(
-        f"{path}: holds a {type(obj).__name__}, not a state dict of named tensors; "
-        "save model.state_dict() instead"
+        f"{path}: holds a {type(obj).__name__}{keys}, and no dict of named tensors at its "
+        f"top or under {', '.join(_NESTED_KEYS)}; take the weights' dict out of it in Python "
+        "(torch.save(obj[KEY], 'weights.pt'), KEY the entry that holds the tensors)"
     )
