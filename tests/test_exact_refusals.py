@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from lora_tools.adapters import load_adapter
 from lora_tools.cli import cli
 from lora_tools.errors import FormatError, NumericError
+from lora_tools.merging.kernel import DeltaSum
 from lora_tools.merging.merge import merge
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -100,3 +101,21 @@ def test_overflow_edge_still_merges_when_it_fits(tmp_path: Path) -> None:
     base, adapter, weight = _overflowing(tmp_path, torch.bfloat16, 3.3e38, 1e36)
     merge(base, [adapter], tmp_path / "out.safetensors", device="cpu", weights=[weight])
     assert torch.isfinite(read(tmp_path / "out.safetensors")[Q].float()).all()
+
+
+class _SyncFree(DeltaSum):
+    def _sync_free(self) -> bool:  # the GPU's path (no host syncs), run on the CPU
+        return True
+
+
+def test_bf16_overflow_caught_on_the_device_path(tmp_path: Path) -> None:
+    from lora_tools.adapters.mapping import resolve
+    from lora_tools.io import open_checkpoint
+
+    base_path, adapter_path, weight = _overflowing(tmp_path, torch.bfloat16, 3.3895e38, 1e36)
+    base, adapter = open_checkpoint(base_path), load_adapter(adapter_path)
+    (report,), _ = resolve([adapter], base)
+    match = next(m for m in report.matches if m.base_key == Q)
+    fn, w = _SyncFree([(adapter, match, weight)], torch.device("cpu")), base.get(Q)
+    with pytest.raises(NumericError, match=f"merged tensor {Q}"):
+        fn.rows(Q, w, 0, w.shape[0], torch.bfloat16, last=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from lora_tools.errors import NumericError
-from lora_tools.io.dtypes import dtype_name
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -27,8 +26,8 @@ def check_result(result: torch.Tensor, base: torch.Tensor, name: str) -> None:
         return
     check_finite(base, f"base tensor {name}")
     bad = int((~torch.isfinite(result)).sum())
-    top = float(torch.finfo(result.dtype).max)
-    raise NumericError(f"merged tensor {name}: {bad} values beyond {dtype_name(result.dtype)}'s largest "
+    top, kind = float(torch.finfo(result.dtype).max), str(result.dtype).removeprefix("torch.")
+    raise NumericError(f"merged tensor {name}: {bad} values beyond {kind}'s largest "
                        f"value {top:.6g} (W + ΔW overflows); no output was left. The adapter's "
                        "scale (alpha/r times the weight) is far too large for this model: "
                        "check alpha and --weight")
