@@ -62,7 +62,7 @@ def test_bitwise_equal_to_loralib_eval_merge(tmp_path: Path) -> None:
 
 def test_alpha_required_and_named(tmp_path: Path) -> None:
     base, adapter, _ = _build(tmp_path)
-    with pytest.raises(UsageError, match="--alpha.*alpha=128"):
+    with pytest.raises(UsageError, match="--alpha.*lora_alpha 128.*--lora_alpha 32: check your training"):
         merge(base, [adapter], tmp_path / "out.safetensors", device="cpu",
               opts=AdapterOptions(enable_lora=(True, False, True)))
     assert not (tmp_path / "out.safetensors").exists()
