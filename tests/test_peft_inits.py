@@ -107,3 +107,30 @@ def test_edits_of_pissa_refused(tmp_path: Path) -> None:
         assert result.exit_code == 1, result.output
         assert "init_lora_weights='pissa'" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "k.safetensors").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_named_route_gives_a_plain_lora_of_the_same_model(tmp_path: Path) -> None:
+    """PEFT's path_initial_model_for_weight_conversion, the route the refusals name, writes a
+    plain rank-2r LoRA of the original base: merged plainly it is the unconverted merge."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    base = state_dict_file(model.state_dict(), tmp_path / "base.safetensors")
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
+                                          target_modules=["q_proj", "v_proj"]))
+    pm.peft_config["default"].init_lora_weights = True  # PEFT's documented recipe
+    pm.save_pretrained(str(tmp_path / "init"))
+    pm.peft_config["default"].init_lora_weights = "pissa"
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    pm.save_pretrained(str(tmp_path / "raw"))
+    pm.save_pretrained(str(tmp_path / "conv"),
+                       path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert all(m.init is None and m.rank == 8 for m in load_adapter(tmp_path / "conv").modules)
+    merge(base, [tmp_path / "raw"], tmp_path / "a.safetensors", device="cpu")
+    merge(base, [tmp_path / "conv"], tmp_path / "b.safetensors", device="cpu")
+    a, b = read(tmp_path / "a.safetensors"), read(tmp_path / "b.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
