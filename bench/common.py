@@ -37,27 +37,28 @@ print(json.dumps({"rc": proc.returncode, "wall": wall, "rss": rss, "stdout": out
 """
 
 
-def llama_config():  # type: ignore[no-untyped-def]
+def llama_config(layers: int = 16):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=2048, num_hidden_layers=16, intermediate_size=5632,
+    return LlamaConfig(hidden_size=2048, num_hidden_layers=layers, intermediate_size=5632,
                        vocab_size=32000, num_attention_heads=16, num_key_value_heads=16,
                        max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def build_base(folder: Path = BASE, seed: int = 0) -> Path:
-    """A ~1.09B-parameter bf16 Llama in two safetensors shards, via ``save_pretrained``.
+def build_base(folder: Path = BASE, seed: int = 0, layers: int = 16) -> Path:
+    """A ~1.09B-parameter bf16 Llama in two safetensors shards, via ``save_pretrained``
+    (``layers``: fewer blocks for a smaller model, ~100 MB each).
 
     Built on the meta device and filled in bf16 in place, so it never holds an fp32 copy
     of the model (2.2 GB of RAM instead of 4.4 GB plus the default initializers' time).
     """
-    if (folder / "model.safetensors.index.json").is_file():
+    if (folder / "config.json").is_file():  # renamed into place only once complete
         return folder
     import torch
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config()).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_config(layers)).to(torch.bfloat16)
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -74,7 +75,7 @@ def build_base(folder: Path = BASE, seed: int = 0) -> Path:
 
 
 def build_adapter(base: Path = BASE, folder: Path = ADAPTER, rank: int = 16,
-                  seed: int = 1, dora: bool = False) -> Path:
+                  seed: int = 1, dora: bool = False, layers: int = 16) -> Path:
     """A rank-16 PEFT LoRA on every linear layer of the blocks, with random non-zero B
     (with ``dora``: use_dora, magnitudes random in [0.5, 1.5))."""
     if (folder / "adapter_config.json").is_file():
@@ -84,7 +85,7 @@ def build_adapter(base: Path = BASE, folder: Path = ADAPTER, rank: int = 16,
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config()).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_config(layers)).to(torch.bfloat16)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0,
                      use_dora=dora)
     pm = get_peft_model(model, cfg)

@@ -2,12 +2,15 @@
 
     python bench/merge.py               # builds bench/_work/ once, then times (median of 3)
     python bench/merge.py --runs 5 --no-peft
+    python bench/merge.py --layers 4 --no-peft --against ../old-checkout   # layout A/B
 
 Every command runs in a fresh process; wall time and that process's peak RSS are taken.
 Rows: `cp -r` of the base folder; `cp -r` + `sync` of the copy (our writer fsyncs its
 output before the atomic rename, so this is the like-for-like plain copy of the bytes);
 `lora-tools merge` with the overlapped pipeline and with `--no-overlap`; PEFT's
-from_pretrained + merge_and_unload + save_pretrained. After timing, the lora-tools and
+from_pretrained + merge_and_unload + save_pretrained; with ``--against DIR``, the same
+merge run by another checkout of lora-tools (``python -m lora_tools`` from DIR), so two
+versions are timed in one interleaved run and their ratio read off one table. After timing, the lora-tools and
 PEFT outputs are compared tensor by tensor (they must be bit-identical).
 """
 
@@ -46,17 +49,25 @@ merged.save_pretrained(out, max_shard_size="1200MB")
 """
 
 
+# What one run works on: set by main from --layers and --against.
+SETUP: dict[str, Path | None] = {"base": BASE, "adapter": ADAPTER, "against": None}
+
+
 def commands(out: Path) -> dict[str, list[str]]:
-    merge = [sys.executable, "-m", "lora_tools", "merge", str(BASE), str(ADAPTER), "-o",
+    base, adapter, against = SETUP["base"], SETUP["adapter"], SETUP["against"]
+    merge = [sys.executable, "-m", "lora_tools", "merge", str(base), str(adapter), "-o",
              str(out), "--json", "--device", "cpu"]
-    return {
-        "cp -r": ["cp", "-r", str(BASE), str(out)],
-        "cp -r + sync": ["sh", "-c", f'cp -r "{BASE}" "{out}" && sync "{out}"/*'],
+    rows = {
+        "cp -r": ["cp", "-r", str(base), str(out)],
+        "cp -r + sync": ["sh", "-c", f'cp -r "{base}" "{out}" && sync "{out}"/*'],
         "lora-tools merge": merge,
         "merge --no-overlap": [*merge, "--no-overlap"],
-        "PEFT merge_and_unload": [sys.executable, "-c", PEFT_SCRIPT, str(BASE), str(ADAPTER),
+        "PEFT merge_and_unload": [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter),
                                   str(out)],
     }
+    if against is not None:  # `python -m` imports the package from the current directory
+        rows["merge (--against)"] = ["sh", "-c", 'cd "$0" && exec "$@"', str(against), *merge]
+    return rows
 
 
 def measure(labels: list[str], runs: int) -> dict[str, Timing]:
@@ -87,6 +98,11 @@ def table(timings: dict[str, Timing]) -> str:
         rows.append(f"| {t.label} | {t.wall:.2f} s | {t.peak / 2**20:.0f} MiB | "
                     f"{t.wall / cp:.2f}x | {t.wall / cps:.2f}x | {vs_peft} |")
     m, n = timings["lora-tools merge"], timings["merge --no-overlap"]
+    if "merge (--against)" in timings:
+        o = timings["merge (--against)"]
+        rows.append(f"\nthis checkout / --against: {m.wall / o.wall:.3f}x wall "
+                    f"({m.wall:.2f} s / {o.wall:.2f} s), engine only "
+                    f"{median(m.engine) / median(o.engine):.3f}x")
     rows.append(f"\noverlap speed-up: {n.wall / m.wall:.2f}x wall (no-overlap {n.wall:.2f} s / "
                 f"overlap {m.wall:.2f} s); engine only {median(n.engine) / median(m.engine):.2f}x")
     rows.append(f"engine time of merge (streaming, after imports and planning): "
@@ -125,17 +141,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-peft", action="store_true", help="skip the (slow) PEFT rows")
+    ap.add_argument("--layers", type=int, default=16, help="blocks of the Llama (16: ~1B)")
+    ap.add_argument("--against", type=Path, help="another lora-tools checkout to time too")
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
+    if args.layers != 16:
+        SETUP["base"] = WORK / f"llama-{args.layers}l-bf16"
+        SETUP["adapter"] = WORK / f"lora-r16-all-linear-{args.layers}l"
+    SETUP["against"] = args.against.resolve() if args.against else None
     print("building (cached) ...", file=sys.stderr)
-    build_base()
-    build_adapter()
+    base = build_base(SETUP["base"] or BASE, layers=args.layers)
+    build_adapter(base, SETUP["adapter"] or ADAPTER, layers=args.layers)
     labels = list(commands(WORK / "x"))
     if args.no_peft:
         labels.remove("PEFT merge_and_unload")
     print(f"load before: {load_average()}", file=sys.stderr)
     timings = measure(labels, args.runs)
-    print(f"base: {folder_bytes(BASE) / 1e9:.2f} GB in 2 shards; adapter rank 16 on "
+    print(f"base: {folder_bytes(base) / 1e9:.2f} GB, {args.layers} layers; adapter rank 16 on "
           f"q,k,v,o,gate,up,down; median of {args.runs} runs; load after: {load_average()}")
     print(table(timings))
     if not args.no_peft:
