@@ -19,9 +19,8 @@ with what failed and by how much; nothing is raised for a failed check.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -31,77 +30,26 @@ from lora_tools.adapters.mapping import MatchReport, resolve
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.engine.blocks import threads
 from lora_tools.engine.device import exact, resolve_device
-from lora_tools.engine.stream import TensorFn, out_dtype
 from lora_tools.errors import UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.io.dtypes import dtype_name
-from lora_tools.io.safetensors_file import TensorInfo
-from lora_tools.math.ulp import ulp_error
-from lora_tools.merging import probe as probe_mod
 from lora_tools.merging import provenance
-from lora_tools.merging.coverage import changed_outside, key_use
+from lora_tools.merging.coverage import key_use
 from lora_tools.merging.merge import build_work
 from lora_tools.merging.special import special_work
+from lora_tools.merging.verify_checks import (
+    DEFAULT_TOLERANCE_ULP,
+    AdaptedCheck,
+    Checker,
+    Failure,
+    VerifyReport,
+    default_tolerance,
+    probe_plan,
+)
 
-# Default tolerance in ulps by bytes per element. 16-bit: a correctly rounded merge is
-# within 0.5, one that rounded ΔW first (PEFT with 16-bit adapter weights) within 1.
-# 32-bit: the recomputation's own fp32 error (matmul or conv order, thread count, GPU) is
-# a few ulps of the stored precision itself. fp64 outputs are measured in fp32 ulps, the
-# precision the merge computes in.
-DEFAULT_TOLERANCE_ULP = {1: 1.0, 2: 1.0, 4: 8.0, 8: 8.0}
-
-
-def default_tolerance(dtype: torch.dtype) -> float:
-    return DEFAULT_TOLERANCE_ULP.get(dtype.itemsize, 1.0)
-
-
-@dataclass
-class Failure:
-    """One failed check: the tensor, which check (missing, extra, shape, dtype, nonfinite,
-    values, bytes, probe) and by how much, in words and as a number where there is one."""
-
-    name: str
-    check: str
-    detail: str
-    amount: float | None = None
-
-
-@dataclass
-class AdaptedCheck:
-    name: str
-    elements: int
-    max_ulp: float
-    over_tolerance: int
-    probe_rel_error: float | None = None
-    probe_bound: float | None = None
-
-
-@dataclass
-class VerifyReport:
-    merged: str
-    base: str
-    tolerance_ulp: float | None  # None: by dtype (DEFAULT_TOLERANCE_ULP)
-    device: str
-    tensors: int = 0
-    adapted: list[AdaptedCheck] = field(default_factory=list)
-    untouched: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    key_use: list[dict[str, Any]] = field(default_factory=list)  # per adapter: keys used
-    bytes_read: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        probes = [a.probe_rel_error for a in self.adapted if a.probe_rel_error is not None]
-        d.update(ok=self.ok, max_ulp=max((a.max_ulp for a in self.adapted), default=0.0),
-                 max_probe_rel_error=max(probes, default=None), probed=len(probes))
-        return d
+# The report's types live with the checks; importable from here as before.
+__all__ = ["DEFAULT_TOLERANCE_ULP", "AdaptedCheck", "Failure", "VerifyReport",
+           "default_tolerance", "verify"]
 
 
 @exact
@@ -134,10 +82,10 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     # DoRA, lora_bias, modules_to_save, trainable tokens: the merge's own special work.
     special = special_work(base, adapters, reports, weights, 1.0, dev)
     work.update(special)
-    plan = _probe_plan(adapters, reports, weights)
+    plan = probe_plan(adapters, reports, weights)
     for key in special:  # not W + s·B(A·x): the element check covers them, the probe not
         plan.terms.pop(key, None)
-    checker = _Checker(merged, base, work, plan, dtype, tol, seed)
+    checker = Checker(merged, base, work, plan, dtype, tol, seed)
     # One thread: on these streaming, memory-bound passes an OpenMP team costs more than it
     # saves (measured: 2 threads took 1.4× the wall time of 1). fp32 results that depend on
     # the thread count (convs) stay within the fp32 tolerance.
@@ -163,26 +111,6 @@ def _check_key_use(adapters: list[Adapter], reports: list[MatchReport],
                                      "does not apply") for k in use.unused]
 
 
-@dataclass
-class _Plan:
-    """Per adapted base key: (adapter, module, weight) terms, and a saved whole tensor
-    that replaces the base before the deltas (PEFT's saved embeddings), if any."""
-
-    terms: dict[str, list[tuple[Adapter, Any, float]]] = field(default_factory=dict)
-    starts: dict[str, tuple[Adapter, str]] = field(default_factory=dict)
-
-
-def _probe_plan(adapters: list[Adapter], reports: list[MatchReport], weights: list[float]
-                ) -> _Plan:
-    plan = _Plan()
-    for a, r, w in zip(adapters, reports, weights):
-        for m in r.matches:
-            plan.terms.setdefault(m.base_key, []).append((a, m.module, w))
-        for base_key, key in r.replacements.items():
-            plan.starts[base_key] = (a, key)
-    return plan
-
-
 def _provenance_notes(merged: Checkpoint, adapters: list[Adapter]) -> list[str]:
     net = {sha for sha, n in provenance.merged_shas(provenance.read(merged.metadata)).items()
            if n > 0}
@@ -195,142 +123,3 @@ def _provenance_notes(merged: Checkpoint, adapters: list[Adapter]) -> list[str]:
         notes.append(f"MERGED's metadata records {len(net - given)} merged adapter(s) not "
                      "given here")
     return notes
-
-
-class _Checker:
-    """The per-tensor checks; holds the inputs so each check reads one tensor pair."""
-
-    def __init__(self, merged: Checkpoint, base: Checkpoint, work: dict[str, TensorFn],
-                 plan: _Plan, dtype: torch.dtype | None, tol: float | None,
-                 seed: int) -> None:
-        self.merged, self.base, self.work, self.plan = merged, base, work, plan
-        self.dtype, self.tol, self.seed = dtype, tol, seed
-
-    def check(self, info: TensorInfo, rep: VerifyReport) -> list[Failure]:
-        name = info.name
-        rep.tensors += 1
-        if name not in self.merged:
-            return [Failure(name, "missing", "in BASE but not in MERGED")]
-        got, want = self.merged.info(name), out_dtype(info.dtype, self.dtype)
-        rep.bytes_read += got.nbytes + info.nbytes
-        fails = []
-        if tuple(got.shape) != tuple(info.shape):
-            fails.append(Failure(name, "shape", f"shape {list(got.shape)}, expected "
-                                 f"{list(info.shape)}"))
-        if got.dtype != want:
-            fails.append(Failure(name, "dtype", f"dtype {dtype_name(got.dtype)}, expected "
-                                 f"{dtype_name(want)}" + ("" if self.dtype else
-                                                          " (the base's; --dtype if the "
-                                                          "merge changed it)")))
-        if fails:
-            return fails
-        if name in self.work:
-            return self._adapted(name, rep)
-        rep.untouched += 1
-        return self._untouched(name, want)
-
-    def _untouched(self, name: str, want: torch.dtype) -> list[Failure]:
-        m = self.merged.get(name)
-        b = self.base.get(name)
-        fails = _nonfinite(name, m)
-        if b.dtype != want:
-            b = b.to(want)
-        mb, bb = _bits(m), _bits(b)
-        if not torch.equal(mb, bb):
-            differ = int((mb != bb).sum())
-            diff = (m.double() - b.double()).abs().nan_to_num(float("inf"))
-            worst = float(diff.max()) if diff.numel() else 0.0
-            fails.append(Failure(name, "bytes", f"untouched tensor differs from BASE: "
-                                 f"{differ} of {m.numel()} elements, max |diff| {worst:.3g}",
-                                 worst))
-        return fails
-
-    def _adapted(self, name: str, rep: VerifyReport) -> list[Failure]:
-        m, w = self.merged.get(name), self.base.get(name)
-        expected = self.work[name](name, w, torch.float32).cpu()
-        tol = default_tolerance(m.dtype) if self.tol is None else self.tol
-        worst, over, idx, differ = ulp_scan(m, expected, w, tol)
-        # the engine refuses a non-finite result, so an exact match has none
-        fails = _nonfinite(name, m) if differ else []
-        res = AdaptedCheck(name, m.numel(), worst, over)
-        moved, at = changed_outside(m, w, expected)
-        if moved:
-            fails.append(Failure(name, "outside", (
-                f"{moved} elements changed where no adapter module maps (the update there "
-                f"is exactly 0); first at flat index {at}: base "
-                f"{float(w.reshape(-1)[at]):.6g}, merged {float(m.reshape(-1)[at]):.6g}"),
-                moved))
-        if over:
-            fails.append(Failure(name, "values", (
-                f"{over} of {res.elements} elements off by up to {worst:.4g} ulp (tolerance "
-                f"{tol:g}); worst at flat index {idx}: merged "
-                f"{float(m.reshape(-1)[idx]):.6g}, expected "
-                f"{float(expected.reshape(-1)[idx]):.6g}"), worst))
-        if not fails:
-            fails += self._probe(name, m, w, expected, res)
-        rep.adapted.append(res)
-        return fails
-
-    def _probe(self, name: str, m: torch.Tensor, w: torch.Tensor, expected: torch.Tensor,
-               res: AdaptedCheck) -> list[Failure]:
-        terms = []
-        for adapter, module, weight in self.plan.terms.get(name, []):
-            a, b = adapter.factors(module)
-            terms.append(probe_mod.ProbeTerm(module, a, b, module.scale * weight))
-        if not terms or not probe_mod.applies(tuple(m.shape), terms):
-            return []
-        if any(t.module.magnitude_key for t in terms):
-            return []  # DoRA: W' is not W + s·B@A; the elementwise check covers it
-        start = w
-        if name in self.plan.starts:
-            holder, key = self.plan.starts[name]
-            start = holder.source.get(key)
-        rel, bound = probe_mod.probe(name, m, start, expected, terms, self.seed)
-        res.probe_rel_error, res.probe_bound = rel, bound
-        if rel > bound:
-            return [Failure(name, "probe", f"W'x vs Wx + s·B(Ax): relative error {rel:.3g}, "
-                            f"more than the {bound:.3g} rounding allows", rel)]
-        return []
-
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Each element's bit pattern, so -0.0/+0.0 and NaN payloads count as different."""
-    flat = t.contiguous().reshape(-1)
-    return flat.view(_INT_OF_SIZE[flat.element_size()]) if flat.numel() else flat
-
-
-def ulp_scan(merged: torch.Tensor, expected: torch.Tensor, base: torch.Tensor, tol: float
-             ) -> tuple[float, int, int, int]:
-    """(largest error in ulps, elements over ``tol``, flat index of the largest, elements
-    not equal to the rounded ``expected``) of ``merged`` against the fp32 ``expected``; all
-    three the same shape, ``base`` as stored.
-
-    Elements equal to ``expected`` rounded to the stored dtype are correctly rounded: their
-    error is at most 0.5 ulp, and only the others are measured. The ulp is the stored
-    dtype's (fp32's for fp64, the precision of the recomputation) at the larger of the
-    expected value and the update (``expected − base``): where W and ΔW nearly cancel,
-    the update's own rounding is coarser than the result's. A NaN compares false, so it
-    is left to the NaN/Inf check; an Inf counts as over tolerance too.
-    """
-    m, e = merged.reshape(-1), expected.reshape(-1)
-    differ = (m != e.to(m.dtype)).nonzero().squeeze(1)
-    worst = 0.5 if differ.numel() < m.numel() else 0.0
-    if not differ.numel():
-        return worst, 0, 0, 0
-    unit = torch.float32 if merged.dtype == torch.float64 else merged.dtype
-    md, ed, wd = m[differ], e[differ], base.reshape(-1)[differ].float()
-    err = ulp_error(md, ed, unit, ref=torch.maximum(ed.abs(), (ed - wd).abs()))
-    top, arg = err.max(dim=0)
-    if not float(top) > worst:  # NaN only, or all within 0.5
-        return worst, 0, int(differ[0]), differ.numel()
-    return float(top), int((err > tol).sum()), int(differ[arg]), differ.numel()
-
-
-def _nonfinite(name: str, t: torch.Tensor) -> list[Failure]:
-    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
-        return []
-    bad = int((~torch.isfinite(t)).sum())
-    return [Failure(name, "nonfinite", f"{bad} NaN/Inf values", bad)]
