@@ -20,7 +20,7 @@ import torch
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR
 from lora_tools.adapters.names import base_module
 from lora_tools.adapters.save import FactorModule, save_adapter
-from lora_tools.editing.convert import ADAPTER_TARGETS, for_target
+from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint
