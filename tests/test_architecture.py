@@ -69,3 +69,17 @@ def test_package_import_is_torch_free_and_the_api_resolves() -> None:
             "assert all(callable(getattr(lora_tools, n)) for n in names); print('ok')")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_the_public_api_is_held_to_mypy_strict() -> None:
+    """Every module the API takes a name from has --strict's flags in pyproject.toml."""
+    import lora_tools
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    overrides = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]["overrides"]
+    strict = next(o for o in overrides if o.get("disallow_untyped_calls"))
+    assert all(strict.get(flag) for flag in (
+        "disallow_any_generics", "disallow_untyped_defs", "disallow_incomplete_defs",
+        "check_untyped_defs", "warn_return_any", "no_implicit_reexport", "strict_equality"))
+    public = {"lora_tools", "lora_tools.errors"} | {m for m, _ in lora_tools._LAZY.values()}
+    assert public <= set(strict["module"]), sorted(public - set(strict["module"]))

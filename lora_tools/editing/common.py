@@ -18,8 +18,8 @@ import torch
 
 from lora_tools.adapters import Adapter, load_adapter, peft_init
 from lora_tools.adapters.interpretation import state, unheard
-from lora_tools.adapters.loralib import ALPHA_META, RECIPES
-from lora_tools.adapters.save import ALPHAS_META, FactorModule, save_adapter
+from lora_tools.adapters.loralib import ALPHA_META, ALPHAS_META, RECIPES
+from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.errors import NumericError, UsageError
 from lora_tools.io.writer import TORCH_SUFFIXES
 

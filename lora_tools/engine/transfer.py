@@ -79,14 +79,15 @@ class CudaMover(Mover):
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.up = torch.cuda.Stream(device)
-        self.compute = torch.cuda.Stream(device)
-        self.down = torch.cuda.Stream(device)
+        # torch.cuda.Stream and Event carry no annotations
+        self.up = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.compute = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.down = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
     def upload(self, host: torch.Tensor) -> Any:
         with torch.cuda.stream(self.up):
             dev = host.to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record(self.up)
         # ``host`` is returned too: a pinned buffer must outlive its asynchronous copy.
         return dev, done, host
@@ -108,7 +109,7 @@ class CudaMover(Mover):
         with torch.cuda.stream(self.down):
             host.copy_(result, non_blocking=True)
             result.record_stream(self.down)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
             done.record(self.down)
         return host, done
 

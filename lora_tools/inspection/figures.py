@@ -93,7 +93,8 @@ def product_factors(a: torch.Tensor, b: torch.Tensor, groups: int
     """
     a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     if groups > 1:
-        b2 = torch.block_diag(*b2.split(b2.shape[0] // groups, dim=0))
+        parts = torch.split(b2, b2.shape[0] // groups, dim=0)
+        b2 = torch.block_diag(*parts)  # type: ignore[no-untyped-call]
     return a2, b2
 
 

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lora_tools.adapters import Adapter
 from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import BaseIndex, match_adapter
@@ -136,7 +138,7 @@ def _match_base(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, str], lis
 def _add_base(s: ModuleStats, base: Checkpoint, key: str) -> None:
     """‖W‖_F of the matched base tensor, in fp64 chunks so memory follows the tensor."""
     w = base.get(key).reshape(-1)
-    total = sum(float(c.double().square().sum()) for c in w.split(1 << 22))
+    total = sum(float(c.double().square().sum()) for c in torch.split(w, 1 << 22))
     s.base_key, s.norm_base = key, math.sqrt(total)
     if s.norm_delta is not None and s.norm_base > 0:
         s.rel_update = s.norm_delta / s.norm_base

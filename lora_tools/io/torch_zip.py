@@ -48,7 +48,7 @@ class _Pickler(pickle.Pickler):
 
 
 def _storage_name(dtype: torch.dtype) -> str:
-    return torch.storage._dtype_to_storage_type_map()[dtype]
+    return str(torch.storage._dtype_to_storage_type_map()[dtype])
 
 
 class TorchZipWriter:

@@ -34,11 +34,14 @@ def weight_norm(base: torch.Tensor, delta: torch.Tensor, layout: str) -> torch.T
     if layout == CONV:
         w = base + 1 * delta
         dims = tuple(range(1, w.dim()))
-        return w.norm(p=2, dim=dims, keepdim=True).transpose(1, 0).reshape(-1)
+        norm: torch.Tensor = w.norm(p=2, dim=dims, keepdim=True)
+        return norm.transpose(1, 0).reshape(-1)
     if layout == COLUMNS:
         # PEFT: norm(transpose(W) + transpose(ΔW), dim=1), on the strided views.
-        return torch.linalg.norm(base.T + 1 * delta.T, dim=1).to(base.dtype)
-    return torch.linalg.norm(base + 1 * delta, dim=1).to(base.dtype)
+        norm = torch.linalg.norm(base.T + 1 * delta.T, dim=1)
+    else:
+        norm = torch.linalg.norm(base + 1 * delta, dim=1)
+    return norm.to(base.dtype)
 
 
 def _view(factor: torch.Tensor, layout: str, ndim: int) -> torch.Tensor:

@@ -57,7 +57,8 @@ def factor_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
     a2, b2 = flatten_factors(a.to(dtype), b.to(dtype))
     rb = torch.linalg.qr(b2, mode="r").R  # (min(out, r), r)
     ra = torch.linalg.qr(a2.T, mode="r").R  # (min(in, r), r)
-    return torch.linalg.svdvals(rb @ ra.T) * abs(scale)
+    values: torch.Tensor = torch.linalg.svdvals(rb @ ra.T)
+    return values * abs(scale)
 
 
 def stacked_svd(pairs: list[tuple[torch.Tensor, torch.Tensor, float]],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -23,6 +23,9 @@ from lora_tools.merging import provenance
 from lora_tools.merging.checks import check_factors, check_targets
 from lora_tools.merging.kernel import DeltaSum, Observer
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 
 @dataclass
 class MergeSummary:
@@ -39,6 +42,24 @@ class MergeSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class MergeOptions(TypedDict, total=False):
+    """The keyword options of :func:`merge` and :func:`unmerge` (the CLI's options)."""
+
+    weights: list[float] | None  # one per adapter; default 1.0 each
+    opts: AdapterOptions | None  # alpha, enable_lora, fan_in_fan_out: what files may not say
+    dtype: torch.dtype | None  # output dtype; default: the base's, tensor by tensor
+    device: str  # "auto", "cpu", "cuda", "cuda:1", ...
+    shard_size: int | None  # bytes per shard of a folder output
+    force: bool  # replace an existing output; merge an adapter recorded as merged
+    allow_unmatched: bool  # skip adapter modules that match no base tensor (a warning)
+    progress: bool  # a progress bar on stderr
+    max_memory: int | None  # bytes: larger tensors are computed by row blocks
+    overlap: bool  # read, compute and write on overlapping threads
+    resize_vocab: bool  # accept saved embeddings/heads with more rows than the base
+    untie: bool  # write both sides of tied weights when an adapter touches one
+    dequantize: bool  # an fp8 base: dequantize exactly into the output dtype
 
 
 @exact
@@ -109,9 +130,9 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
 
 
 def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
-          **kwargs: Any) -> MergeSummary:
+          **options: Unpack[MergeOptions]) -> MergeSummary:
     """Merge adapters into ``base_path``: every adapted tensor becomes ``W + Σ wᵢ·sᵢ·BᵢAᵢ``."""
-    return apply_adapters(base_path, adapter_paths, out, sign=1.0, op="merge", **kwargs)
+    return apply_adapters(base_path, adapter_paths, out, sign=1.0, op="merge", **options)
 
 
 def _check_history(base: Checkpoint, adapters: list[Adapter], op: str, force: bool,

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,7 +28,10 @@ from lora_tools.errors import FormatError, UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.math.ulp import neighbours, ulp, ulp_error
-from lora_tools.merging.merge import MergeSummary, apply_adapters
+from lora_tools.merging.merge import MergeOptions, MergeSummary, apply_adapters
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # Relative error of one fp32 rounding (24 significand bits).
 _FP32_ROUNDING = 2.0**-24
@@ -79,13 +82,14 @@ class UnmergeSummary:
 
 
 def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str | Path, *,
-            check_base: str | Path | None = None, **kwargs: Any) -> UnmergeSummary:
+            check_base: str | Path | None = None, **options: Unpack[MergeOptions]
+            ) -> UnmergeSummary:
     """Write ``MERGED − Σ wᵢ·ΔWᵢ`` to ``out``, with per-tensor exactness (see the module doc).
 
-    ``kwargs`` are :func:`lora_tools.merging.merge.apply_adapters`'s (weights, opts, dtype, device,
-    shard_size, force, allow_unmatched, progress).
+    ``options`` are merge's (:class:`~lora_tools.merging.merge.MergeOptions`); ``check_base``:
+    the original base, to measure the result against instead of proving it from MERGED.
     """
-    if check_base is None and str(kwargs.get("device") or "auto").lower().startswith("cuda"):
+    if check_base is None and str(options.get("device") or "auto").lower().startswith("cuda"):
         # The proof has no slack for a ΔW summed in another order than the merge's (CPU).
         raise UsageError("unmerge --device cuda: the exactness proof needs ΔW recomputed as "
                          "the merge computed it, on the CPU; use --device cpu (the default), "
@@ -108,7 +112,7 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
                 stats.append(checked_exactness(name, m, u, _base_tensor(base, name, u)))
 
     summary = apply_adapters(merged_path, adapter_paths, out, sign=-1.0, op="unmerge",
-                             observe=observe, restore_from=check_base, **kwargs)
+                             observe=observe, restore_from=check_base, **options)
     return UnmergeSummary(summary, str(check_base) if check_base is not None else None, stats)
 
 
