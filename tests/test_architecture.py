@@ -83,3 +83,11 @@ def test_the_public_api_is_held_to_mypy_strict() -> None:
         "check_untyped_defs", "warn_return_any", "no_implicit_reexport", "strict_equality"))
     public = {"lora_tools", "lora_tools.errors"} | {m for m, _ in lora_tools._LAZY.values()}
     assert public <= set(strict["module"]), sorted(public - set(strict["module"]))
+
+
+def test_the_layer_picture_in_docs_is_current() -> None:
+    """docs/architecture.md's picture and figures are what docs/layers.py draws now."""
+    pytest.importorskip("tomllib")  # Python 3.11+
+    res = subprocess.run([sys.executable, "docs/layers.py", "--check"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, "run: python docs/layers.py\n" + res.stderr[-2000:]
