@@ -73,7 +73,9 @@ def commands(out: Path) -> dict[str, list[str]]:
 def measure(labels: list[str], runs: int) -> dict[str, Timing]:
     timings = {label: Timing(label) for label in labels}
     for i in range(runs):
-        for label in labels:  # interleaved, so a change of machine load hits every row
+        # Interleaved, so a change of machine load hits every row; the order reverses each
+        # run (ABBA), so a steady drift in load favours no row.
+        for label in labels if i % 2 == 0 else labels[::-1]:
             out = WORK / f"out-{label.split()[0].lower()}"
             settle(out)
             res = run_full(commands(out)[label])
