@@ -1,0 +1,121 @@
+"""``merge`` into a GGUF model (llama.cpp): one tensor at a time, types kept.
+
+Untouched tensors are copied block for block (their bytes unchanged). An adapted tensor is
+dequantized by the ``gguf`` package, ``Σ wᵢ·ΔWᵢ`` is added in fp32 after rearranging each
+ΔW as the converter rearranged the weight (the Llama q/k permutation), and the sum is
+quantized back to the tensor's own type by the ``gguf`` package (or to ``--gguf-type``
+where the package cannot produce that type). Metadata is kept; provenance is added.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
+from lora_tools.errors import MatchError, UsageError
+from lora_tools.io.gguf_file import GGUFCheckpoint, can_quantize, open_gguf, qtype_of, quantize
+from lora_tools.io.gguf_file import type_nbytes as nbytes_in
+from lora_tools.io.gguf_out import KV, GGUFOutput, GGUFTensorSpec
+from lora_tools.math.finite import check_finite
+from lora_tools.merging import provenance
+from lora_tools.merging.gguf_plan import FALLBACK_TYPES, GGUFPlan, Term, plan_merge
+from lora_tools.merging.merge import MergeSummary, _check_history
+from lora_tools.modules.lora import load_factors, module_delta
+from lora_tools.version import __version__
+
+
+def merge_gguf(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path, *,
+               weights: list[float] | None = None, opts: AdapterOptions | None = None,
+               gguf_type: str | None = None, split_size: int | None = None,
+               force: bool = False, allow_unmatched: bool = False,
+               progress: bool = False, **_ignored: Any) -> MergeSummary:
+    """Merge adapters into the GGUF model ``base_path`` and write ``out`` (``.gguf``)."""
+    t0 = time.perf_counter()
+    weights = adapter_weights(weights, len(adapter_paths))
+    if gguf_type is not None:
+        gguf_type = qtype_of(gguf_type).name
+        if not can_quantize(gguf_type):
+            raise UsageError(f"--gguf-type {gguf_type}: the gguf package cannot produce it; "
+                             f"choose {'|'.join(FALLBACK_TYPES)}")
+    base = open_gguf(base_path)
+    adapters = open_adapters(adapter_paths, opts or AdapterOptions())
+    plan = plan_merge(base, adapters, weights, gguf_type)
+    warnings = _unmatched(plan, allow_unmatched)
+    _check_history(base, adapters, "merge", force, weights)
+    records = [provenance.adapter_record(a, w, "merge") for a, w in zip(adapters, weights)]
+    for rec, a in zip(records, adapters):
+        rec["merged_modules"] = sum(1 for ts in plan.terms.values() for t in ts if t.adapter is a)
+    specs = [_spec(base, n, plan) for n in base.keys()]
+    kvs = _kvs(base, records)
+    inputs = [*base.files, *(Path(p) for p in adapter_paths)]
+    changed = 0
+    with GGUFOutput(out, base.architecture, kvs, specs, alignment=base.alignment,
+                    split_size=split_size, force=force, inputs=inputs) as w:
+        for name in base.keys():
+            if name in plan.terms:
+                w.write(name, merged_tensor(base, name, plan.terms[name], plan.out_types[name]))
+                changed += 1
+            else:
+                w.write(name, np.frombuffer(base.raw(name), np.uint8))
+    warnings += [f"{n}: {a} cannot be re-quantized by the gguf package; written as {b} "
+                 "(--gguf-type)" for n, (a, b) in plan.retyped.items()]
+    return MergeSummary(out=str(out), tensors=len(specs), changed=changed,
+                        copied=len(specs) - changed, bytes_written=w.bytes_written,
+                        seconds=round(time.perf_counter() - t0, 3), device="cpu",
+                        adapters=records, warnings=warnings)
+
+
+def _unmatched(plan: GGUFPlan, allow: bool) -> list[str]:
+    if not plan.unmatched:
+        return []
+    line = (f"{len(plan.unmatched)} modules match no tensor of the GGUF model: "
+            f"{', '.join(plan.unmatched[:6])}{' ...' if len(plan.unmatched) > 6 else ''}")
+    if not allow:
+        raise MatchError(line + "; check that the adapter was trained for this model, or pass "
+                         "--allow-unmatched to skip them")
+    return [line]
+
+
+def _spec(base: GGUFCheckpoint, name: str, plan: GGUFPlan) -> GGUFTensorSpec:
+    shape = base.info(name).shape
+    kind = plan.out_types.get(name, base.types[name])
+    nbytes = nbytes_in(kind, shape) if name in plan.out_types else base.nbytes_of(name)
+    return GGUFTensorSpec(name, shape, kind, nbytes)
+
+
+def merged_tensor(base: GGUFCheckpoint, name: str, terms: list[Term], out_type: str
+                  ) -> np.ndarray:
+    """``W + Σ wᵢ·T(ΔWᵢ)`` in fp32, quantized to ``out_type`` by the gguf package."""
+    w = base.get_f32(name)
+    acc = w.clone()
+    for t in terms:
+        a, b = load_factors(t.adapter, t.module)
+        delta = module_delta(t.module, a, b, t.module.scale * t.weight, tuple(w.shape))
+        acc += t.target.transform(delta)
+    if not bool(torch.isfinite(acc.sum())):
+        check_finite(w, f"base tensor {name}")
+        check_finite(acc, f"merged tensor {name}")
+    return quantize(acc.numpy(), qtype_of(out_type))
+
+
+def _kvs(base: GGUFCheckpoint, records: list[dict[str, Any]]) -> list[KV]:
+    """The base's metadata as read (architecture is written by the writer), plus provenance."""
+    out = [KV(k, f.contents(), tuple(f.types)) for k, f in base.fields.items()
+           if k != "general.architecture"]
+    history = provenance.read(base.metadata) + records
+    out = [kv for kv in out if kv.key not in (provenance.KEY, provenance.VERSION_KEY)]
+    out.append(KV(provenance.VERSION_KEY, __version__, (_string(),)))
+    out.append(KV(provenance.KEY, json.dumps(history, separators=(",", ":")), (_string(),)))
+    return out
+
+
+def _string() -> Any:
+    import gguf
+
+    return gguf.GGUFValueType.STRING

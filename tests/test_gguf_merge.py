@@ -1,0 +1,122 @@
+"""Merging a PEFT LoRA into a GGUF model, against PEFT's merge carried to GGUF space.
+
+Truth: the tiny model's GGUF holds exactly the Hugging Face model's values; PEFT's
+``merge_and_unload`` of that model, permuted as ``convert_hf_to_gguf.py`` permutes and
+quantized with ``gguf.quants.quantize`` to each tensor's type, must equal our output
+byte for byte; untouched tensors must keep their bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from gguf_helpers import (  # noqa: E402
+    expected_gguf,
+    gguf_bytes,
+    tiny_llama_fp32,
+    write_tiny_gguf,
+)
+from helpers import peft_adapter  # noqa: E402
+
+from lora_tools.errors import MatchError, UsageError  # noqa: E402
+from lora_tools.merging.gguf_merge import merge_gguf  # noqa: E402
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _setup(tmp: Path, **cfg):  # type: ignore[no-untyped-def]
+    model = tiny_llama_fp32()
+    base = write_tiny_gguf(model, tmp / "base.gguf")
+    pm = peft_adapter(model, tmp / "adapter", target_modules=cfg.pop("targets", ALL), **cfg)
+    merged = {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    return base, merged
+
+
+def test_bitwise_equal_to_peft_in_gguf_space(tmp_path: Path) -> None:
+    base, merged = _setup(tmp_path)
+    summary = merge_gguf(base, [tmp_path / "adapter"], tmp_path / "out.gguf")
+    out, before = gguf_bytes(tmp_path / "out.gguf"), gguf_bytes(base)
+    want = expected_gguf(merged)
+    assert list(out) == list(before)
+    bad = [k for k in want if out[k] != want[k]]
+    assert not bad, f"differs from PEFT's merge in GGUF space: {bad}"
+    changed = [k for k in out if out[k] != before[k]]
+    assert len(changed) == 14 == summary.changed  # 7 modules x 2 layers
+    assert all(".attn_" in k or ".ffn_" in k for k in changed)
+
+
+def test_types_metadata_and_provenance_kept(tmp_path: Path) -> None:
+    base, _ = _setup(tmp_path, targets=["q_proj", "v_proj"])
+    merge_gguf(base, [tmp_path / "adapter"], tmp_path / "out.gguf")
+    a, b = gguf.GGUFReader(base), gguf.GGUFReader(tmp_path / "out.gguf")
+    assert [(t.name, t.tensor_type) for t in a.tensors] == [(t.name, t.tensor_type) for t in b.tensors]
+    for key, f in a.fields.items():
+        if not key.startswith("GGUF."):
+            assert b.fields[key].contents() == f.contents(), key
+    history = json.loads(b.fields["lora_tools.merging.provenance"].contents())
+    assert history[0]["op"] == "merge" and history[0]["merged_modules"] == 4
+
+
+def test_merging_twice_refused_by_provenance(tmp_path: Path) -> None:
+    from lora_tools.errors import ProvenanceError
+
+    base, _ = _setup(tmp_path, targets=["q_proj"])
+    merge_gguf(base, [tmp_path / "adapter"], tmp_path / "out.gguf")
+    with pytest.raises(ProvenanceError, match="already merged"):
+        merge_gguf(tmp_path / "out.gguf", [tmp_path / "adapter"], tmp_path / "out2.gguf")
+
+
+def test_weights_and_two_adapters(tmp_path: Path) -> None:
+    model = tiny_llama_fp32()
+    base = write_tiny_gguf(model, tmp_path / "base.gguf")
+    pm = peft_adapter(model, tmp_path / "a1", target_modules=["q_proj", "down_proj"])
+    m1 = pm.merge_and_unload()
+    pm2 = peft_adapter(m1, tmp_path / "a2", seed=5, target_modules=["k_proj", "q_proj"])
+    merged = {k: v.clone() for k, v in pm2.merge_and_unload().state_dict().items()}
+    merge_gguf(base, [tmp_path / "a1", tmp_path / "a2"], tmp_path / "out.gguf")
+    out, want = gguf_bytes(tmp_path / "out.gguf"), expected_gguf(merged)
+    assert not [k for k in want if out[k] != want[k]]
+
+
+def test_unquantizable_type_refused_then_chosen(tmp_path: Path) -> None:
+    model = tiny_llama_fp32()
+    base = write_tiny_gguf(model, tmp_path / "base.gguf")
+    peft_adapter(model, tmp_path / "adapter", target_modules=["q_proj"])
+    from lora_tools.io.gguf_file import can_quantize
+
+    assert can_quantize("Q8_0") and can_quantize("Q4_0") and can_quantize("BF16")
+    assert not can_quantize("Q6_K") and not can_quantize("Q4_K")
+    with pytest.raises(UsageError, match="cannot produce"):
+        merge_gguf(base, [tmp_path / "adapter"], tmp_path / "o.gguf", gguf_type="Q4_K")
+
+
+def test_unmatched_and_unsupported_arch(tmp_path: Path) -> None:
+    model = tiny_llama_fp32()
+    base = write_tiny_gguf(model, tmp_path / "base.gguf")
+    peft_adapter(model, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(UsageError, match="lm_head.weight: DoRA, lora_bias, saved whole"):
+        merge_gguf(base, [tmp_path / "adapter"], tmp_path / "out.gguf")  # saved lm_head copy
+    w = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    w.add_block_count(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UsageError, match="'gpt2' is not supported"):
+        merge_gguf(tmp_path / "gpt2.gguf", [tmp_path / "adapter"], tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_adapter_for_another_model_refused(tmp_path: Path) -> None:
+    from helpers import tiny_llama
+
+    base = write_tiny_gguf(tiny_llama_fp32(), tmp_path / "base.gguf")
+    peft_adapter(tiny_llama(), tmp_path / "adapter")  # hidden 32, not 64
+    with pytest.raises(MatchError, match="base shape"):
+        merge_gguf(base, [tmp_path / "adapter"], tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
