@@ -158,9 +158,12 @@ def checkpoint_lines(d: dict[str, Any]) -> list[str]:
     lines = [field("checkpoint", clip(d["path"])),
              field("size", f"{size(d['size_bytes'])} in {plural(d['shards'], 'file')}"),
              field("tensors", f"{d['tensors']:,} · {d['params']:,} params")]
-    lines.append(field("dtypes", " · ".join(f"{k} {plural(v['tensors'], 'tensor')} "
-                                            f"{size(v['bytes'])}"
-                                            for k, v in d["dtypes"].items())))
+    gguf = bool(d.get("architecture"))
+    if gguf:
+        lines.append(field("arch", f"{d['architecture']} (GGUF)"))
+    lines.append(field("types" if gguf else "dtypes",
+                       " · ".join(f"{k} {plural(v['tensors'], 'tensor')} {size(v['bytes'])}"
+                                  for k, v in d["dtypes"].items())))
     if d["shards"] > 1:
         lines += [field("shards" if i == 0 else "", f"{f['name']}  {size(f['bytes'])}")
                   for i, f in enumerate(d["files"])]

@@ -42,6 +42,9 @@ from lora_tools.commands.merge_shared import describe_merge, library_kwargs
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Overlap reading, computing and writing (off: one step after another, "
                    "for comparison).")
+@click.option("--gguf-type", metavar="TYPE",
+              help="GGUF base: the type to write adapted tensors whose own type the gguf "
+                   "package cannot produce (K- and I-quants), e.g. Q8_0, F16, BF16.")
 @run_options
 @handle_errors
 def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
@@ -54,10 +57,13 @@ def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float
       lora-tools merge base.safetensors adapter_dir -o merged.safetensors
       lora-tools merge model_dir style.safetensors char.safetensors -w 0.8 -w 0.5 -o out_dir
       lora-tools merge gpt2.pt lora.pt --alpha 128 --enable-lora 1,0,1 -o merged.pt
+      lora-tools merge model-Q8_0.gguf adapter_dir -o merged-Q8_0.gguf
     """
     from lora_tools.merging.merge import merge
 
     kwargs = library_kwargs(opts)
+    if opts["gguf_type"]:
+        kwargs["gguf_type"] = opts["gguf_type"]
     with stating(opts["quiet"], opts["as_json"]) as said:
         summary = merge(base, list(adapters), out, weights=list(weights), **kwargs)
     warn(summary.warnings, opts["quiet"])

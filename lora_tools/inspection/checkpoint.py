@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.io import open_checkpoint
-from lora_tools.io.dtypes import dtype_name
 from lora_tools.merging import provenance
 
 
@@ -29,6 +28,7 @@ class CheckpointReport:
     plot: str | None = None
     warnings: list[str] = field(default_factory=list)
     mode: str = "checkpoint"
+    architecture: str = ""  # GGUF: general.architecture
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,7 +40,7 @@ def inspect_checkpoint(path: str | Path, top: int = 5) -> CheckpointReport:
     infos = list(ckpt.infos())
     dtypes: dict[str, dict[str, int]] = {}
     for i in infos:
-        row = dtypes.setdefault(dtype_name(i.dtype), {"tensors": 0, "params": 0, "bytes": 0})
+        row = dtypes.setdefault(ckpt.type_name(i.name), {"tensors": 0, "params": 0, "bytes": 0})
         row["tensors"] += 1
         row["params"] += math.prod(i.shape)
         row["bytes"] += i.nbytes
@@ -53,10 +53,11 @@ def inspect_checkpoint(path: str | Path, top: int = 5) -> CheckpointReport:
         path=str(path), files=files, size_bytes=sum(sizes),
         shards=len(files), tensors=len(infos), params=sum(d["params"] for d in dtypes.values()),
         dtypes=dtypes,
-        largest=[{"name": i.name, "shape": list(i.shape), "dtype": dtype_name(i.dtype),
+        largest=[{"name": i.name, "shape": list(i.shape), "dtype": ckpt.type_name(i.name),
                   "bytes": i.nbytes} for i in largest],
         metadata_keys=sorted(ckpt.metadata), provenance=records,
-        merged_now=merged_now(records), top=top)
+        merged_now=merged_now(records), top=top,
+        architecture=ckpt.metadata.get("general.architecture", ""))
 
 
 def merged_now(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

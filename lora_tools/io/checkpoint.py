@@ -16,6 +16,7 @@ import torch
 from lora_tools.errors import FormatError, UnsafeFileError
 from lora_tools.io import safetensors_file as stf
 from lora_tools.io.detect import SAFETENSORS, sniff
+from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.io.torch_file import load_torch
 
@@ -61,6 +62,10 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def type_name(self, name: str) -> str:
+        """The stored element type's name (a GGML type such as Q4_0 for GGUF tensors)."""
+        return dtype_name(self._infos[name].dtype)
 
     def raw(self, name: str) -> bytes | bytearray | memoryview:
         """The tensor's contiguous little-endian bytes, without a dtype round trip."""
@@ -111,6 +116,10 @@ def read_zip_metadata(path: Path) -> dict[str, str]:
 
 
 def open_file(path: Path) -> Checkpoint:
+    from lora_tools.io import gguf_file  # imports this module: imported late
+
+    if gguf_file.is_gguf(path):
+        return gguf_file.GGUFCheckpoint(path)
     kind = sniff(path)
     _check_name(path, kind)
     if kind == SAFETENSORS:

@@ -169,6 +169,9 @@ class GGUFCheckpoint(Checkpoint):
         f = self.fields.get(key)
         return default if f is None else field_value(f)
 
+    def type_name(self, name: str) -> str:
+        return self.types[name]
+
     def qtype(self, name: str) -> Any:
         return self._tensors[name].tensor_type
 

@@ -32,11 +32,21 @@ from lora_tools.version import __version__
 
 def merge_gguf(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path, *,
                weights: list[float] | None = None, opts: AdapterOptions | None = None,
-               gguf_type: str | None = None, split_size: int | None = None,
+               gguf_type: str | None = None, shard_size: int | None = None,
                force: bool = False, allow_unmatched: bool = False,
-               progress: bool = False, **_ignored: Any) -> MergeSummary:
-    """Merge adapters into the GGUF model ``base_path`` and write ``out`` (``.gguf``)."""
+               progress: bool = False, dtype: torch.dtype | None = None,
+               **_ignored: Any) -> MergeSummary:
+    """Merge adapters into the GGUF model ``base_path`` and write ``out`` (``.gguf``).
+
+    ``shard_size``: bytes per output file (split as llama.cpp's gguf-split names them).
+    """
     t0 = time.perf_counter()
+    if dtype is not None:
+        raise UsageError("--dtype does not apply to a GGUF base: adapted tensors keep their "
+                         "own GGML type (see --gguf-type)")
+    if Path(out).suffix != ".gguf":
+        raise UsageError(f"{out}: merging into a GGUF model writes a GGUF file; name the "
+                         "output *.gguf")
     weights = adapter_weights(weights, len(adapter_paths))
     if gguf_type is not None:
         gguf_type = qtype_of(gguf_type).name
@@ -56,7 +66,7 @@ def merge_gguf(base_path: str | Path, adapter_paths: list[str | Path], out: str 
     inputs = [*base.files, *(Path(p) for p in adapter_paths)]
     changed = 0
     with GGUFOutput(out, base.architecture, kvs, specs, alignment=base.alignment,
-                    split_size=split_size, force=force, inputs=inputs) as w:
+                    split_size=shard_size, force=force, inputs=inputs) as w:
         for name in base.keys():
             if name in plan.terms:
                 w.write(name, merged_tensor(base, name, plan.terms[name], plan.out_types[name]))

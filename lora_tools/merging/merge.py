@@ -15,9 +15,10 @@ from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_ad
 from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.range import check_range
 from lora_tools.engine.stream import TensorFn, output_specs, stream
-from lora_tools.errors import ProvenanceError
+from lora_tools.errors import ProvenanceError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint, quant
 from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.io.gguf_file import GGUFCheckpoint, is_gguf
 from lora_tools.merging import plan as beyond_plan
 from lora_tools.merging import provenance
 from lora_tools.merging.checks import check_factors, check_targets
@@ -82,6 +83,8 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     """
     weights = adapter_weights(weights, len(adapter_paths))
     base = open_checkpoint(base_path)
+    if isinstance(base, GGUFCheckpoint):
+        raise UsageError(f"{base_path}: {op} of a GGUF model is not supported (merge is)")
     deq = quant.prepare(base, dequantize)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab)
@@ -130,8 +133,18 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
 
 
 def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
-          **options: Unpack[MergeOptions]) -> MergeSummary:
-    """Merge adapters into ``base_path``: every adapted tensor becomes ``W + Σ wᵢ·sᵢ·BᵢAᵢ``."""
+          *, gguf_type: str | None = None, **options: Unpack[MergeOptions]) -> MergeSummary:
+    """Merge adapters into ``base_path``: every adapted tensor becomes ``W + Σ wᵢ·sᵢ·BᵢAᵢ``.
+
+    A GGUF base (llama.cpp) goes to :func:`lora_tools.merging.gguf_merge.merge_gguf`;
+    ``gguf_type`` is the type of its re-quantized tensors where gguf cannot produce theirs.
+    """
+    if is_gguf(Path(base_path)):
+        from lora_tools.merging.gguf_merge import merge_gguf
+
+        return merge_gguf(base_path, adapter_paths, out, gguf_type=gguf_type, **options)
+    if gguf_type:
+        raise UsageError(f"--gguf-type applies to GGUF bases; {base_path} is not one")
     return apply_adapters(base_path, adapter_paths, out, sign=1.0, op="merge", **options)
 
 
