@@ -16,7 +16,7 @@ from lora_tools.commands.common import (
     warn,
 )
 
-TARGETS = ("peft", "kohya", "loralib", "safetensors", "pt")
+TARGETS = ("peft", "kohya", "loralib", "safetensors", "pt", "gguf")
 
 
 @click.command("convert")
@@ -25,8 +25,8 @@ TARGETS = ("peft", "kohya", "loralib", "safetensors", "pt")
               help="Output: a folder (peft), a .safetensors/.pt file (kohya, loralib, "
                    "checkpoints) or a folder of shards (--to safetensors).")
 @click.option("--to", "to", required=True, type=click.Choice(TARGETS),
-              help="Target: an adapter format (peft, kohya, loralib) or a checkpoint file "
-                   "form (safetensors, pt).")
+              help="Target: an adapter format (peft, kohya, loralib, gguf: a llama.cpp "
+                   "LoRA adapter) or a checkpoint file form (safetensors, pt).")
 @click.option("--base", type=click.Path(exists=True),
               help="Base checkpoint: settles module names (kohya), fused layers and "
                    "orientation (loralib).")
@@ -53,6 +53,7 @@ def command(source: str, out: str, to: str, **opts: Any) -> None:
       lora-tools convert gpt2_lora.pt --to peft --alpha 128 --enable-lora 1,0,1 \\
           --base gpt2.pt -o out/
       lora-tools convert pytorch_model.bin --to safetensors -o model_dir/ --shard-size 2GB
+      lora-tools convert adapter_dir/ --to gguf --base model-Q8_0.gguf -o adapter.gguf
     """
     from lora_tools.adapters.options import AdapterOptions
     from lora_tools.editing.convert import convert

@@ -57,6 +57,8 @@ def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | Non
             dtype: torch.dtype | None = None, shard_size: int | None = None,
             force: bool = False, progress: bool = False) -> ConvertSummary:
     """Convert ``src`` to ``to`` (an adapter format or a checkpoint file form) at ``out``."""
+    if to == "gguf":
+        return _to_gguf(src, out, base=base, opts=opts, dtype=dtype, force=force)
     if to in CHECKPOINT_TARGETS:
         if base is not None or prefix is not None:
             raise UsageError(f"--to {to} converts a checkpoint file; --base and --prefix are "
@@ -73,6 +75,21 @@ def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | Non
 
 
 # -- adapters -----------------------------------------------------------------------------
+
+def _to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None,
+             opts: AdapterOptions | None, dtype: torch.dtype | None,
+             force: bool) -> ConvertSummary:
+    """A llama.cpp LoRA adapter (:mod:`lora_tools.editing.gguf_export`)."""
+    import time
+
+    from lora_tools.editing.gguf_export import convert_to_gguf
+
+    t0 = time.perf_counter()
+    n, notes, written = convert_to_gguf(src, out, base=base, opts=opts or AdapterOptions(),
+                                        dtype=dtype, force=force)
+    return ConvertSummary(str(src), str(out), "gguf", "peft", n, notes,
+                          bytes_written=written, seconds=round(time.perf_counter() - t0, 3))
+
 
 def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Path | None,
                     prefix: str | None, opts: AdapterOptions, dtype: torch.dtype | None,
