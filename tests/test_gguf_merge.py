@@ -120,3 +120,26 @@ def test_adapter_for_another_model_refused(tmp_path: Path) -> None:
     with pytest.raises(MatchError, match="base shape"):
         merge_gguf(base, [tmp_path / "adapter"], tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_verify_passes_on_merge_and_catches_tampering(tmp_path: Path) -> None:
+    from lora_tools.merging.verify import verify
+
+    base, _ = _setup(tmp_path, targets=["q_proj", "k_proj", "up_proj"])
+    out = tmp_path / "out.gguf"
+    merge_gguf(base, [tmp_path / "adapter"], out)
+    rep = verify(out, base, [tmp_path / "adapter"])
+    assert rep.ok, rep.failures
+    assert len(rep.adapted) == 6 and rep.untouched == rep.tensors - 6
+    merge_gguf(base, [tmp_path / "adapter"], tmp_path / "twice.gguf", weights=[2.0])
+    rep = verify(tmp_path / "twice.gguf", base, [tmp_path / "adapter"])
+    assert {f.name for f in rep.failures} == {f"blk.{i}.{k}.weight" for i in (0, 1)
+                                              for k in ("attn_q", "attn_k", "ffn_up")}
+    assert all(f.check == "values" for f in rep.failures)
+    data = bytearray(out.read_bytes())
+    ck = gguf.GGUFReader(out)
+    norm = next(t for t in ck.tensors if t.name == "output_norm.weight")
+    data[norm.data_offset] ^= 1
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    rep = verify(tmp_path / "bad.gguf", base, [tmp_path / "adapter"])
+    assert [(f.name, f.check) for f in rep.failures] == [("output_norm.weight", "bytes")]

@@ -29,6 +29,8 @@ from lora_tools.commands.common import adapter_options, emit, handle_errors, sta
               help="Skip adapter modules that match no base tensor (listed as a warning).")
 @click.option("--device", default="auto", show_default=True,
               help="Where to recompute: auto, cpu, cuda, cuda:N.")
+@click.option("--gguf-type", metavar="TYPE",
+              help="GGUF merges: the --gguf-type the merge was given.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing; use the exit status.")
 @handle_errors
@@ -57,7 +59,8 @@ def command(merged: str, base: str, adapters: tuple[str, ...], weights: tuple[fl
                                             opts["fan_in_fan_out"]),
                         dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
                         tolerance=opts["tolerance"], device=opts["device"], seed=opts["seed"],
-                        allow_unmatched=opts["allow_unmatched"])
+                        allow_unmatched=opts["allow_unmatched"],
+                        gguf_type=opts["gguf_type"])
     warn(report.warnings, opts["quiet"] or opts["as_json"])
     emit({**report.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
     if not report.ok:

@@ -33,6 +33,7 @@ from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.io.gguf_file import is_gguf
 from lora_tools.merging import provenance
 from lora_tools.merging.coverage import key_use
 from lora_tools.merging.merge import build_work
@@ -56,17 +57,24 @@ __all__ = ["DEFAULT_TOLERANCE_ULP", "AdaptedCheck", "Failure", "VerifyReport",
 def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[str | Path], *,
            weights: list[float] | None = None, opts: AdapterOptions | None = None,
            dtype: torch.dtype | None = None, tolerance: float | None = None,
-           device: str = "auto", seed: int = 0, allow_unmatched: bool = False
-           ) -> VerifyReport:
+           device: str = "auto", seed: int = 0, allow_unmatched: bool = False,
+           gguf_type: str | None = None) -> VerifyReport:
     """Check ``merged_path`` against ``base_path`` + adapters (see the module doc).
 
     ``tolerance``: allowed error of adapted tensors in ulps of the stored dtype (default
     by dtype: 1 for 16-bit, 8 for fp32, see ``DEFAULT_TOLERANCE_ULP``). ``dtype``: the
-    output dtype the merge was asked for, if any.
+    output dtype the merge was asked for, if any. A GGUF base is checked by
+    :func:`lora_tools.merging.gguf_verify.verify_gguf` (``tolerance`` then scales the
+    quantization's own per-block error; ``gguf_type`` as given to the merge).
     """
     tol = None if tolerance is None else float(tolerance)
     if tol is not None and not tol >= 0:
         raise UsageError(f"--tolerance {tolerance}: give a number of ulps >= 0, e.g. 1")
+    if is_gguf(Path(base_path)):
+        from lora_tools.merging.gguf_verify import verify_gguf
+
+        return verify_gguf(merged_path, base_path, adapter_paths, weights=weights, opts=opts,
+                           gguf_type=gguf_type, tolerance=tol, allow_unmatched=allow_unmatched)
     t0 = time.perf_counter()
     weights = adapter_weights(weights, len(adapter_paths))
     merged, base = open_checkpoint(merged_path), open_checkpoint(base_path)
