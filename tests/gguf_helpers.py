@@ -23,11 +23,12 @@ TYPES = {"token_embd": "F16", "attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "F16
 LAYER1 = {"attn_v": "BF16", "attn_q": "Q4_1", "ffn_up": "Q5_0"}
 
 
-def tiny_llama_fp32(seed: int = 0):  # type: ignore[no-untyped-def]
+def tiny_llama_fp32(seed: int = 0, hidden: int = 64, layers: int = 2):  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=96,
+                      num_hidden_layers=layers,
                       num_attention_heads=N_HEAD, num_key_value_heads=N_KV,
                       max_position_embeddings=64, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
@@ -66,14 +67,29 @@ def gguf_name(hf_name: str, n_blocks: int = 2) -> str:
     return name
 
 
-def type_of(name: str) -> str:
+def type_of(name: str, override: dict[str, str] | None = None) -> str:
     kind = name.split(".")[-2]
+    if override and kind in override:
+        return override[kind]
     if name.startswith("blk.1.") and kind in LAYER1:
         return LAYER1[kind]
     return TYPES[kind]
 
 
-def write_tiny_gguf(model, path: Path, *, split_max_tensors: int = 0) -> Path:  # type: ignore[no-untyped-def]
+def q6_k_blocks(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Random but sane Q6_K data (gguf cannot quantize to Q6_K): random 6-bit quants and
+    scales, each block's fp16 scale d set small, as a K-quant file from llama.cpp holds."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q6_K]
+    data = rng.integers(0, 256, (shape[0], shape[1] // block, size), dtype=np.uint8)
+    data[..., -2:] = np.frombuffer(np.float16(1e-3).tobytes(), np.uint8)
+    return data.reshape(shape[0], -1)
+
+
+def write_tiny_gguf(model, path: Path, *, split_max_tensors: int = 0,  # type: ignore[no-untyped-def]
+                    types: dict[str, str] | None = None) -> Path:
     """Write ``model`` as GGUF and set its weights to exactly the stored values."""
     import gguf
 
@@ -92,8 +108,11 @@ def write_tiny_gguf(model, path: Path, *, split_max_tensors: int = 0) -> Path:  
     with torch.no_grad():
         for hf_name, p in model.state_dict().items():
             name = gguf_name(hf_name)
-            qtype = gguf.GGMLQuantizationType[type_of(name)]
-            data = gguf.quants.quantize(to_gguf_space(hf_name, p.float()).numpy(), qtype)
+            qtype = gguf.GGMLQuantizationType[type_of(name, types)]
+            if qtype == gguf.GGMLQuantizationType.Q6_K:
+                data = q6_k_blocks(tuple(p.shape))
+            else:
+                data = gguf.quants.quantize(to_gguf_space(hf_name, p.float()).numpy(), qtype)
             stored = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, qtype), np.float32))
             p.copy_(from_gguf_space(hf_name, stored.reshape(p.shape)))
             w.add_tensor(name, data, raw_dtype=qtype)
@@ -104,14 +123,17 @@ def write_tiny_gguf(model, path: Path, *, split_max_tensors: int = 0) -> Path:  
     return path
 
 
-def expected_gguf(hf_state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+def expected_gguf(hf_state: dict[str, torch.Tensor], types: dict[str, str] | None = None
+                  ) -> dict[str, bytes]:
     """HF tensors carried to GGUF space and quantized as the converter would: name → bytes."""
     import gguf
 
     out = {}
     for hf_name, t in hf_state.items():
         name = gguf_name(hf_name)
-        qtype = gguf.GGMLQuantizationType[type_of(name)]
+        qtype = gguf.GGMLQuantizationType[type_of(name, types)]
+        if not _producible(qtype):
+            continue
         data = gguf.quants.quantize(to_gguf_space(hf_name, t.float()).numpy(), qtype)
         out[name] = np.ascontiguousarray(data).tobytes()
     return out
@@ -123,3 +145,13 @@ def gguf_bytes(path: Path) -> dict[str, bytes]:
 
     r = gguf.GGUFReader(path)
     return {t.name: np.ascontiguousarray(t.data).tobytes() for t in r.tensors}
+
+
+def _producible(qtype) -> bool:  # type: ignore[no-untyped-def]
+    import gguf
+
+    try:
+        gguf.quants.quantize(np.zeros((1, 256), np.float32), qtype)
+    except NotImplementedError:
+        return False
+    return True

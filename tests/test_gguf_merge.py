@@ -83,16 +83,37 @@ def test_weights_and_two_adapters(tmp_path: Path) -> None:
     assert not [k for k in want if out[k] != want[k]]
 
 
-def test_unquantizable_type_refused_then_chosen(tmp_path: Path) -> None:
-    model = tiny_llama_fp32()
-    base = write_tiny_gguf(model, tmp_path / "base.gguf")
-    peft_adapter(model, tmp_path / "adapter", target_modules=["q_proj"])
+def test_k_quant_refused_by_default_then_written_as_chosen(tmp_path: Path) -> None:
+    from gguf_helpers import gguf_name
+
     from lora_tools.io.gguf_file import can_quantize
+    from lora_tools.merging.verify import verify
 
     assert can_quantize("Q8_0") and can_quantize("Q4_0") and can_quantize("BF16")
     assert not can_quantize("Q6_K") and not can_quantize("Q4_K")
+    types = {"attn_q": "Q6_K", "attn_k": "Q6_K"}  # rows of 256: whole K-quant blocks
+    model = tiny_llama_fp32(hidden=256, layers=1)
+    base = write_tiny_gguf(model, tmp_path / "base.gguf", types=types)
+    pm = peft_adapter(model, tmp_path / "adapter", target_modules=["q_proj", "k_proj", "v_proj"])
+    merged = {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    with pytest.raises(UsageError, match=r"Q6_K .*--gguf-type Q8_0\|F16\|BF16"):
+        merge_gguf(base, [tmp_path / "adapter"], tmp_path / "o.gguf")
+    assert not (tmp_path / "o.gguf").exists()
     with pytest.raises(UsageError, match="cannot produce"):
         merge_gguf(base, [tmp_path / "adapter"], tmp_path / "o.gguf", gguf_type="Q4_K")
+    s = merge_gguf(base, [tmp_path / "adapter"], tmp_path / "o.gguf", gguf_type="Q8_0")
+    assert len([w for w in s.warnings if "Q6_K cannot be re-quantized" in w]) == 2
+    out, before = gguf_bytes(tmp_path / "o.gguf"), gguf_bytes(base)
+    want = expected_gguf(merged, types)  # v: own type (F16), bit-identical
+    assert out[gguf_name("model.layers.0.self_attn.v_proj.weight")] == \
+        want[gguf_name("model.layers.0.self_attn.v_proj.weight")]
+    rewant = expected_gguf(merged, {"attn_q": "Q8_0", "attn_k": "Q8_0"})
+    for k in ("attn_q", "attn_k"):
+        assert out[f"blk.0.{k}.weight"] == rewant[f"blk.0.{k}.weight"]
+    assert out["blk.0.ffn_up.weight"] == before["blk.0.ffn_up.weight"]
+    r = gguf.GGUFReader(tmp_path / "o.gguf")
+    assert {t.name: t.tensor_type.name for t in r.tensors}["blk.0.attn_q.weight"] == "Q8_0"
+    assert verify(tmp_path / "o.gguf", base, [tmp_path / "adapter"], gguf_type="Q8_0").ok
 
 
 def test_unmatched_and_unsupported_arch(tmp_path: Path) -> None:

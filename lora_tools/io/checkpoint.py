@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -115,11 +115,15 @@ def read_zip_metadata(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-def open_file(path: Path) -> Checkpoint:
-    from lora_tools.io import gguf_file  # imports this module: imported late
+# Readers of further formats, tried first: (recognizes, opens). io/gguf_file.py registers
+# GGUF here (it subclasses Checkpoint, so this module cannot import it).
+READERS: list[tuple[Callable[[Path], bool], Callable[[Path], Checkpoint]]] = []
 
-    if gguf_file.is_gguf(path):
-        return gguf_file.GGUFCheckpoint(path)
+
+def open_file(path: Path) -> Checkpoint:
+    for recognizes, opens in READERS:
+        if recognizes(path):
+            return opens(path)
     kind = sniff(path)
     _check_name(path, kind)
     if kind == SAFETENSORS:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lora_tools.errors import FormatError, UsageError
-from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.io.checkpoint import READERS, Checkpoint
 from lora_tools.io.safetensors_file import TensorInfo
 
 GGUF_MAGIC = b"GGUF"
@@ -253,3 +253,6 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
     if not p.is_file():
         raise FormatError(f"{p}: no such GGUF file")
     return GGUFCheckpoint(p)
+
+
+READERS.append((is_gguf, GGUFCheckpoint))

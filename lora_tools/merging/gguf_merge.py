@@ -25,7 +25,7 @@ from lora_tools.io.gguf_out import KV, GGUFOutput, GGUFTensorSpec
 from lora_tools.math.finite import check_finite
 from lora_tools.merging import provenance
 from lora_tools.merging.gguf_plan import FALLBACK_TYPES, GGUFPlan, Term, plan_merge
-from lora_tools.merging.merge import MergeSummary, _check_history
+from lora_tools.merging.summary import MergeSummary, check_history
 from lora_tools.modules.lora import load_factors, module_delta
 from lora_tools.version import __version__
 
@@ -57,7 +57,7 @@ def merge_gguf(base_path: str | Path, adapter_paths: list[str | Path], out: str 
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     plan = plan_merge(base, adapters, weights, gguf_type)
     warnings = _unmatched(plan, allow_unmatched)
-    _check_history(base, adapters, "merge", force, weights)
+    check_history(base, adapters, "merge", force, weights)
     records = [provenance.adapter_record(a, w, "merge") for a, w in zip(adapters, weights)]
     for rec, a in zip(records, adapters):
         rec["merged_modules"] = sum(1 for ts in plan.terms.values() for t in ts if t.adapter is a)

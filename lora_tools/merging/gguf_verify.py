@@ -18,7 +18,7 @@ import torch
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.io.gguf_file import GGUFCheckpoint, dequantize, open_gguf, qtype_of, quantize
 from lora_tools.merging.gguf_plan import Term, plan_merge
-from lora_tools.merging.verify import AdaptedCheck, Failure, VerifyReport
+from lora_tools.merging.verify_report import AdaptedCheck, Failure, VerifyReport
 from lora_tools.modules.lora import load_factors, module_delta
 
 FP32_SLACK_ULP = 8.0

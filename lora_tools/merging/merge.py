@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
@@ -15,34 +15,17 @@ from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_ad
 from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.range import check_range
 from lora_tools.engine.stream import TensorFn, output_specs, stream
-from lora_tools.errors import ProvenanceError, UsageError
+from lora_tools.errors import UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint, quant
-from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.gguf_file import GGUFCheckpoint, is_gguf
 from lora_tools.merging import plan as beyond_plan
 from lora_tools.merging import provenance
 from lora_tools.merging.checks import check_factors, check_targets
 from lora_tools.merging.kernel import DeltaSum, Observer
+from lora_tools.merging.summary import MergeSummary, check_history
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-
-@dataclass
-class MergeSummary:
-    out: str
-    tensors: int
-    changed: int
-    copied: int
-    bytes_written: int
-    seconds: float
-    device: str
-    adapters: list[dict[str, Any]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    blocks: int = 0  # row blocks written for tensors larger than --max-memory
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class MergeOptions(TypedDict, total=False):
@@ -91,7 +74,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     for a, r in zip(adapters, reports):
         state(a, r, str(base_path))
     check_targets(base, reports, deq.scales if deq is not None else ())
-    _check_history(base, adapters, op, force, weights)
+    check_history(base, adapters, op, force, weights)
     dev = resolve_device(device)
     work = build_work(adapters, reports, weights, sign, dev, observe)
     restore = open_checkpoint(restore_from) if restore_from is not None else None
@@ -146,29 +129,6 @@ def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Pat
     if gguf_type:
         raise UsageError(f"--gguf-type applies to GGUF bases; {base_path} is not one")
     return apply_adapters(base_path, adapter_paths, out, sign=1.0, op="merge", **options)
-
-
-def _check_history(base: Checkpoint, adapters: list[Adapter], op: str, force: bool,
-                   weights: list[float] | None = None) -> None:
-    if force:
-        return
-    records = provenance.read(base.metadata)
-    net = provenance.merged_shas(records)
-    for a in adapters:
-        times = net.get(a.sha256, 0)
-        if op == "merge" and times > 0:
-            raise ProvenanceError(f"{a.path}: this adapter (sha256 {a.sha256[:12]}) is already "
-                                  f"merged into {base.path} according to its metadata; "
-                                  "pass --force to merge it again")
-        if op == "unmerge" and net and times <= 0:
-            raise ProvenanceError(f"{a.path}: {base.path}'s metadata records no merge of this "
-                                  f"adapter (sha256 {a.sha256[:12]}); pass --force to "
-                                  "subtract it anyway")
-        if op == "unmerge" and net and weights is not None:
-            problem = provenance.unmerge_mismatch(records, a, weights[adapters.index(a)])
-            if problem:
-                raise ProvenanceError(f"{a.path}: {problem}; unmerge with the same values "
-                                      "(or pass --force to subtract it as given)")
 
 
 def build_work(adapters: list[Adapter], reports: list[MatchReport], weights: list[float],

@@ -28,7 +28,8 @@ from lora_tools.errors import FormatError, UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.math.ulp import neighbours, ulp, ulp_error
-from lora_tools.merging.merge import MergeOptions, MergeSummary, apply_adapters
+from lora_tools.merging.merge import MergeOptions, apply_adapters
+from lora_tools.merging.summary import MergeSummary
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -40,13 +40,11 @@ from lora_tools.merging.merge import build_work
 from lora_tools.merging.special import special_work
 from lora_tools.merging.verify_checks import (
     DEFAULT_TOLERANCE_ULP,
-    AdaptedCheck,
     Checker,
-    Failure,
-    VerifyReport,
     default_tolerance,
     probe_plan,
 )
+from lora_tools.merging.verify_report import AdaptedCheck, Failure, VerifyReport
 
 # The report's types live with the checks; importable from here as before.
 __all__ = ["DEFAULT_TOLERANCE_ULP", "AdaptedCheck", "Failure", "VerifyReport",

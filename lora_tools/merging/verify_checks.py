@@ -3,7 +3,7 @@ checkpoint in memory (see :mod:`lora_tools.merging.verify` for what is checked a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.math.ulp import ulp_error
 from lora_tools.merging import probe as probe_mod
 from lora_tools.merging.coverage import changed_outside
+from lora_tools.merging.verify_report import AdaptedCheck, Failure, VerifyReport
 
 # Default tolerance in ulps by bytes per element. 16-bit: a correctly rounded merge is
 # within 0.5, one that rounded ΔW first (PEFT with 16-bit adapter weights) within 1.
@@ -28,54 +29,6 @@ DEFAULT_TOLERANCE_ULP = {1: 1.0, 2: 1.0, 4: 8.0, 8: 8.0}
 
 def default_tolerance(dtype: torch.dtype) -> float:
     return DEFAULT_TOLERANCE_ULP.get(dtype.itemsize, 1.0)
-
-
-@dataclass
-class Failure:
-    """One failed check: the tensor, which check (missing, extra, shape, dtype, nonfinite,
-    values, bytes, probe) and by how much, in words and as a number where there is one."""
-
-    name: str
-    check: str
-    detail: str
-    amount: float | None = None
-
-
-@dataclass
-class AdaptedCheck:
-    name: str
-    elements: int
-    max_ulp: float
-    over_tolerance: int
-    probe_rel_error: float | None = None
-    probe_bound: float | None = None
-
-
-@dataclass
-class VerifyReport:
-    merged: str
-    base: str
-    tolerance_ulp: float | None  # None: by dtype (DEFAULT_TOLERANCE_ULP)
-    device: str
-    tensors: int = 0
-    adapted: list[AdaptedCheck] = field(default_factory=list)
-    untouched: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    key_use: list[dict[str, Any]] = field(default_factory=list)  # per adapter: keys used
-    bytes_read: int = 0
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        probes = [a.probe_rel_error for a in self.adapted if a.probe_rel_error is not None]
-        d.update(ok=self.ok, max_ulp=max((a.max_ulp for a in self.adapted), default=0.0),
-                 max_probe_rel_error=max(probes, default=None), probed=len(probes))
-        return d
 
 
 @dataclass
