@@ -102,3 +102,23 @@ def test_cli_merge_and_split_output(tmp_path: Path) -> None:
         split.update(gguf_bytes(p))
     assert split == whole
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_split_base_layout_kept(tmp_path: Path) -> None:
+    from helpers import peft_adapter
+
+    model = tiny_llama_fp32()
+    write_tiny_gguf(model, tmp_path / "m.gguf", split_max_tensors=8)
+    parts = sorted(tmp_path.glob("m-*-of-*.gguf"))
+    peft_adapter(model, tmp_path / "ad", target_modules=["q_proj", "down_proj"])
+    r = CliRunner().invoke(main, ["merge", str(parts[1]), str(tmp_path / "ad"), "-o",
+                                  str(tmp_path / "out-00001-of-00003.gguf")])
+    assert r.exit_code == 0, r.output
+    outs = sorted(tmp_path.glob("out-*-of-*.gguf"))
+    assert [p.name for p in outs] == [p.name.replace("m-", "out-") for p in parts]
+    for a, b in zip(parts, outs):
+        ta, tb = gguf.GGUFReader(a).tensors, gguf.GGUFReader(b).tensors
+        assert [t.name for t in ta] == [t.name for t in tb]
+    ck = open_checkpoint(outs[0])
+    assert len(ck.files) == len(parts) and ck.value("split.count") is None
+    assert ck.value("llama.block_count") == 2

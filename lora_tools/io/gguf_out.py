@@ -20,7 +20,7 @@ import numpy as np
 
 from lora_tools.errors import OutputError
 from lora_tools.io import safety
-from lora_tools.io.gguf_file import _gguf
+from lora_tools.io.gguf_file import SPLIT_RE, _gguf
 from lora_tools.io.output import check_output
 from lora_tools.io.writer import TMP_MARK
 
@@ -54,12 +54,18 @@ class GGUFOutput:
 
     def __init__(self, out: str | Path, arch: str, kvs: list[KV], specs: list[GGUFTensorSpec],
                  *, alignment: int | None = None, split_size: int | None = None,
-                 force: bool = False, inputs: list[Path] | None = None) -> None:
+                 parts: list[int] | None = None, force: bool = False,
+                 inputs: list[Path] | None = None) -> None:
+        """``split_size``: bytes per file; ``parts``: tensors per file (a split base's
+        layout kept); neither: one file."""
         self.out = Path(out)
+        m = SPLIT_RE.match(self.out.name)
+        if m is not None and (split_size or (parts and len(parts) > 1)):
+            self.out = self.out.with_name(m["stem"] + ".gguf")  # names come from the writer
         if self.out.suffix != ".gguf":
             raise OutputError(f"{self.out}: a GGUF output must end in .gguf")
         self.arch, self.kvs, self.specs = arch, kvs, specs
-        self.alignment, self.split_size = alignment, split_size
+        self.alignment, self.split_size, self.parts = alignment, split_size, parts or []
         self.inputs, self.force = inputs or [], force
         self.tmpdir = self.out.parent / f".{self.out.name}{TMP_MARK}-{os.getpid()}"
         self.bytes_written = 0
@@ -76,7 +82,10 @@ class GGUFOutput:
         for kv in self.kvs:
             sub = kv.types[-1] if len(kv.types) > 1 else None
             w.add_key_value(kv.key, kv.value, kv.types[0], sub_type=sub)
-        for s in self.specs:
+        starts = {sum(self.parts[:i]) for i in range(1, len(self.parts))}
+        for i, s in enumerate(self.specs):
+            if i in starts:
+                w.tensors.append({})  # the next file of the kept split layout
             w.add_tensor_info(s.name, s.shape, np.dtype(np.float32), s.nbytes,
                               raw_dtype=gguf.GGMLQuantizationType[s.type_name])
         self.files = shard_names(self.out, len(w.tensors))

@@ -38,7 +38,8 @@ def merge_gguf(base_path: str | Path, adapter_paths: list[str | Path], out: str 
                **_ignored: Any) -> MergeSummary:
     """Merge adapters into the GGUF model ``base_path`` and write ``out`` (``.gguf``).
 
-    ``shard_size``: bytes per output file (split as llama.cpp's gguf-split names them).
+    ``shard_size``: bytes per output file (split as llama.cpp's gguf-split names them);
+    without it a split base's layout is kept (the same tensors in each file).
     """
     t0 = time.perf_counter()
     if dtype is not None:
@@ -66,7 +67,8 @@ def merge_gguf(base_path: str | Path, adapter_paths: list[str | Path], out: str 
     inputs = [*base.files, *(Path(p) for p in adapter_paths)]
     changed = 0
     with GGUFOutput(out, base.architecture, kvs, specs, alignment=base.alignment,
-                    split_size=shard_size, force=force, inputs=inputs) as w:
+                    split_size=shard_size, parts=_parts(base, shard_size), force=force,
+                    inputs=inputs) as w:
         for name in base.keys():
             if name in plan.terms:
                 w.write(name, merged_tensor(base, name, plan.terms[name], plan.out_types[name]))
@@ -79,6 +81,13 @@ def merge_gguf(base_path: str | Path, adapter_paths: list[str | Path], out: str 
                         copied=len(specs) - changed, bytes_written=w.bytes_written,
                         seconds=round(time.perf_counter() - t0, 3), device="cpu",
                         adapters=records, warnings=warnings)
+
+
+def _parts(base: GGUFCheckpoint, shard_size: int | None) -> list[int] | None:
+    """A split base's layout (tensors per file) is kept unless a size is asked for."""
+    if shard_size is not None or len(base.files) == 1:
+        return None
+    return [len(r.tensors) for r in base.readers]
 
 
 def _unmatched(plan: GGUFPlan, allow: bool) -> list[str]:
