@@ -142,8 +142,11 @@ class GGUFCheckpoint(Checkpoint):
                                                  int(t.data_offset))
         self.fields = {k: v for k, v in self.readers[0].fields.items()
                        if not k.startswith(("GGUF.", "split."))}
-        self.metadata = {k: str(field_value(v)) for k, v in self.fields.items()
-                         if len(v.types) == 1}
+        try:
+            self.metadata = {k: str(field_value(v)) for k, v in self.fields.items()
+                             if len(v.types) == 1}
+        except (UnicodeDecodeError, ValueError, IndexError) as exc:
+            raise _fail(self._files[0], f"a metadata value does not decode ({exc})") from None
         self.alignment = int(self.readers[0].alignment)
 
     def _check_split(self, f: Path, reader: Any) -> None:
