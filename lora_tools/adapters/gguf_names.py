@@ -51,7 +51,8 @@ class Target:
 
 
 def permute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
-    """llama.cpp's ``LlamaModel.permute``: per head, interleaved rotary pairs → halves."""
+    """llama.cpp's ``LlamaModel.permute``: per head, HF's rotate-half row order → the
+    interleaved rotary pairs llama.cpp's rope uses."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
