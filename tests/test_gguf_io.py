@@ -122,3 +122,13 @@ def test_split_base_layout_kept(tmp_path: Path) -> None:
     ck = open_checkpoint(outs[0])
     assert len(ck.files) == len(parts) and ck.value("split.count") is None
     assert ck.value("llama.block_count") == 2
+
+
+def test_without_gguf_package_one_clear_error(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from lora_tools.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(UsageError, match=r"pip install 'lora-tools\[gguf\]'"):
+        open_checkpoint(tiny)

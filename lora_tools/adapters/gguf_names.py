@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lora_tools.errors import MatchError, UsageError
+from lora_tools.io.gguf_file import require_gguf
 
 # GGUF general.architecture -> (gguf.MODEL_ARCH member, HF architectures classes).
 ARCHITECTURES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -87,7 +88,7 @@ class NameMap:
     """HF module paths → :class:`Target` for one GGUF architecture and its head counts."""
 
     def __init__(self, arch: str, n_blocks: int, heads: dict[str, int]) -> None:
-        import gguf
+        gguf = require_gguf()
 
         check_arch(arch, "model")
         self.arch = arch

@@ -25,7 +25,7 @@ from lora_tools.adapters.gguf_names import NameMap, arch_of_hf, heads_from_gguf,
 from lora_tools.adapters.model import EMBEDDING, LINEAR
 from lora_tools.adapters.options import AdapterOptions
 from lora_tools.errors import MatchError, UsageError
-from lora_tools.io.gguf_file import is_gguf, open_gguf, qtype_of, quantize, type_nbytes
+from lora_tools.io.gguf_file import is_gguf, open_gguf, qtype_of, quantize, require_gguf, type_nbytes
 from lora_tools.io.gguf_out import KV, GGUFOutput, GGUFTensorSpec
 from lora_tools.modules.lora import load_factors
 from lora_tools.version import __version__
@@ -86,7 +86,7 @@ def convert_to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None
 
 
 def _vt(name: str) -> Any:
-    import gguf
+    gguf = require_gguf()
 
     return gguf.GGUFValueType[name]
 

@@ -36,7 +36,7 @@ MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 TORCH_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _gguf() -> Any:
+def require_gguf() -> Any:
     try:
         import gguf
     except ImportError:
@@ -66,7 +66,7 @@ def check_header(path: Path) -> None:
     if len(head) < 24 or head[:4] != GGUF_MAGIC:
         raise _fail(path, f"{size} bytes, no GGUF header (first bytes {head[:8]!r})")
     version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in _gguf().READER_SUPPORTED_VERSIONS:
+    if version not in require_gguf().READER_SUPPORTED_VERSIONS:
         big = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
         raise _fail(path, f"version {version}{big} is not one the gguf reader supports")
     if n_tensors * MIN_TENSOR_INFO_BYTES + n_kv * MIN_KV_BYTES > size - 24:
@@ -76,7 +76,7 @@ def check_header(path: Path) -> None:
 
 def _read(path: Path) -> Any:
     check_header(path)
-    gguf = _gguf()
+    gguf = require_gguf()
     try:
         reader = gguf.GGUFReader(path, "r")
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError,
@@ -204,7 +204,7 @@ class GGUFCheckpoint(Checkpoint):
 def dequantize(data: np.ndarray, qtype: Any) -> np.ndarray:
     """gguf's own dequantization, refused cleanly for a type it cannot read."""
     try:
-        return np.asarray(_gguf().quants.dequantize(np.asarray(data), qtype), dtype=np.float32)
+        return np.asarray(require_gguf().quants.dequantize(np.asarray(data), qtype), dtype=np.float32)
     except NotImplementedError:
         raise FormatError(f"the gguf package cannot dequantize {qtype.name} tensors; "
                           "upgrade it (pip install -U gguf)") from None
@@ -212,13 +212,13 @@ def dequantize(data: np.ndarray, qtype: Any) -> np.ndarray:
 
 def quantize(values: np.ndarray, qtype: Any) -> np.ndarray:
     """gguf's own quantization of fp32 ``values`` (rows × columns) to ``qtype``."""
-    return np.asarray(_gguf().quants.quantize(np.ascontiguousarray(values, np.float32), qtype))
+    return np.asarray(require_gguf().quants.quantize(np.ascontiguousarray(values, np.float32), qtype))
 
 
 @cache
 def can_quantize(type_name: str) -> bool:
     """Whether the gguf package can produce ``type_name`` (tried on one block of zeros)."""
-    gguf = _gguf()
+    gguf = require_gguf()
     qtype = gguf.GGMLQuantizationType[type_name]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     try:
@@ -229,7 +229,7 @@ def can_quantize(type_name: str) -> bool:
 
 
 def qtype_of(type_name: str) -> Any:
-    gguf = _gguf()
+    gguf = require_gguf()
     try:
         return gguf.GGMLQuantizationType[type_name.upper()]
     except KeyError:
@@ -239,14 +239,14 @@ def qtype_of(type_name: str) -> Any:
 
 def type_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
     """Bytes of a tensor of ``shape`` (PyTorch order) in ``type_name``."""
-    gguf = _gguf()
+    gguf = require_gguf()
     block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     return math.prod(shape) * size // block
 
 
 def fits_type(type_name: str, shape: tuple[int, ...]) -> bool:
     """Whether rows of ``shape`` split into whole blocks of ``type_name``."""
-    gguf = _gguf()
+    gguf = require_gguf()
     block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     return bool(shape) and shape[-1] % block == 0
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from lora_tools.errors import OutputError
 from lora_tools.io import safety
-from lora_tools.io.gguf_file import SPLIT_RE, _gguf
+from lora_tools.io.gguf_file import SPLIT_RE, require_gguf
 from lora_tools.io.output import check_output
 from lora_tools.io.writer import TMP_MARK
 
@@ -45,7 +45,7 @@ class KV:
 def shard_names(out: Path, count: int) -> list[Path]:
     if count == 1:
         return [out]
-    fmt = _gguf().SHARD_NAME_FORMAT
+    fmt = require_gguf().SHARD_NAME_FORMAT
     return [out.with_name(fmt.format(out.stem, i + 1, count)) for i in range(count)]
 
 
@@ -74,7 +74,7 @@ class GGUFOutput:
         self._signals = contextlib.ExitStack()
 
     def __enter__(self) -> GGUFOutput:
-        gguf = _gguf()
+        gguf = require_gguf()
         w = gguf.GGUFWriter(self.tmpdir / self.out.name, self.arch,
                             split_max_size=self.split_size or 0)
         if self.alignment:

@@ -19,7 +19,7 @@ import torch
 
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.errors import MatchError, UsageError
-from lora_tools.io.gguf_file import GGUFCheckpoint, can_quantize, open_gguf, qtype_of, quantize
+from lora_tools.io.gguf_file import GGUFCheckpoint, can_quantize, open_gguf, qtype_of, quantize, require_gguf
 from lora_tools.io.gguf_file import type_nbytes as nbytes_in
 from lora_tools.io.gguf_out import KV, GGUFOutput, GGUFTensorSpec
 from lora_tools.math.finite import check_finite
@@ -135,6 +135,6 @@ def _kvs(base: GGUFCheckpoint, records: list[dict[str, Any]]) -> list[KV]:
 
 
 def _string() -> Any:
-    import gguf
+    gguf = require_gguf()
 
     return gguf.GGUFValueType.STRING

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
-from lora_tools.io.gguf_file import GGUFCheckpoint, dequantize, open_gguf, qtype_of, quantize
+from lora_tools.io.gguf_file import GGUFCheckpoint, dequantize, open_gguf, qtype_of, quantize, require_gguf
 from lora_tools.merging.gguf_plan import Term, plan_merge
 from lora_tools.merging.verify_report import AdaptedCheck, Failure, VerifyReport
 from lora_tools.modules.lora import load_factors, module_delta
@@ -96,6 +96,6 @@ def _adapted(rep: VerifyReport, base: GGUFCheckpoint, merged: GGUFCheckpoint, na
 
 
 def _block(type_name: str) -> int:
-    import gguf
+    gguf = require_gguf()
 
     return int(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0])
