@@ -73,10 +73,17 @@ def describe(d: dict[str, Any]) -> str:
              f", probe max relative error {d['max_probe_rel_error']:.3g} on {d['probed']} layers")
     verdict = "OK" if d["ok"] else f"FAILED ({len(d['failures'])} problems)"
     lines.append(f"{verdict}: {d['tensors']} tensors of {d['base']} checked against "
-                 f"{d['merged']}: {len(d['adapted'])} adapted (max error {d['max_ulp']:.3g} ulp, "
-                 f"tolerance {_tol(d['tolerance_ulp'])}{probe}), {d['untouched']} untouched; "
+                 f"{d['merged']}: {len(d['adapted'])} adapted ({_error(d)}{probe}), "
+                 f"{d['untouched']} untouched; "
                  f"{d['bytes_read'] / 1e6:.1f} MB in {d['seconds']:.2f}s on {d['device']}")
     return "\n".join(lines)
+
+
+def _error(d: dict[str, Any]) -> str:
+    if d.get("unit") == "quant":  # GGUF: errors against the quantization's own, per block
+        return (f"max error {d['max_ulp']:.3g}× the quantization's own per block, "
+                f"tolerance {d['tolerance_ulp'] or 1:g}×")
+    return f"max error {d['max_ulp']:.3g} ulp, tolerance {_tol(d['tolerance_ulp'])}"
 
 
 def _tol(value: float | None) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_tools.adapters.interpretation import state
+from lora_tools.adapters.mapping import Match, MatchReport
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.errors import MatchError, UsageError
 from lora_tools.io.gguf_file import GGUFCheckpoint, can_quantize, open_gguf, qtype_of, quantize, require_gguf
@@ -57,6 +59,9 @@ def merge_gguf(base_path: str | Path, adapter_paths: list[str | Path], out: str 
     base = open_gguf(base_path)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     plan = plan_merge(base, adapters, weights, gguf_type)
+    for a in adapters:  # what was understood, module -> GGUF tensor, before any refusal
+        state(a, MatchReport([Match(t.module, k) for k, ts in plan.terms.items()
+                              for t in ts if t.adapter is a]), str(base_path))
     warnings = _unmatched(plan, allow_unmatched)
     check_history(base, adapters, "merge", force, weights)
     records = [provenance.adapter_record(a, w, "merge") for a, w in zip(adapters, weights)]

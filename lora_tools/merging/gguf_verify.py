@@ -34,7 +34,7 @@ def verify_gguf(merged_path: str | Path, base_path: str | Path, adapter_paths: l
     base, merged = open_gguf(base_path), open_gguf(merged_path)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     plan = plan_merge(base, adapters, weights, gguf_type)
-    rep = VerifyReport(str(merged_path), str(base_path), tolerance, "cpu")
+    rep = VerifyReport(str(merged_path), str(base_path), tolerance, "cpu", unit="quant")
     if plan.unmatched:
         rep.warnings.append(f"{len(plan.unmatched)} modules match no tensor: "
                             f"{', '.join(plan.unmatched[:4])}")

@@ -41,6 +41,7 @@ class VerifyReport:
     key_use: list[dict[str, Any]] = field(default_factory=list)  # per adapter: keys used
     bytes_read: int = 0
     seconds: float = 0.0
+    unit: str = "ulp"  # of max_ulp/tolerance_ulp; "quant" (GGUF): × the quantizer's own error
 
     @property
     def ok(self) -> bool:
