@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_tools.adapters.components import kohya_component
 from lora_tools.adapters.model import CONV, LINEAR, Adapter, LoraModule, check_factor_shapes
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint
@@ -52,12 +53,22 @@ def load_kohya(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
             name=name, a_key=key, b_key=up, kind=CONV if len(a_shape) > 2 else LINEAR,
             rank=rank, alpha=value, alpha_source=where, fan_in_fan_out=False,
             a_shape=a_shape, b_shape=b_shape, underscore=True, alpha_key=alpha_key,
-            orientation_source="format"))
+            orientation_source="format", component=kohya_component(name)[0]))
         used.update((key, up))
     rest = [k for k in source.keys() if k not in used]
     if rest:
         raise FormatError(f"{path}: keys that are not kohya LoRA factors: {', '.join(rest[:5])}"
                           " (DoRA dora_scale, LoHa/LoKr and other LyCORIS types are not supported)")
     notes = [f"{defaulted} modules have no alpha tensor: alpha = rank (kohya's rule)"] if defaulted else []
+    notes.extend(prefix_notes(modules))
     return Adapter(path=path, format="kohya", source=source, modules=modules, notes=notes,
                    weight_files=[path])
+
+
+def prefix_notes(modules: list[LoraModule]) -> list[str]:
+    """Which model each kohya prefix selects, said once per prefix."""
+    counts: dict[tuple[str, str | None], int] = {}
+    for m in modules:
+        comp, prefix = kohya_component(m.name)
+        counts[(prefix or "(no prefix)", comp)] = counts.get((prefix or "(no prefix)", comp), 0) + 1
+    return [f"{p}* -> {c or 'the whole base'} ({n} modules)" for (p, c), n in counts.items()]

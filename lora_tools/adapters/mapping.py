@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lora_tools.adapters import components as comps_
 from lora_tools.adapters import loralib
+from lora_tools.adapters.components import BaseComponents, base_components, check_scopes
 from lora_tools.adapters.kohya import strip_prefix
 from lora_tools.adapters.model import (
     CONV,
@@ -46,9 +48,10 @@ class MatchReport:
 class BaseIndex:
     """Base weight keys indexed by module path (dotted and underscore forms)."""
 
-    def __init__(self, base: Checkpoint) -> None:
+    def __init__(self, base: Checkpoint, parts: BaseComponents | None = None) -> None:
         self.base = base
         self._conv1d: bool | None = None
+        self.parts = parts
         self._by_last: dict[str, list[tuple[str, str]]] = {}
         for key in base.keys():
             # ``x.conv.weight`` is indexed as module ``x`` (loralib ConvLoRA) and as module
@@ -67,6 +70,15 @@ class BaseIndex:
         return self._conv1d
 
     def candidates(self, module: LoraModule) -> list[str]:
+        keys = self._candidates(module)
+        parts = self.parts
+        if module.component is None or parts is None or parts.of is None:
+            return keys
+        # Only inside the module's own component: never text encoder 2 onto text encoder 1.
+        want = comps_.target(module.component, parts.present)
+        return [k for k in keys if parts.of(k) == want]
+
+    def _candidates(self, module: LoraModule) -> list[str]:
         if module.underscore:
             return self._underscore(strip_prefix(module.name))
         last = module.name.rsplit(".", 1)[-1]
@@ -251,13 +263,31 @@ def _fit_loralib_conv(m: LoraModule, shape: tuple[int, ...]) -> str | None:
     return None
 
 
+def scope_base(adapters: list[Adapter], base: Checkpoint, component: str | None = None
+               ) -> tuple[BaseComponents, list[str]]:
+    """The base's components, checked against what each adapter's modules belong to."""
+    parts = base_components(base.path, base.keys(), component,
+                            getattr(base, "component_of", None))
+    notes = []
+    for a in adapters:
+        comps = {m.component for m in a.modules}
+        taken = check_scopes(a.path, comps, parts, base.path)
+        if taken:
+            notes.append(taken)
+        elif comps != {None}:
+            notes.append(f"{a.path}: components {', '.join(sorted(c or '-' for c in comps))} "
+                         f"matched within the base's components, read from {parts.how}")
+    return parts, notes
+
+
 def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = False,
-            resize_vocab: bool = False) -> tuple[list[MatchReport], list[str]]:
+            resize_vocab: bool = False, component: str | None = None
+            ) -> tuple[list[MatchReport], list[str]]:
     """Match every adapter; raise MatchError unless all fit (or unmatched are allowed)."""
-    index = BaseIndex(base)
+    parts, warnings = scope_base(adapters, base, component)
+    index = BaseIndex(base, parts)
     reports = [match_adapter(a, index, resize_vocab) for a in adapters]
     problems: list[str] = []
-    warnings: list[str] = []
     for a, r in zip(adapters, reports):
         for bad in r.misfits:
             problems.append(f"{a.path}: {bad}")

@@ -48,6 +48,9 @@ class LoraModule:
     # "--fan-in-fan-out", "default"; empty: told by the interpretation from kind and format.
     orientation_source: str = ""
     init: str | None = None  # PEFT PiSSA/OLoRA: the base is moved by W − s·B₀A₀ first
+    # Diffusion pipelines: the model this module belongs to (``unet``, ``text_encoder_2``...,
+    # adapters/components.py); None: whatever single model the base is.
+    component: str | None = None
 
     @property
     def scale(self) -> float:

@@ -27,6 +27,11 @@ from lora_tools.commands.merge_shared import describe_merge, library_kwargs
 @adapter_options
 @click.option("--allow-unmatched", is_flag=True,
               help="Skip adapter modules that match no base tensor (listed as a warning).")
+@click.option("--component", metavar="NAME",
+              help="Diffusion models (unet, transformer, text_encoder, text_encoder_2, "
+                   "text_encoder_3): which model BASE is (a component folder or file), or "
+                   "for a pipeline folder the one component to merge into. Adapter modules "
+                   "of other components are an error unless --allow-unmatched.")
 @click.option("--resize-vocab", is_flag=True,
               help="Accept saved embeddings/heads with more rows than the base: the base is "
                    "extended with the adapter's rows and config vocab_size updated.")

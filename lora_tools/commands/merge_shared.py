@@ -27,6 +27,7 @@ def library_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
         "progress": progress_wanted(opts["quiet"], opts["as_json"]),
         "max_memory": parse_size(opts["max_memory"]) if opts.get("max_memory") else None,
         "overlap": opts.get("overlap", True),
+        "component": opts.get("component"),
     }
 
 

@@ -56,13 +56,16 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                    max_memory: int | None = None, overlap: bool = True,
                    resize_vocab: bool = False, untie: bool = False,
                    dequantize: bool = False,
-                   restore_from: str | Path | None = None) -> MergeSummary:
+                   restore_from: str | Path | None = None,
+                   component: str | None = None) -> MergeSummary:
     """Stream ``base + sign · Σ wᵢ·ΔWᵢ`` into ``out`` (merge: sign +1, unmerge: -1).
 
     Beyond plain LoRA (``beyond_plan``): DoRA, lora_bias, modules_to_save, trainable
-    tokens; ``resize_vocab`` (larger saved embeddings/heads), ``untie`` (an adapter that
-    touches one side of tied weights), ``dequantize`` (fp8 bases); ``restore_from``: the
-    original base, from which an unmerge restores tensors an adapter replaced whole.
+    tokens; ``component``: which model of a diffusion pipeline the base is (or, for a
+    pipeline folder, the one to merge into); ``resize_vocab`` (larger saved
+    embeddings/heads), ``untie`` (an adapter that touches one side of tied weights),
+    ``dequantize`` (fp8 bases); ``restore_from``: the original base, from which an
+    unmerge restores tensors an adapter replaced whole.
     """
     weights = adapter_weights(weights, len(adapter_paths))
     base = open_checkpoint(base_path)
@@ -70,7 +73,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
         raise UsageError(f"{base_path}: {op} of a GGUF model is not supported (merge is)")
     deq = quant.prepare(base, dequantize)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
-    reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab)
+    reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab, component)
     for a, r in zip(adapters, reports):
         state(a, r, str(base_path))
     check_targets(base, reports, deq.scales if deq is not None else ())
