@@ -105,3 +105,34 @@ def test_te2_only_file_is_not_put_on_te1(sdxl: dict[str, Path], tmp_path: Path) 
     ad = state_dict_file(te2, tmp_path / "te2.safetensors")
     with pytest.raises(MatchError, match="8 modules match no tensor"):
         merge(sdxl["pipe"] / "text_encoder", [ad], tmp_path / "o.safetensors")
+
+
+def test_pipeline_folder(sdxl: dict[str, Path], tmp_path: Path) -> None:
+    """Every component gets its own part; the vae and scheduler are copied; diffusers loads
+    the folder and its weights are diffusers' fused weights."""
+    from diffusers import StableDiffusionXLPipeline
+
+    s = merge(sdxl["pipe"], [sdxl["kohya"]], tmp_path / "out")
+    n_unet = sum(k.startswith("lora_unet_") and k.endswith("down.weight") for k in read(sdxl["kohya"]))
+    assert s.adapters[0]["components"] == {"unet": n_unet, "text_encoder": 8, "text_encoder_2": 8}
+    for sub in ("vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                "model_index.json"):
+        assert (tmp_path / "out" / sub).read_bytes() == (sdxl["pipe"] / sub).read_bytes()
+    back = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "out"))
+    for c in ("unet", *TES):
+        got, want = back.components[c].state_dict(), read(sdxl["truth_" + c])
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_pipeline_one_component(sdxl: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(MatchError, match="match no tensor of the text_encoder_2 model"):
+        merge(sdxl["pipe"], [sdxl["kohya"]], tmp_path / "out", component="text_encoder_2")
+    assert not (tmp_path / "out").exists()
+    s = merge(sdxl["pipe"], [sdxl["kohya"]], tmp_path / "out", component="text_encoder_2",
+              allow_unmatched=True)
+    assert s.adapters[0]["components"] == {"text_encoder_2": 8}
+    te1 = "text_encoder/model.safetensors"
+    assert (tmp_path / "out" / te1).read_bytes() == (sdxl["pipe"] / te1).read_bytes()
+    _same(tmp_path / "out" / "text_encoder_2" / "model.safetensors",
+          sdxl["truth_text_encoder_2"], sdxl["pipe"] / "text_encoder_2" / "model.safetensors")

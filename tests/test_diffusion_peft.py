@@ -134,3 +134,16 @@ def test_model_save_lora_adapter(tmp_path: Path) -> None:
     merge(tmp_path / "unet", [tmp_path / "l" / "pytorch_lora_weights.safetensors"],
           tmp_path / "o.safetensors")
     _check(tmp_path / "o.safetensors", want)
+
+
+def test_pipeline_folder_loads_back(sd: dict[str, Path], tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    merge(sd["pipe"], [sd["meta"]], tmp_path / "out")
+    back = StableDiffusionPipeline.from_pretrained(
+        str(tmp_path / "out"), safety_checker=None, requires_safety_checker=False,
+        tokenizer=None, feature_extractor=None, image_encoder=None)
+    for c in ("unet", "text_encoder"):
+        got, want = back.components[c].state_dict(), read(sd[f"meta_{c}"])
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)

@@ -119,8 +119,9 @@ class CheckpointWriter:
             _update_config(self.tmp / "config.json", self.config_updates)
         shards = plan_shards(self.specs, self.shard_size)
         n = len(shards)
-        names = (["model.safetensors"] if n == 1 else
-                 [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        stem = weights_stem(self.source_folder)
+        names = ([f"{stem}.safetensors"] if n == 1 else
+                 [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         for fname, shard in zip(names, shards, strict=True):
             self._add(SafetensorsWriter(self.tmp / fname, shard, self.metadata), shard)
         if n > 1:
@@ -128,7 +129,7 @@ class CheckpointWriter:
                                   **self.metadata},
                      "weight_map": {s.name: f for f, sh in zip(names, shards, strict=True)
                                     for s in sh}}
-            (self.tmp / INDEX_NAMES[0]).write_text(json.dumps(index, indent=2))
+            (self.tmp / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     def _add(self, writer: _FileWriter, specs: list[TensorSpec]) -> None:
         self._open.append(writer)
@@ -201,6 +202,14 @@ class CheckpointWriter:
                 pass
         _remove(self.tmp)
         self._signals.close()
+
+
+def weights_stem(folder: Path | None) -> str:
+    """The weight file name of the source folder's kind: diffusers models load only
+    ``diffusion_pytorch_model*.safetensors``, transformers models ``model*.safetensors``."""
+    if folder is not None and any(folder.glob("diffusion_pytorch_model*")):
+        return "diffusion_pytorch_model"
+    return "model"
 
 
 def _write_failed(out: Path, exc: OSError) -> OutputError:

@@ -44,6 +44,7 @@ class MergeOptions(TypedDict, total=False):
     resize_vocab: bool  # accept saved embeddings/heads with more rows than the base
     untie: bool  # write both sides of tied weights when an adapter touches one
     dequantize: bool  # an fp8 base: dequantize exactly into the output dtype
+    component: str | None  # diffusion: which model BASE is, or the one of a pipeline to merge
 
 
 @exact
@@ -122,7 +123,9 @@ def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Pat
           *, gguf_type: str | None = None, **options: Unpack[MergeOptions]) -> MergeSummary:
     """Merge adapters into ``base_path``: every adapted tensor becomes ``W + Σ wᵢ·sᵢ·BᵢAᵢ``.
 
-    A GGUF base (llama.cpp) goes to :func:`lora_tools.merging.gguf_merge.merge_gguf`;
+    A diffusers pipeline folder (``model_index.json``) is merged component by component
+    (:mod:`lora_tools.merging.pipeline`). A GGUF base (llama.cpp) goes to
+    :func:`lora_tools.merging.gguf_merge.merge_gguf`;
     ``gguf_type`` is the type of its re-quantized tensors where gguf cannot produce theirs.
     """
     if is_gguf(Path(base_path)):
@@ -131,6 +134,11 @@ def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Pat
         return merge_gguf(base_path, adapter_paths, out, gguf_type=gguf_type, **options)
     if gguf_type:
         raise UsageError(f"--gguf-type applies to GGUF bases; {base_path} is not one")
+    from lora_tools.merging import pipeline
+
+    if pipeline.is_pipeline(base_path):  # diffusers: merged component by component
+        return pipeline.merge_pipeline(  # type: ignore[no-any-return]
+            base_path, adapter_paths, out, apply_adapters, **options)
     return apply_adapters(base_path, adapter_paths, out, sign=1.0, op="merge", **options)
 
 
