@@ -147,3 +147,30 @@ def test_pipeline_folder_loads_back(sd: dict[str, Path], tmp_path: Path) -> None
         got, want = back.components[c].state_dict(), read(sd[f"meta_{c}"])
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def _processor_names(key: str) -> str:
+    """The attention-processor form of diffusers <= 0.20 (``attn1.processor.to_q_lora``)."""
+    for p in ("to_q", "to_k", "to_v"):
+        key = key.replace(f".{p}.lora.", f".processor.{p}_lora.")
+    return key.replace(".to_out.0.lora.", ".processor.to_out_lora.")
+
+
+@pytest.mark.parametrize("form", ["lora.down", "processor"])
+def test_older_diffusers_forms(sd: dict[str, Path], tmp_path: Path, form: str) -> None:
+    """Same factors as the PEFT-style file, in the older names (written by diffusers'
+    convert_state_dict_to_diffusers); no .alpha keys: alpha = rank, as for the PEFT file.
+    diffusers 0.42 loads the processor form only under a ``unet.`` prefix (unprefixed, it
+    silently loads nothing); lora-tools reads both as the UNet's."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    old = convert_state_dict_to_diffusers(read(sd["nometa"]))
+    if form == "processor":
+        old = {_processor_names(k): v for k, v in old.items() if k.startswith("unet.")}
+    ad = state_dict_file(old, tmp_path / "old.safetensors")
+    a = load_adapter(ad)
+    assert a.format == "diffusers-old" and all(m.alpha == m.rank for m in a.modules)
+    merge(sd["pipe"], [ad], tmp_path / "out")
+    _check(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors", sd["nometa_unet"])
+    if form == "lora.down":
+        _check(tmp_path / "out" / "text_encoder" / "model.safetensors", sd["nometa_text_encoder"])

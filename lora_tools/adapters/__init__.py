@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lora_tools.adapters.accounting import check_accounted
 from lora_tools.adapters.diffusers import is_diffusers_peft, load_diffusers
+from lora_tools.adapters.diffusers_old import is_old_diffusers, load_old_diffusers
 from lora_tools.adapters.kohya import is_kohya, load_kohya
 from lora_tools.adapters.loralib import RECIPES, is_loralib, load_loralib
 from lora_tools.adapters.model import Adapter, LoraModule, check_float_tensors
@@ -62,6 +63,8 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
         return load_kohya(p, source, alpha)
     if is_loralib(source):
         return load_loralib(p, source, alpha, enable_lora, fan_in_fan_out)
+    if is_old_diffusers(source):
+        return load_old_diffusers(p, source, alpha)
     if is_diffusers_peft(source):
         return load_diffusers(p, source, alpha)
     if any(".lora_A.weight" in k or "lora_embedding_A" in k for k in source.keys()):

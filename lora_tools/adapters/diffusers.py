@@ -46,16 +46,17 @@ def split_components(keys: list[str]) -> dict[str | None, list[str]]:
     return out
 
 
-class _View(Checkpoint):
-    """One component's keys with its prefix removed, reading through to the file."""
+class View(Checkpoint):
+    """Some of a file's keys under other names (new -> old), reading through to the file."""
 
-    def __init__(self, source: Checkpoint, prefix: str, keys: list[str]) -> None:
+    def __init__(self, source: Checkpoint, names: dict[str, str]) -> None:
         super().__init__(source.path)
-        self._source, self._prefix = source, prefix
-        self._infos = {k[len(prefix):]: source.info(k) for k in keys}
+        self.metadata = source.metadata
+        self._source, self.names = source, names
+        self._infos = {new: source.info(old) for new, old in names.items()}
 
     def get(self, name: str) -> Any:
-        return self._source.get(self._prefix + name)
+        return self._source.get(self.names[name])
 
 
 def _metadata_config(meta: dict[str, str], comp: str | None, path: Path) -> dict[str, Any] | None:
@@ -86,14 +87,20 @@ def _default_config(view: Checkpoint) -> dict[str, Any]:
     return {"r": r, "lora_alpha": r, "rank_pattern": exact, "alpha_pattern": dict(exact)}
 
 
-def _component_modules(source: Checkpoint, comp: str | None, keys: list[str]
-                       ) -> tuple[list[LoraModule], str]:
+def component_modules(source: Checkpoint, comp: str | None, names: dict[str, str],
+                      alphas: dict[str, float] | None = None) -> tuple[list[LoraModule], str]:
+    """One component's modules from ``names`` (PEFT-style key -> key in the file);
+    ``alphas`` (PEFT-style module path -> alpha) from ``.alpha`` keys, if any."""
     prefix = f"{comp}." if comp else ""
-    view = _View(source, prefix, keys)
+    view = View(source, {new[len(prefix):]: old for new, old in names.items()})
     cfg = _metadata_config(source.metadata, comp, source.path)
     where = f"{METADATA_KEY} metadata"
     if cfg is None:
         cfg, where = _default_config(view), "no metadata: alpha = rank (diffusers' default)"
+    if alphas:
+        cfg["alpha_pattern"] = {**cfg.get("alpha_pattern", {}), **{
+            re.escape(n[len(prefix):]): v for n, v in alphas.items() if n.startswith(prefix)}}
+        where = ".alpha keys (else alpha = rank)"
     cfg.setdefault("lora_alpha", cfg.get("r"))
     if "r" not in cfg:
         raise FormatError(f"{source.path}: {METADATA_KEY} for {comp or 'the model'} gives no "
@@ -102,10 +109,11 @@ def _component_modules(source: Checkpoint, comp: str | None, keys: list[str]
     if replacements:
         raise FormatError(f"{source.path}: whole saved tensors ({', '.join(replacements)}) "
                           "in a diffusers LoRA file are not supported")
+    old = view.names
     for m in modules:
-        m.a_key, m.b_key = prefix + m.a_key, prefix + m.b_key
-        m.magnitude_key = prefix + m.magnitude_key if m.magnitude_key else None
-        m.bias_key = prefix + m.bias_key if m.bias_key else None
+        m.a_key, m.b_key = old[m.a_key], old[m.b_key]
+        m.magnitude_key = old[m.magnitude_key] if m.magnitude_key else None
+        m.bias_key = old[m.bias_key] if m.bias_key else None
         m.component = comp
         m.alpha_source = where if m.alpha_source == "config" else f"{where} alpha_pattern"
     return modules, where
@@ -118,7 +126,7 @@ def load_diffusers(path: Path, source: Checkpoint, alpha: float | None) -> Adapt
     modules: list[LoraModule] = []
     notes = []
     for comp, keys in split_components(source.keys()).items():
-        found, where = _component_modules(source, comp, keys)
+        found, where = component_modules(source, comp, {k: k for k in keys})
         modules.extend(found)
         notes.append(f"{comp + '.' if comp else '(no prefix)'}* -> {comp or 'the whole base'} "
                      f"({len(found)} modules, alphas from {where})")
