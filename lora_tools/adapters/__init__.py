@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_tools.adapters.accounting import check_accounted
-from lora_tools.adapters.diffusers import is_diffusers_peft, load_diffusers
+from lora_tools.adapters.diffusers import is_diffusers_peft, load_diffusers, refuse_known
 from lora_tools.adapters.diffusers_old import is_old_diffusers, load_old_diffusers
 from lora_tools.adapters.kohya import is_kohya, load_kohya
 from lora_tools.adapters.loralib import RECIPES, is_loralib, load_loralib
@@ -67,6 +67,7 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
         return load_old_diffusers(p, source, alpha)
     if is_diffusers_peft(source):
         return load_diffusers(p, source, alpha)
+    refuse_known(p, source)
     if any(".lora_A.weight" in k or "lora_embedding_A" in k for k in source.keys()):
         raise FormatError(f"{p}: PEFT-style keys but no {CONFIG} beside the file; put the "
                           "adapter_config.json that PEFT saved next to it")

@@ -271,6 +271,10 @@ def scope_base(adapters: list[Adapter], base: Checkpoint, component: str | None 
     notes = []
     for a in adapters:
         comps = {m.component for m in a.modules}
+        refused = comps_.layout_refusal(a.path, [(m.name, m.component) for m in a.modules],
+                                        parts, base.keys())
+        if refused:
+            raise MatchError(refused)
         taken = check_scopes(a.path, comps, parts, base.path)
         if taken:
             notes.append(taken)
