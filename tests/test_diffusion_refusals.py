@@ -62,3 +62,14 @@ def test_xlabs_flux(tmp_path: Path) -> None:
     ad = {"double_blocks.0.processor.qkv_lora1.down.weight": torch.zeros(2, 8),
           "double_blocks.0.processor.qkv_lora1.up.weight": torch.zeros(24, 2)}
     _refused(tmp_path, {"x.weight": torch.zeros(2, 2)}, ad, "XLabs Flux LoRA")
+
+
+@pytest.mark.parametrize("to", ["peft", "kohya"])
+def test_convert_keeps_components_or_refuses(tmp_path: Path, to: str) -> None:
+    """te1 and te2 in one file: a PEFT file (or one kohya prefix) would mix the models."""
+    ad = state_dict_file(_lora(["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"]),
+                         tmp_path / "l.safetensors")
+    res = CliRunner().invoke(cli, ["convert", str(ad), "--to", to, "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "would lose which model" in res.output, res.output
+    assert not (tmp_path / "o").exists()

@@ -187,3 +187,14 @@ def layout_refusal(adapter_path: Path, names: list[tuple[str, str | None]],
                 "a single-file checkpoint with LDM names (input_blocks/output_blocks): mapping "
                 "between them is not supported yet; merge into the diffusers pipeline folder")
     return None
+
+
+def check_convertible(adapter_path: Path, fmt: str, components: set[str | None], to: str) -> None:
+    """A diffusion LoRA's components must survive a conversion, or it is refused: PEFT and
+    loralib files name no component, and kohya names are re-prefixed by ``--prefix``."""
+    comps = sorted(c for c in components if c is not None)
+    if fmt.startswith("diffusers") or len(comps) > 1:
+        raise UsageError(f"{adapter_path}: a diffusion LoRA for {', '.join(comps)} ({fmt}); "
+                         f"converting it to {to} is not supported yet, as the result would "
+                         "lose which model each module belongs to. Merge it as it is: "
+                         "lora-tools reads it directly")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lora_tools.adapters import Adapter, fold, load_adapter, names, peft_init, require_alpha
+from lora_tools.adapters.components import check_convertible
 from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import resolve
 from lora_tools.adapters.model import EMBEDDING, LINEAR
@@ -99,6 +100,7 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
     require_alpha(adapter)
     peft_init.refuse_edit(adapter, f"a {to} adapter")
     _check_all_keys(adapter, to)
+    check_convertible(adapter.path, adapter.format, {m.component for m in adapter.modules}, to)
     notes: list[str] = []
     base_keys, whole = settle(adapter, to, base, opts, notes)
     modules = canonical(adapter, base_keys, opts, notes)
