@@ -73,3 +73,15 @@ def test_convert_keeps_components_or_refuses(tmp_path: Path, to: str) -> None:
     res = CliRunner().invoke(cli, ["convert", str(ad), "--to", to, "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "would lose which model" in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_older_diffusers_alpha_keys_are_read(tmp_path: Path) -> None:
+    """``.alpha`` keys of the older form set their module's alpha and are consumed."""
+    from lora_tools.adapters import load_adapter
+
+    stem = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora"
+    ad = {stem + ".down.weight": torch.zeros(2, 8), stem + ".up.weight": torch.zeros(8, 2),
+          stem.removesuffix(".lora") + ".alpha": torch.tensor(1.0)}
+    a = load_adapter(state_dict_file(ad, tmp_path / "l.safetensors"))
+    (m,) = a.modules
+    assert (m.alpha, m.component, m.alpha_key) == (1.0, "unet", stem.removesuffix(".lora") + ".alpha")

@@ -44,7 +44,7 @@ def _peft_names(path: Path, keys: list[str]) -> dict[str, str]:
     return out
 
 
-def _alphas(path: Path, source: Checkpoint, names: dict[str, str]) -> dict[str, float]:
+def _alphas(path: Path, source: Checkpoint, names: dict[str, str]) -> dict[str, tuple[float, str]]:
     """``.alpha`` keys, each matched to one module by its old or its PEFT-style stem."""
     stems: dict[str, str] = {}
     for new, old in names.items():
@@ -55,7 +55,7 @@ def _alphas(path: Path, source: Checkpoint, names: dict[str, str]) -> dict[str, 
             stems[old.removesuffix(".lora.down.weight").replace(".processor.", ".")] = module
             if not old.startswith(UNET + ".") and module.startswith(UNET + "."):
                 stems[module.removeprefix(UNET + ".")] = module
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, str]] = {}
     for key in source.keys():
         if not key.endswith(ALPHA):
             continue
@@ -64,7 +64,7 @@ def _alphas(path: Path, source: Checkpoint, names: dict[str, str]) -> dict[str, 
         if found is None or source.info(key).shape not in ((), (1,)):
             raise FormatError(f"{path}: {key} is the alpha of no module of the file (or not "
                               "one number); the file is damaged or of another format")
-        out[found] = float(source.get(key).float().item())
+        out[found] = (float(source.get(key).float().item()), key)
     return out
 
 
@@ -77,7 +77,10 @@ def load_old_diffusers(path: Path, source: Checkpoint, alpha: float | None) -> A
     modules: list[LoraModule] = []
     notes = ["older diffusers LoRA names, read with diffusers' convert_*_to_peft name maps"]
     for comp, ks in split_components(list(names)).items():
-        found, where = component_modules(source, comp, {k: names[k] for k in ks}, alphas)
+        found, where = component_modules(source, comp, {k: names[k] for k in ks},
+                                         {n: v for n, (v, _) in alphas.items()})
+        for m in found:
+            m.alpha_key = alphas.get(f"{comp}.{m.name}", (0.0, None))[1]
         modules.extend(found)
         notes.append(f"{comp}* -> {comp} ({len(found)} modules, alphas from {where})")
     return Adapter(path=path, format="diffusers-old", source=source, modules=modules,
