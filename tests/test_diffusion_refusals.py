@@ -85,3 +85,18 @@ def test_older_diffusers_alpha_keys_are_read(tmp_path: Path) -> None:
     a = load_adapter(state_dict_file(ad, tmp_path / "l.safetensors"))
     (m,) = a.modules
     assert (m.alpha, m.component, m.alpha_key) == (1.0, "unet", stem.removesuffix(".lora") + ".alpha")
+
+
+def test_inspect_groups_by_component_and_block(tmp_path: Path) -> None:
+    from lora_tools.inspection.report import inspect_path
+
+    ad = state_dict_file(_lora(["lora_unet_down_blocks_0_attentions_0_proj_in",
+                                "lora_unet_down_blocks_0_attentions_0_proj_out",
+                                "lora_unet_mid_block_attentions_0_proj_in",
+                                "lora_te2_text_model_encoder_layers_1_self_attn_q_proj"]),
+                         tmp_path / "l.safetensors")
+    comps = inspect_path(ad).summary["components"]
+    assert comps["unet"]["modules"] == 3 and comps["text_encoder_2"]["modules"] == 1
+    assert set(comps["unet"]["blocks"]) == {"down_blocks.0", "mid_block"}
+    assert comps["unet"]["blocks"]["down_blocks.0"]["modules"] == 2
+    assert comps["text_encoder_2"]["blocks"]["layers.1"]["norm_delta"] > 0

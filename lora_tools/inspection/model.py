@@ -41,6 +41,8 @@ class ModuleStats:
     norm_base: float | None = None
     rel_update: float | None = None
     spectrum: list[float] = field(default_factory=list, repr=False)  # for the plot only
+    component: str | None = None  # diffusion: unet, transformer, text_encoder, ...
+    block: str | None = None  # diffusion: down_blocks.0, mid_block, up_blocks.1, double_blocks.3
 
 
 @dataclass

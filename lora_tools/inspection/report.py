@@ -31,7 +31,7 @@ from lora_tools.inspection.figures import (
 )
 from lora_tools.inspection.load import is_adapter, open_for_inspect
 from lora_tools.inspection.model import AdapterReport, ModuleStats
-from lora_tools.inspection.summary import summarize
+from lora_tools.inspection.summary import diffusion_block, summarize
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 
@@ -120,7 +120,8 @@ def module_stats(m: LoraModule, figs: FactorFigures, top: int) -> ModuleStats:
         singular_values_ba=sv[:top], stable_rank=figs.stable_rank,
         eff_rank_90=figs.effective_rank(0.90), eff_rank_99=figs.effective_rank(0.99),
         nan=figs.nan, inf=figs.inf, zero_a=figs.zero_a, zero_b=figs.zero_b,
-        spectrum=[mag * s for s in sv] if mag is not None else list(sv))
+        spectrum=[mag * s for s in sv] if mag is not None else list(sv),
+        component=m.component, block=diffusion_block(m.name) if m.component else None)
 
 
 def _match_base(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, str], list[str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,8 @@ def summarize(stats: list[ModuleStats], top: int) -> tuple[dict[str, Any], list[
         "weakest": [s.name for s in ranked[::-1][:top]],
         "health": health(stats),
     }
+    if any(s.component for s in stats):
+        summary["components"] = component_table(stats)
     return summary, health_warnings(stats)
 
 
@@ -98,3 +101,36 @@ def _names(stats: list[ModuleStats], n: int = 3) -> str:
 
 def _root_sum(values: Any) -> float:
     return math.sqrt(sum(v * v for v in values if v is not None))
+
+
+# Blocks people weight separately in image models ("block weights"): UNet down/mid/up
+# blocks, Flux double/single blocks; diffusers and kohya (underscore) spellings alike.
+_BLOCK = re.compile(r"(?:^|[._])(down_blocks|up_blocks|input_blocks|output_blocks|"
+                    r"single_transformer_blocks|transformer_blocks|double_blocks|single_blocks|"
+                    r"layers)[._](\d+)(?:[._]|$)|(?:^|[._])(mid_block|middle_block)(?:[._]|$)")
+
+
+def diffusion_block(name: str) -> str | None:
+    """``…down_blocks_1_attentions_0…`` -> ``down_blocks.1``; None when no block is named."""
+    found = _BLOCK.search(name)
+    if found is None:
+        return None
+    return found.group(3) or f"{found.group(1)}.{found.group(2)}"
+
+
+def component_table(stats: list[ModuleStats]) -> dict[str, Any]:
+    """Per component, then per block: modules, ranks and the root-sum-square of ‖ΔW‖."""
+    out: dict[str, Any] = {}
+    for s in stats:
+        comp = out.setdefault(s.component or "-", {"modules": 0, "ranks": set(), "blocks": {}})
+        comp["modules"] += 1
+        comp["ranks"].add(s.rank)
+        block = comp["blocks"].setdefault(s.block or "-", {"modules": 0, "norms": []})
+        block["modules"] += 1
+        block["norms"].append(s.norm_delta)
+    for comp in out.values():
+        comp["ranks"] = sorted(comp["ranks"])
+        for block in comp["blocks"].values():
+            norms = block.pop("norms")
+            block["norm_delta"] = _root_sum(norms) if None not in norms else None
+    return out

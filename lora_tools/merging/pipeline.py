@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +84,9 @@ def plan_components(base: Path, adapter_paths: list[str | Path], opts: AdapterOp
 
 
 def merge_pipeline(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
-                   **kwargs: Any) -> Any:
-    """``merge`` for a pipeline folder: each adapted component merged, the rest copied."""
-    from lora_tools.merging.merge import MergeSummary, apply_adapters
-
+                   apply_adapters: Callable[..., Any], **kwargs: Any) -> Any:
+    """``merge`` for a pipeline folder: each adapted component merged (by ``apply_adapters``,
+    merge.py's, passed in so that this module does not import it back), the rest copied."""
     base, out = Path(base_path), Path(out)
     opts = kwargs.get("opts") or AdapterOptions()
     todo, warnings = plan_components(base, adapter_paths, opts, kwargs.pop("component", None),
@@ -94,8 +95,10 @@ def merge_pipeline(base_path: str | Path, adapter_paths: list[str | Path], out: 
     check_output(out, [base, *map(Path, adapter_paths)], force)
     tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    total = MergeSummary(out=str(out), tensors=0, changed=0, copied=0, bytes_written=0,
-                         seconds=0.0, device="cpu", warnings=warnings)
+    if not todo:
+        raise MatchError(f"no module of {', '.join(map(str, adapter_paths))} matches any model "
+                         f"of {base}; check that the adapters were trained for this pipeline")
+    total: Any = None
     try:
         tmp.mkdir()
         for p in sorted(base.iterdir()):
@@ -104,6 +107,10 @@ def merge_pipeline(base_path: str | Path, adapter_paths: list[str | Path], out: 
         for comp in todo:
             s = apply_adapters(base / comp, adapter_paths, tmp / comp, component=comp,
                                allow_unmatched=True, **kwargs)
+            if total is None:
+                total = replace(s, out=str(out), tensors=0, changed=0, copied=0,
+                                bytes_written=0, seconds=0.0, blocks=0, warnings=warnings,
+                                adapters=[])
             _add(total, s, comp)
         _commit(tmp, out)
     except BaseException:
