@@ -68,7 +68,7 @@ MODULE_FIELDS = {"name", "group", "layer", "kind", "rank", "alpha", "alpha_sourc
                  "rslora", "a_shape", "b_shape", "params", "norm_a", "norm_b", "norm_ba",
                  "norm_delta", "spectral_norm", "singular_values", "singular_values_ba",
                  "stable_rank", "eff_rank_90", "eff_rank_99", "nan", "inf", "zero_a", "zero_b",
-                 "base_key", "norm_base", "rel_update"}
+                 "base_key", "norm_base", "rel_update", "component", "block"}
 
 
 def test_cli_json_plot_and_width(peft_case: dict[str, Any], tmp_path: Path) -> None:

@@ -177,12 +177,13 @@ def layout_refusal(adapter_path: Path, names: list[tuple[str, str | None]],
                 "load_lora_weights and save_lora_weights a diffusers-named file")
     if not base.how.startswith("single-file"):
         return None
-    if any(c == TE2 for _, c in names):
+    if any(c == TE2 for _, c in names) and any(".resblocks." in k for k in base_keys):
         return (f"{adapter_path}: text encoder 2 modules (lora_te2_) and an SDXL single file, "
                 "which stores text encoder 2 in OpenCLIP layout (fused in_proj q/k/v): not "
                 "supported yet; merge into the diffusers pipeline folder instead")
-    if any(c == UNET and ("down_blocks" in n or "up_blocks" in n or "mid_block" in n)
-           for n, c in names):
+    ldm = any(k.startswith("model.diffusion_model.input_blocks.") for k in base_keys)
+    if ldm and any(c == UNET and ("down_blocks" in n or "up_blocks" in n or "mid_block" in n)
+                   for n, c in names):
         return (f"{adapter_path}: UNet modules with diffusers names (down_blocks/up_blocks) and "
                 "a single-file checkpoint with LDM names (input_blocks/output_blocks): mapping "
                 "between them is not supported yet; merge into the diffusers pipeline folder")
