@@ -54,7 +54,9 @@ def _available(name: str) -> bool:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lora-tools")
-def cli() -> None:
+@click.option("--debug", is_flag=True,
+              help="Show the Python traceback of an unexpected error (to report a bug).")
+def cli(debug: bool) -> None:
     """Streaming, exact tools for LoRA adapters: merge, unmerge, verify, rescale, resize,
     combine, inspect, convert and extract.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from lora_tools.commands.failures import unexpected_message
 from lora_tools.errors import LoraToolsError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,7 +27,9 @@ class LibraryError(click.ClickException):
 
 
 def handle_errors(fn: F) -> F:
-    """Turn library errors into clean click errors (no traceback)."""
+    """Every exception leaves as one ``Error:`` line (no traceback): library errors as they
+    are, system errors (disk full, name too long, ...) with a fix, anything else as an
+    "internal error" to report. ``lora-tools --debug`` re-raises those for the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -33,8 +37,23 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except LoraToolsError as err:
             raise LibraryError(err) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit,
+                KeyboardInterrupt, GeneratorExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place every other error is shown
+            if debugging():
+                raise
+            raise click.ClickException(unexpected_message(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def debugging() -> bool:
+    """``lora-tools --debug`` (or LORA_TOOLS_DEBUG=1): keep tracebacks."""
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    flag = bool(root is not None and root.params.get("debug"))
+    return flag or os.environ.get("LORA_TOOLS_DEBUG", "") not in ("", "0")
 
 
 def parse_enable_lora(value: str | None) -> tuple[bool, ...] | None:
