@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from lora_tools.adapters.components import kohya_component
@@ -43,6 +44,9 @@ def load_kohya(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
                                   f"{list(source.info(alpha_key).shape)}, not one number; "
                                   "the file is damaged: re-export the adapter")
             value, where = float(source.get(alpha_key).float().item()), "alpha tensor"
+            if not math.isfinite(value):
+                raise FormatError(f"{path}: {alpha_key} is {value}; an alpha must be a finite "
+                                  "number: the file is damaged, re-export the adapter")
             used.add(alpha_key)
         elif alpha is not None:
             value, where = alpha, "--alpha"

@@ -8,6 +8,7 @@ decided when the module meets its base tensor (see ``mapping.fit``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from lora_tools.adapters.model import LINEAR, Adapter, LoraModule
@@ -35,7 +36,7 @@ def load_loralib(path: Path, source: Checkpoint, alpha: float | None,
     if alpha is not None:
         alpha_source = "--alpha"
     elif stored is not None:
-        alpha, alpha_source = float(stored), "file metadata"
+        alpha, alpha_source = _metadata_alpha(source, stored), "file metadata"
     else:
         alpha_source = "unknown: pass --alpha"
     per_module = _per_module_alphas(source) if alpha_source != "--alpha" else {}
@@ -81,10 +82,15 @@ def _per_module_alphas(source: Checkpoint) -> dict[str, float]:
         return {}
     try:
         data = json.loads(raw)
-        return {str(k): float(v) for k, v in data.items()}
+        alphas = {str(k): float(v) for k, v in data.items()}
     except (ValueError, TypeError, AttributeError):
         raise FormatError(f"{source.path}: metadata {ALPHAS_META} is not a JSON object of "
                           "module alphas; pass --alpha") from None
+    bad = next((k for k, v in alphas.items() if not math.isfinite(v)), None)
+    if bad is not None:
+        raise FormatError(f"{source.path}: metadata {ALPHAS_META} gives {bad} the alpha "
+                          f"{alphas[bad]}; an alpha must be finite: pass --alpha")
+    return alphas
 
 
 def conv1d_base(base: Checkpoint) -> bool:
@@ -111,3 +117,14 @@ def square_orientation(name: str, conv1d: bool) -> tuple[bool, str]:
     if conv1d and name.rsplit(".", 1)[-1] in CONV1D_LAYERS:
         return True, "the base's layer is an HF Conv1D (GPT-2 layout, weight (in, out))"
     return False, "loralib's default fan_in_fan_out=False for Linear/MergedLinear"
+
+
+def _metadata_alpha(source: Checkpoint, stored: str) -> float:
+    try:
+        value = float(stored)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise FormatError(f"{source.path}: metadata {ALPHA_META} is {stored!r}, not a finite "
+                          "number; pass --alpha")
+    return value

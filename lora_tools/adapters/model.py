@@ -129,6 +129,12 @@ def check_factor_shapes(path: object, name: str, a_shape: tuple[int, ...],
         raise FormatError(f"{path}: module {name}: factors A{list(a_shape)} B{list(b_shape)} "
                           "are not a LoRA pair (A: (r, in), B: (out, r), r > 0); the file is "
                           "damaged: re-export the adapter")
+    # B's kernel is 1 wide in every spatial dim (a conv's up projection is 1x1), and both
+    # factors have as many dims as the layer: (out, r, 1) on a linear A, or a 3x3 up, is no LoRA.
+    if len(a_shape) != len(b_shape) or any(k != 1 for k in b_shape[2:]):
+        raise FormatError(f"{path}: module {name}: factors A{list(a_shape)} B{list(b_shape)} "
+                          "are not a LoRA pair (B must be (out, r) or a 1x1 conv (out, r, 1, 1) "
+                          "with as many dims as A); the file is damaged: re-export the adapter")
 
 
 def check_float_tensors(adapter: Adapter) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tools.adapters import peft_init
+from lora_tools.adapters.config_checks import check_config_numbers
 from lora_tools.adapters.model import (
     CONV,
     EMBEDDING,
@@ -74,6 +75,7 @@ def read_config(folder: Path) -> dict[str, Any]:
         if not isinstance(cfg.get(key), (int, float)):
             raise FormatError(f"{cfg_path}: '{key}' is missing or not a number; the config is "
                               "broken, restore it from the training run")
+    check_config_numbers(cfg_path, cfg)
     for key, why in _UNSUPPORTED_TRUE.items():
         if cfg.get(key):
             raise FormatError(f"{cfg_path}: {why}; merge it with PEFT's merge_and_unload")

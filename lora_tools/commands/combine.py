@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
 
 from lora_tools.commands.common import (
+    FRACTION,
     adapter_options,
     emit,
     handle_errors,
@@ -25,10 +27,14 @@ def parse_weights(value: str | None) -> list[float] | None:
     if not value:
         return None
     try:
-        return [float(w) for w in value.split(",")]
+        weights = [float(w) for w in value.split(",")]
     except ValueError:
         raise click.BadParameter("write them like 0.7,0.3 (one number per adapter)",
                                  param_hint="--weights") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise click.BadParameter(f"{value!r}: every weight must be a finite number",
+                                 param_hint="--weights")
+    return weights
 
 
 @click.command("combine")
@@ -38,9 +44,9 @@ def parse_weights(value: str | None) -> list[float] | None:
 @click.option("--weights", "-w", "weights", metavar="W1,W2,...",
               help="Weight of each adapter, in order (default 1 each).")
 @click.option("--method", "-m", default="cat", show_default=True, help=METHOD_HELP)
-@click.option("--rank", "-r", type=int,
+@click.option("--rank", "-r", type=click.IntRange(min=1),
               help="Output rank R for svd and the ΔW methods (default: largest input rank).")
-@click.option("--density", type=float,
+@click.option("--density", type=FRACTION,
               help="Fraction of ΔW entries kept by ties, dare_* and magnitude_prune.")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default="total",
               show_default=True, help="TIES sign election: sum of values or count of signs.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -56,6 +57,47 @@ def debugging() -> bool:
     return flag or os.environ.get("LORA_TOOLS_DEBUG", "") not in ("", "0")
 
 
+class Finite(click.ParamType):
+    """A float that must be finite (no nan, inf) and within bounds, refused at parse time
+    with the option's name: ``--alpha nan`` must not reach the math."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, nonzero: bool = False) -> None:
+        self.low, self.high, self.low_open, self.nonzero = low, high, low_open, nonzero
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        below = self.low is not None and (x <= self.low if self.low_open else x < self.low)
+        if below or (self.high is not None and x > self.high) or (self.nonzero and x == 0):
+            self.fail(f"{value!r} is out of range: {self.describe()}", param, ctx)
+        return x
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"<= {self.high:g}")
+        if self.nonzero:
+            parts.append("non-zero")
+        return "a finite number " + " and ".join(parts) if parts else "a finite number"
+
+
+FINITE = Finite()
+POSITIVE = Finite(low=0.0, low_open=True)
+NON_NEGATIVE = Finite(low=0.0)
+NONZERO = Finite(nonzero=True)
+FRACTION = Finite(low=0.0, high=1.0, low_open=True)
+
+
 def parse_enable_lora(value: str | None) -> tuple[bool, ...] | None:
     if not value:
         return None
@@ -76,7 +118,7 @@ def adapter_options(fn: F) -> F:
     fn = click.option("--enable-lora", metavar="FLAGS",
                       help="loralib MergedLinear: which fused parts are adapted, e.g. 1,0,1 "
                            "for q and v of GPT-2's c_attn.")(fn)
-    fn = click.option("--alpha", type=float,
+    fn = click.option("--alpha", type=POSITIVE,
                       help="Alpha for files that do not store it (loralib): use the value "
                            "you trained with. GPT-2 NLG (gpt2_ft.py): argparse default 128, "
                            "but its README trains with --lora_alpha 32 (r=4): check your "

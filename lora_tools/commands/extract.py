@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lora_tools.commands.common import emit, handle_errors, run_options, warn
+from lora_tools.commands.common import POSITIVE, emit, handle_errors, run_options, warn
 
 
 @click.command("extract")
@@ -18,7 +18,7 @@ from lora_tools.commands.common import emit, handle_errors, run_options, warn
               help="Rank of every module (the largest rank with --dynamic).")
 @click.option("--to", "to", type=click.Choice(("peft", "kohya", "loralib")), default="peft",
               show_default=True, help="Adapter format.")
-@click.option("--alpha", type=float, help="Stored alpha (default: the rank R).")
+@click.option("--alpha", type=POSITIVE, help="Stored alpha (default: the rank R).")
 @click.option("--dynamic", metavar="RULE:X",
               help="Rank per module by a rule, capped at R: sv_ratio:X, sv_fro:X, "
                    "sv_cumulative:X (as in resize).")

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from lora_tools.commands.common import (
+    FINITE,
     adapter_options,
     emit,
     handle_errors,
@@ -22,7 +23,7 @@ from lora_tools.commands.merge_shared import describe_merge, library_kwargs
 @click.argument("base", type=click.Path(exists=True))
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
 @output_options
-@click.option("--weight", "-w", "weights", type=float, multiple=True,
+@click.option("--weight", "-w", "weights", type=FINITE, multiple=True,
               help="Weight of each adapter, in order (repeat the option; default 1.0).")
 @adapter_options
 @click.option("--allow-unmatched", is_flag=True,

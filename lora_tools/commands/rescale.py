@@ -6,21 +6,21 @@ from typing import Any
 
 import click
 
-from lora_tools.commands.common import emit, handle_errors, run_options, stating, warn
+from lora_tools.commands.common import NONZERO, emit, handle_errors, run_options, stating, warn
 
 
 @click.command("rescale")
 @click.argument("adapter", type=click.Path(exists=True))
 @click.option("-o", "--out", "out", required=True, type=click.Path(),
               help="Output: a folder for PEFT, a .safetensors/.pt file for kohya and loralib.")
-@click.option("--alpha", type=float,
+@click.option("--alpha", type=NONZERO,
               help="New adapter-wide alpha; per-module alphas (alpha_pattern, kohya alpha "
                    "tensors) move in proportion. ΔW is kept: the factors absorb the change.")
-@click.option("--strength", type=float,
+@click.option("--strength", type=NONZERO,
               help="Multiply ΔW by S (the alpha takes |S|, the sign goes into B).")
 @click.option("--rslora/--no-rslora", default=None,
               help="Switch to the alpha/sqrt(r) (or back to alpha/r) convention, keeping ΔW.")
-@click.option("--from-alpha", type=float,
+@click.option("--from-alpha", type=NONZERO,
               help="Current alpha of files that do not store it (loralib): the value "
                    "you trained with. GPT-2 NLG (gpt2_ft.py): argparse default 128, but its "
                    "README trains with --lora_alpha 32: check your training command. NLU: "

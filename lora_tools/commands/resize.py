@@ -6,21 +6,21 @@ from typing import Any
 
 import click
 
-from lora_tools.commands.common import emit, handle_errors, run_options, stating, warn
+from lora_tools.commands.common import POSITIVE, emit, handle_errors, run_options, stating, warn
 
 
 @click.command("resize")
 @click.argument("adapter", type=click.Path(exists=True))
 @click.option("-o", "--out", "out", required=True, type=click.Path(),
               help="Output: a folder for PEFT, a .safetensors/.pt file for kohya and loralib.")
-@click.option("--rank", "-r", type=int,
+@click.option("--rank", "-r", type=click.IntRange(min=1),
               help="New rank (with --dynamic: the largest rank a module may get).")
 @click.option("--dynamic", metavar="RULE:X",
               help="Rank per module from its singular values: sv_ratio:X (keep σ > σmax/X), "
                    "sv_fro:X (keep a fraction X of ||ΔW||_F), sv_cumulative:X (Σσ kept/Σσ ≥ X).")
-@click.option("--alpha", type=float,
+@click.option("--alpha", type=POSITIVE,
               help="Alpha of every module (default: keep each module's scale alpha/r).")
-@click.option("--from-alpha", type=float,
+@click.option("--from-alpha", type=POSITIVE,
               help="Current alpha of files that do not store it (loralib).")
 @click.option("--dtype", metavar="DTYPE",
               help="Dtype of the written factors (fp32, fp16, bf16, fp64); default: as read.")

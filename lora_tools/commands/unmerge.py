@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from lora_tools.commands.common import (
+    FINITE,
     adapter_options,
     emit,
     handle_errors,
@@ -25,7 +26,7 @@ _LIST_LIMIT = 40
 @click.argument("merged", type=click.Path(exists=True))
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
 @output_options
-@click.option("--weight", "-w", "weights", type=float, multiple=True,
+@click.option("--weight", "-w", "weights", type=FINITE, multiple=True,
               help="Weight each adapter was merged with, in order (default 1.0).")
 @adapter_options
 @click.option("--allow-unmatched", is_flag=True,

@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from lora_tools.commands.common import adapter_options, emit, handle_errors, stating, warn
+from lora_tools.commands.common import (
+    FINITE,
+    NON_NEGATIVE,
+    adapter_options,
+    emit,
+    handle_errors,
+    stating,
+    warn,
+)
 
 
 @click.command("verify")
@@ -15,12 +23,12 @@ from lora_tools.commands.common import adapter_options, emit, handle_errors, sta
               help="The base checkpoint MERGED was made from.")
 @click.option("--adapter", "-a", "adapters", required=True, multiple=True,
               type=click.Path(exists=True), help="An adapter merged into it (repeat, in order).")
-@click.option("--weight", "-w", "weights", type=float, multiple=True,
+@click.option("--weight", "-w", "weights", type=FINITE, multiple=True,
               help="Weight each adapter was merged with, in order (default 1.0).")
 @adapter_options
 @click.option("--dtype", metavar="DTYPE",
               help="Dtype the merge was asked to write (fp32, fp16, bf16); default: the base's.")
-@click.option("--tolerance", type=float, metavar="ULPS",
+@click.option("--tolerance", type=NON_NEGATIVE, metavar="ULPS",
               help="Allowed error of adapted tensors, in units of the last place of their "
                    "dtype (default: 1 for bf16/fp16, 8 for fp32).")
 @click.option("--seed", type=int, default=0, show_default=True,

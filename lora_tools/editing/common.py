@@ -22,6 +22,7 @@ from lora_tools.adapters.loralib import ALPHA_META, ALPHAS_META, RECIPES
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.errors import NumericError, UsageError
 from lora_tools.io.writer import TORCH_SUFFIXES
+from lora_tools.math.finite import all_finite
 
 # kohya's training metadata that a new rank or alpha makes stale.
 _KOHYA_DIM, _KOHYA_ALPHA = "ss_network_dim", "ss_network_alpha"
@@ -66,7 +67,7 @@ def check_out(adapter: Adapter, out: str | Path) -> Path:
 
 
 def check_factors(t: torch.Tensor, what: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NumericError(f"{what}: NaN/Inf values; the adapter is damaged, or the new "
                            "factors do not fit their dtype (pass --dtype fp32)")
 

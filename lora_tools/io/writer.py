@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import torch
 
-from lora_tools.errors import OutputError
+from lora_tools.errors import OutputError, UsageError
 from lora_tools.io.dtypes import TORCH_TO_ST, itemsize
 
 TMP_MARK = ".lora-tools-tmp"
@@ -142,12 +142,17 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().replace(" ", "")
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
              "B": 1}
+    size = None
     for unit, mult in units.items():
         if t.endswith(unit) and t[: -len(unit)].replace(".", "", 1).isdigit():
-            return int(float(t[: -len(unit)]) * mult)
-    if t.isdigit():
-        return int(t)
-    raise OutputError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB")
+            size = int(float(t[: -len(unit)]) * mult)
+            break
+    if size is None and t.isdigit():
+        size = int(t)
+    if size is None or size < 1:
+        raise UsageError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB "
+                         "(more than 0)")
+    return size
 
 
 def plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:

@@ -9,7 +9,8 @@ from lora_tools.errors import NumericError
 
 def check_finite(t: torch.Tensor, what: str) -> None:
     """Raise NumericError naming ``what`` if ``t`` holds NaN or Inf."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
+        t = t.float() if t.element_size() == 1 else t
         bad = int((~torch.isfinite(t)).sum())
         raise NumericError(f"{what}: {bad} NaN/Inf values; the file is damaged or the "
                            "training diverged; fix or re-export it")
@@ -31,3 +32,13 @@ def check_result(result: torch.Tensor, base: torch.Tensor, name: str) -> None:
                        f"value {top:.6g} (W + ΔW overflows); no output was left. The adapter's "
                        "scale (alpha/r times the weight) is far too large for this model: "
                        "check alpha and --weight")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True unless a floating tensor holds NaN/Inf (fp8 too: it has no isfinite kernel, and
+    widening it is exact)."""
+    if not t.is_floating_point():
+        return True
+    if t.element_size() == 1:
+        t = t.float()
+    return bool(torch.isfinite(t).all())

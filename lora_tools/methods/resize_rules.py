@@ -7,6 +7,7 @@ singular values ``σ₁ ≥ σ₂ ≥ … ≥ σₙ`` of one module's ΔW (n ≤
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ def parse_rule(spec: str) -> tuple[ResizeRule, float]:
         x = float(raw)
     except ValueError:
         raise UsageError(f"--dynamic {spec}: write it as {rule.name}:X ({rule.meaning})") from None
-    if not rule.valid(x):
+    if not math.isfinite(x) or not rule.valid(x):
         raise UsageError(f"--dynamic {spec}: X out of range; {rule.name}: {rule.meaning}")
     return rule, x
 
