@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -226,8 +226,7 @@ def _read_index(index: Path) -> dict[str, str]:
     dupes: list[str] = []
 
     def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
-        keys = [k for k, _ in items]
-        dupes.extend(k for k in dict.fromkeys(keys) if keys.count(k) > 1)
+        dupes.extend(repeated(k for k, _ in items))
         return dict(items)
 
     try:
@@ -246,6 +245,18 @@ def _read_index(index: Path) -> dict[str, str]:
                               "is not a file name inside the model folder; the index is "
                               "damaged or hostile: download it again")
     return weight_map
+
+
+def repeated(keys: Iterable[str]) -> list[str]:
+    """Keys given more than once, each named once, in one pass (an index of a large MoE
+    model has hundreds of thousands of entries: a count per key would be quadratic)."""
+    seen: set[str] = set()
+    again: dict[str, None] = {}
+    for k in keys:
+        if k in seen:
+            again[k] = None
+        seen.add(k)
+    return list(again)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

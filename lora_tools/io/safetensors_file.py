@@ -19,6 +19,7 @@ import torch
 from lora_tools.errors import FormatError
 from lora_tools.io.dtypes import ST_TO_TORCH, itemsize
 
+MAX_DIM = 2**63  # element counts are signed 64-bit in torch and safetensors
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -59,6 +60,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise _fail(path, "__metadata__ must map strings to strings")
     data_start = 8 + n
+    check_text(path, [*header, *meta, *meta.values()])
     infos = {name: _entry(path, name, e, data_start) for name, e in header.items()}
     _check_layout(path, infos, data_start, size)
     return infos, meta
@@ -84,6 +86,17 @@ def _parse_json(path: Path, blob: bytes) -> object:
                           f"{str(exc)[:120]})") from None
 
 
+def check_text(path: Path, names: list[str]) -> None:
+    """Names and metadata must be text every tool can print and write back: JSON's
+    ``\\udcff`` escapes decode to lone surrogates that no UTF-8 output accepts."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _fail(path, f"the header holds {name!r}, which is not valid Unicode text "
+                              "(a lone surrogate)") from None
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -97,8 +110,12 @@ def _entry(path: Path, name: str, e: object, data_start: int) -> TensorInfo:
                           f"{', '.join(ST_TO_TORCH)})")
     shape = e.get("shape")
     offs = e.get("data_offsets")
-    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_is_int(d) and 0 <= d < MAX_DIM for d in shape)):
         raise _fail(path, f"tensor {name!r} has a bad shape {str(shape)[:80]}")
+    if math.prod(d for d in shape if d) >= MAX_DIM:
+        # torch and the safetensors library count elements in a signed 64-bit integer;
+        # even an empty [0, 2**64] would be written into a file neither can open.
+        raise _fail(path, f"tensor {name!r} has a shape {str(shape)[:80]} too large to count")
     if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
         raise _fail(path, f"tensor {name!r} has bad data_offsets {str(offs)[:80]}")
     dtype = ST_TO_TORCH[dt]

@@ -11,6 +11,7 @@ import torch
 
 from lora_tools.errors import FormatError, UnsafeFileError
 from lora_tools.io.detect import TORCH_ZIP, sniff
+from lora_tools.io.dtypes import TORCH_TO_ST
 
 # Training scripts' containers around the weights, e.g. microsoft/LoRA's gpt2_ft.py saves
 # ``{'model_state_dict': ...}``; other entries (optimizer, epoch) are left unread.
@@ -48,7 +49,35 @@ def load_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
             f"{path}: cannot read this torch file ({type(exc).__name__}: {first}); "
             "it is corrupt or truncated: re-download or re-save it"
         ) from None
-    return _flatten(path, obj)
+    tensors = _flatten(path, obj)
+    for name, t in tensors.items():
+        check_tensor(path, name, t)
+    return tensors
+
+
+def check_tensor(path: Path, name: str, t: torch.Tensor) -> None:
+    """Only what a checkpoint of weights holds: dense, real, unquantized tensors under a
+    text name, each backed by its own bytes in the file."""
+    fix = "save the weights as a plain dense floating-point state dict, or use a .safetensors"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{path}: tensor name {name!r} is not valid Unicode text (a lone "
+                          "surrogate); the file is damaged or hostile: re-download it") from None
+    if t.layout != torch.strided:
+        raise FormatError(f"{path}: tensor {name!r} is a {t.layout} tensor; lora-tools reads "
+                          f"dense tensors only: {fix}")
+    if t.is_quantized or t.is_complex() or t.dtype not in TORCH_TO_ST:
+        raise FormatError(f"{path}: tensor {name!r} has dtype {t.dtype}, which no weight "
+                          f"format here stores (dequantize it first); {fix}")
+    declared = t.numel() * t.element_size()
+    backed = t.untyped_storage().nbytes()
+    if declared > backed:
+        # A stride-0 (expanded) view: an 85 KB file can declare gigabytes. Refused rather
+        # than materialized, so work always follows the file's real size.
+        raise FormatError(f"{path}: tensor {name!r} declares {declared} bytes (shape "
+                          f"{list(t.shape)}) but the file holds only {backed} bytes for it (an "
+                          "expanded, stride-0 view); re-save it with tensor.contiguous()")
 
 
 def _refusal(path: Path, message: str) -> FormatError:
