@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from lora_tools.adapters.interpretation import state, unheard
 from lora_tools.adapters.loralib import ALPHA_META, ALPHAS_META, RECIPES
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.errors import NumericError, UsageError
+from lora_tools.io.output import staging
 from lora_tools.io.writer import TORCH_SUFFIXES
 from lora_tools.math.finite import all_finite
 
@@ -101,8 +101,8 @@ def write_like(adapter: Adapter, modules: list[FactorModule], out: Path, force: 
     from lora_tools.editing.convert import convert_adapter
 
     # The edited adapter is staged in its own format, then converted: one conversion path.
-    with tempfile.TemporaryDirectory(prefix=".lora-tools-stage-", dir=out.parent) as tmp:
-        staged = Path(tmp) / ("adapter" if adapter.format == "peft" else "adapter.safetensors")
+    with staging(out, inputs, force) as tmp:
+        staged = tmp / ("adapter" if adapter.format == "peft" else "adapter.safetensors")
         save_adapter(modules, staged, adapter.format, template=template, metadata=meta)
         with unheard():  # the source's reading was stated; the staged copy is ours
             convert_adapter(staged, out, to, base=None, prefix=None,

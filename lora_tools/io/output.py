@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -49,12 +50,32 @@ def output_kind(out: Path) -> str:
 def check_output(out: Path, inputs: list[Path], force: bool) -> None:
     """Refuse an output (or its temporary) that is, holds or sits in an input, by identity;
     an existing output without ``force``, and anything ``force`` may not replace."""
+    paths.check_name(out)
     paths.check_not_input(out, inputs)
     paths.check_not_input(temp_path(out), inputs, role="temporary output")
     paths.check_replaceable(out, force)
     if not out.parent.exists():
         raise OutputError(f"{out.parent}: the output folder does not exist; create it first")
     safety.check_writable(out.parent)
+
+
+@contextlib.contextmanager
+def staging(out: Path, inputs: list[Path], force: bool) -> Iterator[Path]:
+    """A private folder beside ``out`` for an output made in two steps, named like a
+    temporary (``.<OUT name>.lora-tools-stage-<pid>``) so that a killed run's leftover is
+    removed by the next run, and checked like the output before anything is done."""
+    paths.check_name(out)
+    safety.clean_stale(out)
+    check_output(out, inputs, force)
+    stage = out.with_name(f".{out.name}{safety.STAGE_MARK}-{os.getpid()}")
+    paths.check_not_input(stage, inputs, role="staging folder")
+    safety.remove(stage)
+    stage.mkdir()
+    try:
+        with safety.signals_raise(out):
+            yield stage
+    finally:
+        safety.remove(stage)
 
 
 def temp_path(out: Path) -> Path:
@@ -76,6 +97,7 @@ class CheckpointWriter:
         self.metadata = metadata
         self.shard_size = shard_size or DEFAULT_SHARD_SIZE
         self.source_folder = source_folder
+        paths.check_name(self.out)
         # Leftovers of a killed run go first: one may be the old OUT, put back.
         self.notes = safety.clean_stale(self.out)
         check_output(self.out, inputs or [], force)

@@ -56,6 +56,27 @@ def check_not_input(out: Path, inputs: list[Path], role: str = "output") -> None
                               "overwrite the input; choose another output path")
 
 
+# The longest suffix put on an output's name while it is written (".<name>" + mark + pid).
+_WORK_SUFFIX = len(".") + len(".lora-tools-stage-") + 10
+
+
+def check_name(out: Path) -> None:
+    """The output must name something (not ``.``/``..``), short enough that its temporary
+    and staging names fit the file system's limit too."""
+    if out.name in ("", ".", "..") or str(out).endswith(("/.", "/..")):
+        raise OutputError(f"{out}: names a folder, not an output; give -o a new name such as "
+                          "merged.safetensors or merged_model")
+    try:
+        limit = os.pathconf(out.parent if out.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(out.name))
+    if size + _WORK_SUFFIX > limit:
+        raise OutputError(f"{out}: the name is {size} bytes long; this file system allows "
+                          f"{limit}, and lora-tools needs {_WORK_SUFFIX} more for its temporary "
+                          f"name: choose a name of at most {limit - _WORK_SUFFIX} bytes")
+
+
 def check_replaceable(out: Path, force: bool) -> None:
     """Refuse an existing ``out`` without ``force``, and anything ``force`` may not replace."""
     try:
@@ -67,8 +88,12 @@ def check_replaceable(out: Path, force: bool) -> None:
                           "choose another -o") from None
     if not force:
         raise OutputError(f"{out}: already exists; pass --force to replace it")
+    if stat.S_ISLNK(st.st_mode) and out.is_dir():
+        raise OutputError(f"{out}: is a symbolic link to a folder; --force replaces only "
+                          "regular files and folders lora-tools wrote: remove the link or "
+                          "choose another -o")
     if stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode):
-        return  # a link is replaced itself, never what it points to
+        return  # a link (to a file) is replaced itself, never what it points to
     if stat.S_ISDIR(st.st_mode):
         if (out / MARKER).is_file() or not any(out.iterdir()):
             return

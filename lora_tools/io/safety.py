@@ -21,6 +21,8 @@ from lora_tools.errors import OutputError
 from lora_tools.io.writer import TMP_MARK
 
 OLD_MARK = ".lora-tools-old"
+# A folder where a two-step output (rescale/resize --to) is first written in one format.
+STAGE_MARK = ".lora-tools-stage"
 # Header, index and side files are not in the plan's byte count; this covers them.
 SPACE_MARGIN = 16 * 2**20
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
@@ -55,7 +57,7 @@ def clean_stale(out: Path) -> list[str]:
     A kept-aside old output whose replacement never arrived is put back, never deleted.
     """
     notes: list[str] = []
-    for path, pid in _leftovers(out, TMP_MARK):
+    for path, pid in _leftovers(out, TMP_MARK) + _leftovers(out, STAGE_MARK):
         if pid == os.getpid():
             continue
         if _pid_alive(pid):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from lora_tools.adapters.model import Adapter
@@ -19,9 +20,40 @@ def read(metadata: dict[str, str]) -> list[dict[str, Any]]:
         return []
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return []
-    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+    if not isinstance(data, list):
+        return []
+    records = [_clean(r) for r in data if isinstance(r, dict)]
+    return [r for r in records if r]
+
+
+# What each field of a record must be; a field of another type (metadata is anyone's to
+# write) is dropped, and a record without a known op and a sha256 is no record at all.
+_TEXT = ("adapter", "format", "sha256", "tool")
+_COUNTS = ("modules", "merged_modules")
+
+
+def _clean(record: dict[str, Any]) -> dict[str, Any]:
+    if record.get("op") not in ("merge", "unmerge") or not isinstance(record.get("sha256"), str):
+        return {}
+    out: dict[str, Any] = {"op": record["op"]}
+    out.update({k: record[k] for k in _TEXT if isinstance(record.get(k), str)})
+    out.update({k: record[k] for k in _COUNTS if _is_int(record.get(k))})
+    if _is_real(record.get("weight")):
+        out["weight"] = float(record["weight"])
+    scales = record.get("scales")
+    if isinstance(scales, list) and all(_is_real(s) for s in scales):
+        out["scales"] = [float(s) for s in scales]
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def adapter_record(adapter: Adapter, weight: float, op: str) -> dict[str, Any]:
