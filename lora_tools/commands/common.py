@@ -152,9 +152,21 @@ def run_options(fn: F) -> F:
 def emit(data: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str],
          quiet: bool = False) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False))
     elif not quiet:
         click.echo(text(data))
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no Infinity or NaN: such numbers are written as the strings "inf", "-inf"
+    and "nan", so every --json output parses with any JSON reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def warn(lines: list[str], quiet: bool = False) -> None:

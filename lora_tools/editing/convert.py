@@ -241,6 +241,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *,
                           source_folder=ck.folder, force=force, inputs=[Path(src)]) as writer:
         stats = stream(ck, writer, {}, progress)
     notes = [f"cast floating tensors to {dtype_name(dtype)}"] if dtype is not None else []
+    notes += writer.notes
     return ConvertSummary(str(src), str(out), to, "checkpoint", stats.tensors, notes,
                           bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3))
 

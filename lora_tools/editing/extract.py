@@ -22,7 +22,7 @@ from lora_tools.adapters.names import base_module
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact, resolve_device
-from lora_tools.errors import UsageError
+from lora_tools.errors import LoraToolsError, MatchError, UsageError
 from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.output import check_output
@@ -216,12 +216,29 @@ def truncated_svd(mat: torch.Tensor, opts: ExtractOptions) -> FactorSVD:
     return FactorSVD(u, s, v.T)
 
 
+def _nothing_to_extract(summary: ExtractSummary) -> LoraToolsError:
+    """Why no module was factored, by cause: changed shapes mean another model."""
+    reshaped = [r for r in summary.rest if r["reason"].startswith("shape changed")]
+    if reshaped:
+        r = reshaped[0]
+        return MatchError(
+            f"{summary.tuned}: {len(reshaped)} tensors changed shape from {summary.base} (e.g. "
+            f"{r['name']}: {r['reason'].removeprefix('shape changed from ')} -> {r['shape']}) "
+            "and no other layer weight differs; TUNED is not a fine-tune of BASE (another "
+            "architecture or size): give the base it was trained from")
+    if summary.rest:
+        reasons = sorted({r["reason"] for r in summary.rest})
+        return UsageError(f"{summary.tuned}: the {len(summary.rest)} tensors that differ from "
+                          f"{summary.base} are no layer weights to factor ({'; '.join(reasons)})")
+    return UsageError(f"{summary.tuned}: no tensor differs from {summary.base}; there is "
+                      "nothing to extract (are these the same model?)")
+
+
 def _finish(summary: ExtractSummary, modules: list[FactorModule], opts: ExtractOptions,
             to: str, prefix: str | None, base: Checkpoint, force: bool,
             inputs: list[Path]) -> None:
     if not modules:
-        raise UsageError(f"{summary.tuned}: no layer weight differs from {summary.base}; "
-                         "there is nothing to extract (are these the same model?)")
+        raise _nothing_to_extract(summary)
     if opts.randomized and opts.dynamic:
         summary.notes.append("--dynamic with --randomized: the rule sees only the top "
                              f"rank+{OVERSAMPLE} singular values of each module")

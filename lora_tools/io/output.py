@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from lora_tools.errors import OutputError
+from lora_tools.errors import FormatError, OutputError
 from lora_tools.io import paths, safety
 from lora_tools.io.checkpoint import INDEX_NAMES, METADATA_RECORD, WEIGHT_SUFFIXES
 from lora_tools.io.torch_zip import TorchZipWriter
@@ -97,9 +97,16 @@ class CheckpointWriter:
         self.metadata = metadata
         self.shard_size = shard_size or DEFAULT_SHARD_SIZE
         self.source_folder = source_folder
+        if self.config_updates and source_folder is not None and self.kind == "folder":
+            read_model_config(source_folder / "config.json")  # refused now, not mid-write
+        self.skipped = (side_files(source_folder)[1]
+                        if source_folder is not None and self.kind == "folder" else [])
         paths.check_name(self.out)
         # Leftovers of a killed run go first: one may be the old OUT, put back.
         self.notes = safety.clean_stale(self.out)
+        self.notes += [f"{p.name} not copied into {self.out}: weights of another framework, "
+                       "not merged (convert the merged model yourself if you need it)"
+                       for p in self.skipped]
         check_output(self.out, inputs or [], force)
         safety.check_space(self.out, sum(s.nbytes for s in specs))
         self.tmp = temp_path(self.out)
@@ -247,21 +254,55 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Copy config, tokenizer and other non-weight files of a model folder."""
-    for p in src.iterdir():
+# Weights of other frameworks and runtimes (TensorFlow, Flax, GGUF, ONNX, ...): beside a
+# merged model they would be un-merged weights that a loader may pick up instead.
+FOREIGN_WEIGHTS = (".h5", ".hdf5", ".keras", ".msgpack", ".gguf", ".ggml", ".onnx",
+                   ".onnx_data", ".onnx.data", ".tflite", ".pb", ".ot", ".ckpt", ".npz",
+                   ".mlmodel", ".llamafile")
+
+
+def side_files(src: Path) -> tuple[list[Path], list[Path]]:
+    """(files a folder output copies: config, tokenizer..., weight files of other
+    frameworks that it leaves out)."""
+    copied: list[Path] = []
+    skipped: list[Path] = []
+    for p in sorted(src.iterdir()):
         if p.name.startswith(".") or p.name in INDEX_NAMES or p.name.endswith(".index.json"):
             continue
-        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES:
-            shutil.copy2(p, dst / p.name)
+        if not p.is_file() or p.suffix in WEIGHT_SUFFIXES:
+            continue
+        (skipped if p.name.lower().endswith(FOREIGN_WEIGHTS) else copied).append(p)
+    return copied, skipped
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Copy config, tokenizer and other non-weight files of a model folder."""
+    for p in side_files(src)[0]:
+        shutil.copy2(p, dst / p.name)
 
 
 def _update_config(path: Path, updates: dict[str, object]) -> None:
     """Apply ``updates`` to a copied config.json (a value of None removes the key)."""
-    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg = read_model_config(path)
     for key, value in updates.items():
         if value is None:
             cfg.pop(key, None)
         else:
             cfg[key] = value
     path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def read_model_config(path: Path) -> dict[str, object]:
+    """A model's config.json as a JSON object ({} when absent); a broken one is refused
+    before anything is written, since the output's copy must be changed."""
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        cfg = exc
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: cannot be read as a JSON object ({str(cfg)[:80]}), and the "
+                          "output's copy must be updated (vocab_size / tie_word_embeddings); "
+                          "restore the model's config.json")
+    return cfg

@@ -69,10 +69,14 @@ class TorchZipWriter:
             stubs[name] = _TensorStub(_Storage(str(i), dtype, numel), tuple(shape))
         buf = io.BytesIO()
         _Pickler(buf, protocol=2).dump(stubs)
-        self._record("data.pkl", buf.getvalue())
-        self._record("byteorder", b"little")
-        for rec, data in (extra_records or {}).items():
-            self._record(f"extra/{rec}", data)
+        try:
+            self._record("data.pkl", buf.getvalue())
+            self._record("byteorder", b"little")
+            for rec, data in (extra_records or {}).items():
+                self._record(f"extra/{rec}", data)
+        except BaseException:
+            self.abort()  # a full disk here: no half-open archive left for the GC to flush
+            raise
 
     def _record(self, name: str, data: bytes | bytearray | memoryview) -> None:
         with self._open_record(name, len(data)) as out:
@@ -120,5 +124,10 @@ class TorchZipWriter:
         try:
             self._zip.close()
         except (OSError, ValueError, RuntimeError):
-            pass
-        self._fh.close()
+            # The archive could not finish (disk full): detach it from the file, or
+            # ZipFile.__del__ tries again at exit and prints "Exception ignored".
+            self._zip.fp = None
+        try:
+            self._fh.close()
+        except OSError:
+            pass  # its buffered bytes cannot be written either; the caller deletes the file
