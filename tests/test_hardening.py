@@ -26,6 +26,12 @@ CASES = [
     "other_model", "index_missing_shard", "index_names_tensor_twice",
     "duplicate_across_shards", "index_escapes_folder", "index_broken_json",
     "shards_without_index", "fp16_merge_overflow", "fp16_cast_overflow",
+    # round two (corpus_more.py)
+    "peft_r_inf", "peft_r_nan", "peft_alpha_nan", "peft_alpha_inf", "peft_rank_regex",
+    "peft_alpha_regex", "peft_rank_pattern_text", "peft_alpha_pattern_list",
+    "peft_token_indices", "lora_B_3d", "kohya_conv_up_3x3", "kohya_alpha_nan", "base_complex",
+    "base_qint8", "base_sparse", "base_stride0", "base_uncountable_shape",
+    "base_lone_surrogate",
 ]
 
 
