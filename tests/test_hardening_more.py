@@ -80,6 +80,9 @@ def test_numbers_refused_at_parse_time(args: str, option: str, corpus: tuple[Goo
     good = corpus[0]
     code, text = invoke(*args.format(b=good.base, a=good.adapter, o=tmp_path / "o").split())
     assert code == 2 and option in text, text
+    if option not in ("0MB", "--dynamic"):  # refused by the option's type, before the command
+        assert "Invalid value for" in text, text
+        assert "finite" in text or "range" in text, text
     assert not (tmp_path / "o").exists()
 
 
