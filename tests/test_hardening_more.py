@@ -159,3 +159,19 @@ def test_verify_json_never_prints_infinity(corpus: tuple[Good, dict[str, Case]],
 
     data = json.loads(text, parse_constant=refuse)
     assert code == 1 and data["ok"] is False and data["max_ulp"] == "inf"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_library_refuses_non_finite_numbers_too(value: float, corpus: tuple[Good, dict[str, Case]],
+                                                tmp_path: Path) -> None:
+    """The API checks what the CLI's option types check: no NaN alpha, no infinite tolerance."""
+    from lora_tools.editing.extract import ExtractOptions, extract
+    from lora_tools.errors import UsageError
+    from lora_tools.merging.verify import verify
+
+    good = corpus[0]
+    with pytest.raises(UsageError, match="--alpha"):
+        extract(good.base, good.base, tmp_path / "x", ExtractOptions(rank=2, alpha=value))
+    with pytest.raises(UsageError, match="--tolerance"):
+        verify(good.base, good.base, [good.adapter], tolerance=value)
+    assert list(tmp_path.iterdir()) == []

@@ -103,8 +103,8 @@ def _check(opts: ExtractOptions, to: str) -> tuple[ResizeRule, float] | None:
         raise UsageError(f"--to {to!r}: extract writes an adapter: {', '.join(ADAPTER_TARGETS)}")
     if opts.rank < 1:
         raise UsageError(f"--rank {opts.rank}: the rank must be at least 1")
-    if opts.alpha is not None and opts.alpha <= 0:
-        raise UsageError(f"--alpha {opts.alpha}: alpha must be positive")
+    if opts.alpha is not None and not 0 < opts.alpha < float("inf"):
+        raise UsageError(f"--alpha {opts.alpha}: alpha must be a finite number > 0")
     return parse_rule(opts.dynamic) if opts.dynamic else None
 
 

@@ -66,7 +66,7 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     quantization's own per-block error; ``gguf_type`` as given to the merge).
     """
     tol = None if tolerance is None else float(tolerance)
-    if tol is not None and not tol >= 0:
+    if tol is not None and not 0 <= tol < float("inf"):  # inf would pass anything
         raise UsageError(f"--tolerance {tolerance}: give a number of ulps >= 0, e.g. 1")
     if is_gguf(Path(base_path)):
         from lora_tools.merging.gguf_verify import verify_gguf
