@@ -28,8 +28,9 @@ def read(metadata: dict[str, str]) -> list[dict[str, Any]]:
     return [r for r in records if r]
 
 
-# What each field of a record must be; a field of another type (metadata is anyone's to
-# write) is dropped, and a record without a known op and a sha256 is no record at all.
+# What each known field of a record must be; a known field of another type (metadata is
+# anyone's to write) is dropped, other fields are kept for their readers to check (DoRA
+# norms), and a record without a known op and a sha256 is no record at all.
 _TEXT = ("adapter", "format", "sha256", "tool")
 _COUNTS = ("modules", "merged_modules")
 
@@ -37,14 +38,21 @@ _COUNTS = ("modules", "merged_modules")
 def _clean(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("op") not in ("merge", "unmerge") or not isinstance(record.get("sha256"), str):
         return {}
-    out: dict[str, Any] = {"op": record["op"]}
-    out.update({k: record[k] for k in _TEXT if isinstance(record.get(k), str)})
-    out.update({k: record[k] for k in _COUNTS if _is_int(record.get(k))})
-    if _is_real(record.get("weight")):
-        out["weight"] = float(record["weight"])
-    scales = record.get("scales")
-    if isinstance(scales, list) and all(_is_real(s) for s in scales):
-        out["scales"] = [float(s) for s in scales]
+    out = dict(record)
+    for k in _TEXT:
+        if k in out and not isinstance(out[k], str):
+            del out[k]
+    for k in _COUNTS:
+        if k in out and not _is_int(out[k]):
+            del out[k]
+    if "weight" in out:
+        if _is_real(out["weight"]):
+            out["weight"] = float(out["weight"])
+        else:
+            del out["weight"]
+    scales = out.pop("scales", None)
+    if isinstance(scales, list) and all(_is_real(x) for x in scales):
+        out["scales"] = [float(x) for x in scales]
     return out
 
 
