@@ -49,10 +49,10 @@ def load_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
             f"{path}: cannot read this torch file ({type(exc).__name__}: {first}); "
             "it is corrupt or truncated: re-download or re-save it"
         ) from None
-    tensors = _flatten(path, obj)
-    for name, t in tensors.items():
+    found = _flatten(path, obj)
+    for name, t in found[0].items():
         check_tensor(path, name, t)
-    return tensors
+    return found
 
 
 def check_tensor(path: Path, name: str, t: torch.Tensor) -> None:
