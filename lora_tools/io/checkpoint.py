@@ -239,11 +239,15 @@ def _read_index(index: Path) -> dict[str, str]:
     if dupes:
         raise FormatError(f"{index}: names {', '.join(map(repr, dupes[:5]))} more than once; "
                           "the index is damaged: download it again")
+    checked: set[str] = set()  # an index names a few shards many times: check each once
     for name, shard in weight_map.items():
+        if isinstance(shard, str) and shard in checked:
+            continue
         if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
             raise FormatError(f"{index}: tensor {name!r} points at {str(shard)[:80]!r}, which "
                               "is not a file name inside the model folder; the index is "
                               "damaged or hostile: download it again")
+        checked.add(shard)
     return weight_map
 
 
