@@ -8,6 +8,7 @@ from lora_tools.adapters.accounting import check_accounted
 from lora_tools.adapters.diffusers import is_diffusers_peft, load_diffusers, refuse_known
 from lora_tools.adapters.diffusers_old import is_old_diffusers, load_old_diffusers
 from lora_tools.adapters.kohya import is_kohya, load_kohya
+from lora_tools.adapters.lycoris import is_lycoris, load_lycoris
 from lora_tools.adapters.loralib import RECIPES, is_loralib, load_loralib
 from lora_tools.adapters.model import Adapter, LoraModule, check_float_tensors
 from lora_tools.adapters.peft import CONFIG, is_peft_folder, load_peft
@@ -54,6 +55,8 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
         raise FormatError(f"{p}: a folder without {CONFIG}; if this is a PEFT adapter, put "
                           f"back the {CONFIG} that PEFT saved with its weights")
     source = open_file(p)
+    if is_lycoris(source):
+        return load_lycoris(p, source)
     found = unsupported_types(source.keys())
     if found:
         raise FormatError(f"{p}: {describe(found)}: a known adapter type that lora-tools does "
@@ -92,7 +95,7 @@ def _other_adapters(p: Path) -> list[str]:
 
 def require_alpha(adapter: Adapter) -> None:
     """Every module needs an alpha before any math; loralib files do not store it."""
-    missing = [m.name for m in adapter.modules if m.alpha is None]
+    missing = [m.name for m in adapter.modules if m.alpha is None and m.fixed_scale is None]
     if missing:
         raise UsageError(
             f"{adapter.path}: this {adapter.format} file does not store alpha, so the scale "

@@ -10,7 +10,7 @@ from lora_tools.adapters.model import CONV, LINEAR, Adapter, LoraModule, check_f
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint
 
-PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
+PREFIXES = ("lycoris_", "lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
 

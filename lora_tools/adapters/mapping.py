@@ -121,6 +121,12 @@ def match_adapter(adapter: Adapter, index: BaseIndex, resize_vocab: bool = False
             report.misfits.append(f"{m.name}: matches several base tensors "
                                   f"({', '.join(keys[:3])}); the base holds more than one model")
             continue
+        if m.param != "weight":  # a diff of the layer's bias (LyCORIS diff_b / b_norm)
+            keys = [keys[0].removesuffix("weight") + m.param]
+            if keys[0] not in index.base:
+                report.misfits.append(f"{m.name}: the base has no {keys[0]} for its "
+                                      f"{m.param} diff")
+                continue
         # A resized vocabulary: the LoRA applies to the adapter's saved, larger tensor.
         shape = report.resized.get(keys[0], index.base.info(keys[0]).shape)
         if adapter.format == "loralib" and m.fan_in_fan_out is None:
@@ -216,6 +222,8 @@ def _match_token_rows(adapter: Adapter, index: BaseIndex, report: MatchReport) -
 
 def fit(m: LoraModule, shape: tuple[int, ...]) -> str | None:
     """Settle ``m``'s kind and orientation against the base shape; a reason if it cannot fit."""
+    if m.type != "lora":
+        return _fit_whole(m, shape)
     if m.kind == CONV:
         want = (m.b_shape[0], m.a_shape[1], *m.a_shape[2:])
         return None if tuple(shape) == want else f"base shape {list(shape)}, adapter gives {list(want)}"
@@ -240,6 +248,17 @@ def fit(m: LoraModule, shape: tuple[int, ...]) -> str | None:
         if other > m.b_shape[0]:
             problem += " (a fused qkv layer? pass --enable-lora, e.g. 1,0,1)"
     return problem
+
+
+def _fit_whole(m: LoraModule, shape: tuple[int, ...]) -> str | None:
+    """A type whose ΔW is built whole: same leading dim and size (a conv ΔW may come
+    flattened to (out, in·k·k)), and exactly the shape for a linear or 1-D tensor."""
+    d = m.delta_shape
+    same = tuple(shape) == tuple(d) or (
+        len(shape) > 2 and len(d) >= 2 and shape[0] == d[0] and math.prod(shape) == math.prod(d))
+    if same and len(shape) > 2:
+        m.kind = CONV
+    return None if same else f"base shape {list(shape)}, {m.type} ΔW {list(d)}"
 
 
 def _orient(m: LoraModule, shape: tuple[int, ...], natural: tuple[int, int]) -> str | None:

@@ -51,15 +51,32 @@ class LoraModule:
     # Diffusion pipelines: the model this module belongs to (``unet``, ``text_encoder_2``...,
     # adapters/components.py); None: whatever single model the base is.
     component: str | None = None
+    # Module type (a name in modules/registry.py). Types other than "lora" keep their
+    # tensors in ``keys`` (role -> key, e.g. "hada_w1_a" -> "lycoris_fc1.hada_w1_a"); their
+    # a_key/b_key are empty and a_shape/b_shape unused.
+    type: str = "lora"
+    keys: dict[str, str] = field(default_factory=dict)
+    delta_shape: tuple[int, ...] = ()  # non-LoRA types: ΔW's shape as the factors give it
+    fixed_scale: float | None = None  # a format rule that sets the scale outright
+    dora_axis: str | None = None  # LyCORIS DoRA (dora_scale): "out" or "in"; None for PEFT's
+    param: str = "weight"  # the base parameter the delta adds to ("bias": full diff_b)
+
+    def factor_keys(self) -> dict[str, str]:
+        """Role -> key of every tensor this module's ΔW reads."""
+        return {"a": self.a_key, "b": self.b_key} if self.type == "lora" else dict(self.keys)
 
     @property
     def scale(self) -> float:
+        if self.fixed_scale is not None:
+            return self.fixed_scale
         if self.alpha is None:
             raise ValueError(f"{self.name}: alpha unknown")
         return ops.lora_scale(self.alpha, self.rank, self.rslora)
 
     def natural_shape(self) -> tuple[int, int]:
         """(out, in) of ``B @ A`` in the layer's own orientation (before any transpose)."""
+        if self.type != "lora":
+            return self.delta_shape[0], self.delta_shape[1] if len(self.delta_shape) > 1 else 1
         if self.kind == MERGED:
             assert self.enable_lora is not None
             return ops.merged_out_features(self.b_shape[0], self.enable_lora), self.a_shape[1]
@@ -97,6 +114,8 @@ class Adapter:
     _sha: str | None = None
 
     def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        if module.type != "lora":
+            raise TypeError(f"{module.name}: a {module.type} module has no (A, B) factors")
         return self.source.get(module.a_key), self.source.get(module.b_key)
 
     @property

@@ -10,18 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 UNSUPPORTED: dict[str, str] = {
-    # LyCORIS (kohya-style keys) and PEFT LoHa / LoKr
-    "hada_w1_a": "LoHa", "hada_w1_b": "LoHa", "hada_w2_a": "LoHa", "hada_w2_b": "LoHa",
-    "hada_t1": "LoHa", "hada_t2": "LoHa",
-    "lokr_w1": "LoKr", "lokr_w2": "LoKr", "lokr_w1_a": "LoKr", "lokr_w1_b": "LoKr",
-    "lokr_w2_a": "LoKr", "lokr_w2_b": "LoKr", "lokr_t2": "LoKr",
-    # LyCORIS
+    # LyCORIS (LoHa, LoKr, full, norm diffs and dora_scale are read: adapters/lycoris.py)
     "lora_mid": "LoCon with Tucker decomposition (lora_mid)",
-    "dora_scale": "LyCORIS DoRA (dora_scale)",
-    "diff": "LyCORIS full (diff)", "diff_b": "LyCORIS full (diff)",
     "oft_blocks": "LyCORIS OFT/BOFT", "oft_diag": "LyCORIS OFT",
     "a1.weight": "GLoRA", "a2.weight": "GLoRA", "b1.weight": "GLoRA", "b2.weight": "GLoRA",
-    "w_norm": "LyCORIS norm", "b_norm": "LyCORIS norm",
+    "on_input": "LyCORIS IA3",
     # PEFT tuners other than LoRA
     "lora_E": "AdaLoRA",
     "ia3_l": "IA3",
@@ -70,6 +63,6 @@ def unsupported_types(keys: Iterable[str]) -> dict[str, tuple[str, int]]:
 
 
 def describe(found: dict[str, tuple[str, int]]) -> str:
-    """``LoHa (24 keys, e.g. x.hada_w1_a)``, one entry per type."""
+    """``GLoRA (24 keys, e.g. x.a1.weight)``, one entry per type."""
     return "; ".join(f"{kind} ({n} key{'' if n == 1 else 's'}, e.g. {first})"
                      for kind, (first, n) in found.items())

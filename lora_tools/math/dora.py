@@ -87,3 +87,27 @@ def magnitude_stats(magnitude: torch.Tensor, norm: torch.Tensor | None = None
         ratio = m / norm.reshape(-1).double()
         out.update(ratio_min=float(ratio.min()), ratio_max=float(ratio.max()))
     return out
+
+
+def lycoris_apply(weight: torch.Tensor, magnitude: torch.Tensor, multiplier: float,
+                  axis: str) -> torch.Tensor:
+    """LyCORIS ``weight_decompose`` (``functional/general.py``) on ``V = W + ΔW``:
+
+        V' = V · (mult·(m / (‖V‖ + eps) − 1) + 1)
+
+    the norm per output row (``axis="out"``, ``wd_on_out``) or per input column
+    (``"in"``), taken over all other dims, eps = fp32's. Unlike PEFT, the norm is of the
+    weight so far (not of ``W₀ + ΔW``) and the user's weight interpolates the rescale.
+    """
+    dims = weight.dim() - 1
+    if axis == "out":
+        norm = weight.reshape(weight.shape[0], -1).norm(dim=1)
+        norm = norm.reshape(weight.shape[0], *[1] * dims) + torch.finfo(weight.dtype).eps
+    else:
+        norm = (weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(weight.shape[1], *[1] * dims).transpose(0, 1)
+                + torch.finfo(weight.dtype).eps)
+    scale = magnitude.to(weight.device) / norm
+    if multiplier != 1:
+        scale = multiplier * (scale - 1) + 1
+    return weight * scale

@@ -9,7 +9,7 @@ from lora_tools.adapters.model import Adapter
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.dtypes import dtype_name
-from lora_tools.modules.lora import load_factors
+from lora_tools.modules.registry import load_factors
 
 
 def check_factors(adapters: Sequence[Adapter], reports: Sequence[MatchReport]) -> None:

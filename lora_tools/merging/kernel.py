@@ -17,7 +17,7 @@ from lora_tools.adapters.model import LINEAR, Adapter
 from lora_tools.engine.blocks import CACHE_BLOCK, plan_rows, threads
 from lora_tools.errors import NumericError
 from lora_tools.math.finite import check_finite, check_result
-from lora_tools.modules.lora import load_factors, module_delta, row_blockable
+from lora_tools.modules.registry import load_factors, module_delta, row_blockable
 
 # (name, input tensor as stored, Σ sign·wᵢ·ΔWᵢ in fp64, rounded output): sees each adapted
 # tensor as it streams by (unmerge's exactness report).
@@ -39,7 +39,7 @@ class DeltaSum:
     device: torch.device
     replace: tuple[Adapter, str] | None = None
     observe: Observer | None = None
-    _factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _factors: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     _finite: torch.Tensor | None = None  # device-side "all blocks finite so far"
 
     @property
@@ -90,18 +90,18 @@ class DeltaSum:
 
     def _cache_blocks(self) -> bool:
         return self.device.type == "cpu" and self.replace is None and self.observe is None \
-            and all(m.module.kind == LINEAR and not m.module.fan_in_fan_out
-                    for _, m, _ in self.terms)
+            and all(m.module.kind == LINEAR and m.module.type == "lora"
+                    and not m.module.fan_in_fan_out for _, m, _ in self.terms)
 
     def _block(self, name: str, w: torch.Tensor, start: int, stop: int,
-               factors: list[tuple[torch.Tensor, torch.Tensor]], sync: bool = True
+               factors: list[tuple[torch.Tensor, ...]], sync: bool = True
                ) -> torch.Tensor:
         """Rows ``[start, stop)`` in fp32, before rounding."""
         # copy=True: the base tensor may be the reader's own (a loaded torch file) and is
         # added to in place below.
         acc = w.to(self.device, torch.float32, copy=True)
-        for (_, match, weight), (a, b) in zip(self.terms, factors):
-            acc += module_delta(match.module, a, b, match.module.scale * weight, tuple(w.shape),
+        for (_, match, weight), f in zip(self.terms, factors):
+            acc += module_delta(match.module, f, match.module.scale * weight, tuple(w.shape),
                                 rows=(start, stop))
         if sync:
             self._check(acc, w, name)
@@ -121,14 +121,13 @@ class DeltaSum:
                                "lora-tools inspect")
 
     def _whole(self, name: str, w: torch.Tensor, out: torch.dtype,
-               factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+               factors: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         src = self.replace[0].source.get(self.replace[1]) if self.replace else w
         acc = src.to(self.device, torch.float32, copy=True)
         total = (torch.zeros(acc.shape, dtype=torch.float64, device=self.device)
                  if self.observe else None)
-        for (_, match, weight), (a, b) in zip(self.terms, factors):
-            delta = module_delta(match.module, a, b, match.module.scale * weight,
-                                 tuple(w.shape))
+        for (_, match, weight), f in zip(self.terms, factors):
+            delta = module_delta(match.module, f, match.module.scale * weight, tuple(w.shape))
             acc += delta
             if total is not None:
                 total += delta
@@ -140,10 +139,10 @@ class DeltaSum:
             self.observe(name, w, total.cpu(), result)
         return result
 
-    def _get(self, i: int, adapter: Adapter, match: Match) -> tuple[torch.Tensor, torch.Tensor]:
+    def _get(self, i: int, adapter: Adapter, match: Match) -> tuple[torch.Tensor, ...]:
         if i not in self._factors:
-            a, b = load_factors(adapter, match.module)
-            self._factors[i] = (a.to(self.device), b.to(self.device))
+            self._factors[i] = tuple(t.to(self.device)
+                                     for t in load_factors(adapter, match.module))
         return self._factors[i]
 
     def _check(self, acc: torch.Tensor, src: torch.Tensor, name: str) -> None:

@@ -25,7 +25,7 @@ from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.math import dora, inits
 from lora_tools.math.finite import check_finite, check_result
 from lora_tools.merging.kernel import Observer
-from lora_tools.modules.lora import load_factors, module_delta
+from lora_tools.modules.registry import load_factors, module_delta
 
 Dequant = Callable[[str, torch.Tensor], torch.Tensor]
 NormKey = tuple[str, str]  # (adapter sha256, base key)
@@ -54,7 +54,8 @@ class SpecialWork:
 
     @property
     def has_dora(self) -> bool:
-        return any(m.module.magnitude_key for _, m, _ in self.terms)
+        """PEFT DoRA (norms stored for unmerge); LyCORIS DoRA is not undone."""
+        return any(m.module.magnitude_key and not m.module.dora_axis for _, m, _ in self.terms)
 
     def __call__(self, name: str, w: torch.Tensor, out: torch.dtype) -> torch.Tensor:
         if self.restore is not None:
@@ -118,9 +119,8 @@ class SpecialWork:
 
     def _delta(self, adapter: Adapter, match: Match, weight: float,
                shape: tuple[int, ...]) -> torch.Tensor:
-        a, b = load_factors(adapter, match.module)
-        factor = match.module.scale * weight
-        return module_delta(match.module, a.to(self.device), b.to(self.device), factor, shape)
+        f = tuple(t.to(self.device) for t in load_factors(adapter, match.module))
+        return module_delta(match.module, f, match.module.scale * weight, shape)
 
     def _magnitude(self, adapter: Adapter, match: Match) -> tuple[torch.Tensor, str]:
         m = match.module
@@ -137,6 +137,9 @@ class SpecialWork:
 
     def _lora(self, name: str, acc: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
         for adapter, match, weight in self.terms:
+            if match.module.dora_axis:
+                acc = self._lycoris_dora(adapter, match, weight, acc)
+                continue
             delta = self._delta(adapter, match, weight, tuple(acc.shape))
             if match.module.magnitude_key is None:
                 acc += delta
@@ -150,6 +153,16 @@ class SpecialWork:
                 self.norms[(adapter.sha256, name)] = norm.cpu()
             acc = dora.apply(acc, delta, mag, norm.to(self.device), layout)
         return acc
+
+    def _lycoris_dora(self, adapter: Adapter, match: Match, weight: float,
+                      acc: torch.Tensor) -> torch.Tensor:
+        """LyCORIS DoRA: ΔW at multiplier 1, then ``weight_decompose`` with the weight."""
+        m = match.module
+        assert m.magnitude_key is not None and m.dora_axis is not None
+        mag = adapter.source.get(m.magnitude_key).to(self.device, torch.float32)
+        check_finite(mag, f"{adapter.path}: {m.magnitude_key}")
+        acc += self._delta(adapter, match, 1.0, tuple(acc.shape))
+        return dora.lycoris_apply(acc, mag, weight, m.dora_axis)
 
     def _undo(self, name: str, acc: torch.Tensor) -> torch.Tensor:
         for adapter, match, weight in reversed(self.terms):

@@ -19,6 +19,7 @@ from lora_tools.adapters.model import (
 )
 from lora_tools.math import deltas
 from lora_tools.math.finite import check_finite
+from lora_tools.modules.base import OPERATIONS, Factors, ModuleType
 
 __all__ = ["check_finite", "load_factors", "module_delta", "row_blockable"]
 
@@ -60,3 +61,12 @@ def load_factors(adapter: Adapter, m: LoraModule) -> tuple[torch.Tensor, torch.T
     check_finite(a, f"{adapter.path}: {m.a_key}")
     check_finite(b, f"{adapter.path}: {m.b_key}")
     return a, b
+
+
+def _delta(m: LoraModule, f: Factors, factor: float, base_shape: tuple[int, ...],
+           rows: deltas.Rows | None = None) -> torch.Tensor:
+    return module_delta(m, f["a"], f["b"], factor, base_shape, rows)
+
+
+TYPE = ModuleType(name="lora", title="LoRA (B·A)", delta=_delta, rows=row_blockable,
+                  operations=frozenset(OPERATIONS), refusal="")
