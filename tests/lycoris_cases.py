@@ -81,3 +81,24 @@ def reloaded(base: Path, adapter: Path) -> Any:
     net, _ = create_lycoris_from_weights(1.0, str(adapter), model)
     net.apply_to()
     return net
+
+
+def build_peft(tmp: Path, kind: str, seed: int = 0, **cfg: Any) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """(base file, PEFT folder, PEFT's merge_and_unload state dict) for a LoHa/LoKr."""
+    from peft import LoHaConfig, LoKrConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = Tiny()
+    base = state_dict_file(model.state_dict(), tmp / "base.safetensors")
+    opts: dict[str, Any] = {"r": 4, "alpha": 2, "target_modules": ["fc1", "conv", "pw"]}
+    opts.update(cfg)
+    config = (LoHaConfig if kind == "loha" else LoKrConfig)(**opts)
+    pm = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "hada_" in name or "lokr_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    folder = tmp / f"peft-{kind}"
+    pm.save_pretrained(str(folder))
+    merged = {k: v.clone() for k, v in pm.merge_and_unload().state_dict().items()}
+    return base, folder, merged

@@ -98,7 +98,7 @@ def _take(parts: dict[str, str], roles: tuple[str, ...]) -> dict[str, str]:
     return {r: parts.pop(r) for r in roles if r in parts}
 
 
-def _loha(path: Path, source: Checkpoint, name: str, parts: dict[str, str]) -> LoraModule:
+def build_loha(path: Path, source: Checkpoint, name: str, parts: dict[str, str]) -> LoraModule:
     keys = _take(parts, LOHA)
     missing = [r for r in LOHA[:4] if r not in keys]
     if missing or ("hada_t1" in keys) != ("hada_t2" in keys):
@@ -130,7 +130,7 @@ def _lokr_shapes(sh: dict[str, tuple[int, ...]]) -> tuple[tuple[int, ...], tuple
     return tuple(w1), tuple(w2)
 
 
-def _lokr(path: Path, source: Checkpoint, name: str, parts: dict[str, str]) -> LoraModule:
+def build_lokr(path: Path, source: Checkpoint, name: str, parts: dict[str, str]) -> LoraModule:
     keys = _take(parts, LOKR)
     w1_ok = ("lokr_w1" in keys) != ({"lokr_w1_a", "lokr_w1_b"} <= keys.keys())
     w2_ok = ("lokr_w2" in keys) != ({"lokr_w2_a", "lokr_w2_b"} <= keys.keys())
@@ -177,9 +177,9 @@ def _module(path: Path, source: Checkpoint, name: str, parts: dict[str, str]
     if "lora_down.weight" in parts:
         return [_lora(path, source, name, parts)]
     if "hada_w1_a" in parts:
-        return [_loha(path, source, name, parts)]
+        return [build_loha(path, source, name, parts)]
     if any(p.startswith("lokr_") for p in parts):
-        return [_lokr(path, source, name, parts)]
+        return [build_lokr(path, source, name, parts)]
     if any(p in FULL for p in parts):
         return _full(path, source, name, parts)
     _refuse_unknown(path, name, parts)

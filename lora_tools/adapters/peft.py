@@ -69,6 +69,11 @@ def read_config(folder: Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise FormatError(f"{cfg_path}: the adapter config is not a JSON object")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type in ("LOHA", "LOKR"):
+        from lora_tools.adapters.peft_lycoris import check_config
+
+        check_config(cfg_path, cfg)
+        return cfg
     if peft_type != "LORA":
         raise FormatError(f"{cfg_path}: peft_type is {peft_type}; only LoRA adapters are supported")
     for key in ("r", "lora_alpha"):
@@ -92,10 +97,17 @@ def load_peft(path: Path, alpha: float | None = None) -> Adapter:
         raise FormatError(f"{folder}: PEFT folder has {CONFIG} but no adapter_model.safetensors "
                           "or adapter_model.bin")
     if alpha is not None:
-        raise UsageError(f"{folder}: a PEFT adapter stores its alpha ({cfg['lora_alpha']}) in "
+        have = cfg.get('lora_alpha', cfg.get('alpha'))
+        raise UsageError(f"{folder}: a PEFT adapter stores its alpha ({have}) in "
                          f"{CONFIG}; --alpha is for loralib files. Use 'lora-tools rescale' to "
                          "change it")
     source = open_file(weights)
+    if str(cfg.get("peft_type", "LORA")).upper() in ("LOHA", "LOKR"):
+        from lora_tools.adapters.peft_lycoris import KNOWN_FIELDS, load_peft_lycoris
+
+        unknown = sorted(k for k in set(cfg) - KNOWN_FIELDS if cfg[k] not in (None, False, {}, []))
+        notes = [f"unknown config fields ignored: {', '.join(unknown)}"] if unknown else []
+        return load_peft_lycoris(folder, weights, source, cfg, notes)
     notes = _unknown_fields(folder, cfg)
     modules, replacements = peft_modules(source, cfg)
     init = peft_init.base_init(folder / CONFIG, cfg)
