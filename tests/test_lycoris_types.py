@@ -117,3 +117,60 @@ def test_peft_lokr_whole_keeps_alpha_over_r(tmp_path: Path) -> None:
     assert "lokr_w1" in fc1.keys and "lokr_w2" in fc1.keys and fc1.scale == 0.25
     got = _merged(tmp_path, folder, base)
     assert torch.equal(got["fc1.weight"], want["fc1.weight"])
+
+
+def test_inspect_and_verify(tmp_path: Path) -> None:
+    from lora_tools import inspect as inspect_path
+    from lora_tools import verify
+
+    _, _, base, adapter = build(tmp_path, "lokr", factor=2, dim=1)
+    report = inspect_path(adapter)
+    assert report.format == "lycoris" and {s.kind.split()[0] for s in report.modules} == {"lokr"}
+    assert all(s.norm_ba and s.norm_ba > 0 for s in report.modules)
+    merge(base, [adapter], tmp_path / "out.safetensors")
+    rep = verify(tmp_path / "out.safetensors", base, [adapter])
+    assert rep.ok, rep
+
+
+@pytest.mark.parametrize("op", ["rescale", "resize", "combine", "convert"])
+def test_edits_refused_by_name(tmp_path: Path, op: str) -> None:
+    from click.testing import CliRunner
+
+    from lora_tools.cli import cli
+
+    _, _, _, adapter = build(tmp_path, "loha")
+    args = {"rescale": ["rescale", str(adapter), "--alpha", "1"],
+            "resize": ["resize", str(adapter), "--rank", "2"],
+            "combine": ["combine", str(adapter), str(adapter)],
+            "convert": ["convert", str(adapter), "--to", "peft"]}[op]
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, [*args, "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("Error:") and "LoHa" in line and "hada_w1_a" in line
+    assert not out.exists()
+
+
+def test_unmerge_loha_and_refuse_lycoris_dora(tmp_path: Path) -> None:
+    from lora_tools import unmerge
+    from lora_tools.errors import FormatError
+
+    _, _, base, adapter = build(tmp_path, "loha")
+    merge(base, [adapter], tmp_path / "m.safetensors")
+    unmerge(tmp_path / "m.safetensors", [adapter], tmp_path / "u.safetensors")
+    back, b = read(tmp_path / "u.safetensors"), read(base)
+    assert torch.allclose(back["fc1.weight"], b["fc1.weight"], atol=1e-6)
+    d = tmp_path / "dora"
+    d.mkdir()
+    _, _, base2, dora = build(d, "loha", dora_wd=True)
+    merge(base2, [dora], d / "m.safetensors")
+    with pytest.raises(FormatError, match="dora_scale"):
+        unmerge(d / "m.safetensors", [dora], d / "u.safetensors")
+
+
+def test_unsupported_type_named(tmp_path: Path) -> None:
+    from lora_tools.errors import FormatError
+
+    _, _, _, adapter = build(tmp_path, "ia3")
+    with pytest.raises(FormatError, match="IA3"):
+        load_adapter(adapter)

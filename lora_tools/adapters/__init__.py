@@ -8,8 +8,8 @@ from lora_tools.adapters.accounting import check_accounted
 from lora_tools.adapters.diffusers import is_diffusers_peft, load_diffusers, refuse_known
 from lora_tools.adapters.diffusers_old import is_old_diffusers, load_old_diffusers
 from lora_tools.adapters.kohya import is_kohya, load_kohya
-from lora_tools.adapters.lycoris import is_lycoris, load_lycoris
 from lora_tools.adapters.loralib import RECIPES, is_loralib, load_loralib
+from lora_tools.adapters.lycoris import is_lycoris, load_lycoris
 from lora_tools.adapters.model import Adapter, LoraModule, check_float_tensors
 from lora_tools.adapters.peft import CONFIG, is_peft_folder, load_peft
 from lora_tools.adapters.unsupported import describe, unsupported_types

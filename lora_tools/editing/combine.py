@@ -45,6 +45,7 @@ from lora_tools.math.lowrank import stacked_svd
 from lora_tools.methods.combine import CombineMethod, Options, Term, get_method
 from lora_tools.methods.combine.base import MAJORITY_SIGN
 from lora_tools.modules.lora import load_factors
+from lora_tools.modules.registry import require
 
 META_KEY = "lora_tools.editing.combine"
 
@@ -86,6 +87,7 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
     for a in adapters:
         state(a)
         peft_init.refuse_edit(a, "a combined adapter")
+        require("combine", a)
     check_adapters(adapters)
     groups = plan(adapters, ws)
     fmt = output_format(fmt, adapters, groups)

@@ -31,6 +31,7 @@ from lora_tools.errors import FormatError, NumericError, UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.writer import TORCH_SUFFIXES
+from lora_tools.modules.registry import require
 
 CHECKPOINT_TARGETS = ("safetensors", "pt")
 
@@ -97,6 +98,7 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
                     force: bool) -> ConvertSummary:
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
+    require("convert", adapter)
     require_alpha(adapter)
     peft_init.refuse_edit(adapter, f"a {to} adapter")
     _check_all_keys(adapter, to)

@@ -27,6 +27,7 @@ from lora_tools.editing.common import check_factors, check_out, default_alpha, o
 from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import UsageError
 from lora_tools.math.deltas import lora_scale
+from lora_tools.modules.registry import require
 
 
 @dataclass
@@ -100,6 +101,7 @@ def rescale(adapter_path: str | Path, out: str | Path, *, alpha: float | None = 
     _check_args(alpha, strength, rslora)
     start = time.perf_counter()
     adapter = open_for_edit(adapter_path, from_alpha)
+    require("rescale", adapter)
     target = check_out(adapter, out)
     if rslora and adapter.format != "peft":
         raise UsageError(f"{adapter.path}: {adapter.format} files have no rsLoRA convention; "

@@ -29,6 +29,7 @@ from lora_tools.errors import UsageError
 from lora_tools.math.deltas import lora_scale
 from lora_tools.math.lowrank import FactorSVD, factor_svd, flatten_factors, split
 from lora_tools.methods.resize_rules import ResizeRule, parse_rule, pick_rank
+from lora_tools.modules.registry import require
 
 
 @dataclass
@@ -78,6 +79,7 @@ def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None
     plan = _plan(rank, dynamic, alpha, dtype)
     start = time.perf_counter()
     adapter = open_for_edit(adapter_path, from_alpha)
+    require("resize", adapter)
     target = check_out(adapter, out)
     dev = resolve_device(device)
     rows, written = [], []

@@ -14,6 +14,7 @@ import torch
 from lora_tools.adapters import Adapter, load_adapter, named_adapters
 from lora_tools.adapters.kohya import is_kohya
 from lora_tools.adapters.loralib import is_loralib
+from lora_tools.adapters.lycoris import is_lycoris
 from lora_tools.adapters.peft import CONFIG, WEIGHT_NAMES, peft_modules
 from lora_tools.adapters.unsupported import unsupported_types
 from lora_tools.errors import FormatError
@@ -30,7 +31,8 @@ def is_adapter(path: Path) -> bool:
         return True
     source = open_file(path)
     # a known type lora-tools does not merge (LoHa...) is refused by name, not shown as a model
-    return (is_kohya(source) or is_loralib(source) or bool(unsupported_types(source.keys()))
+    return (is_kohya(source) or is_loralib(source) or is_lycoris(source)
+            or bool(unsupported_types(source.keys()))
             or any(".lora_A.weight" in k or "lora_embedding_A" in k for k in source.keys()))
 
 

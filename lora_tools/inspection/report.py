@@ -34,6 +34,7 @@ from lora_tools.inspection.model import AdapterReport, ModuleStats
 from lora_tools.inspection.summary import diffusion_block, summarize
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
+from lora_tools.modules.registry import module_delta
 
 
 @exact
@@ -80,11 +81,14 @@ def inspect_adapter(path: Path, *, base: str | Path | None = None, top: int = 5,
         state(adapter)
     stats = []
     for m in adapter.modules:
-        a, b = adapter.factors(m)
-        groups = fused_groups(m.kind, m.a_shape, m.b_shape, m.enable_lora)
-        figs = factor_figures(a, b, groups, dev)
-        del a, b
-        stats.append(module_stats(m, figs, top))
+        if m.type != "lora":
+            stats.append(type_stats(adapter, m, dev, top))
+        else:
+            a, b = adapter.factors(m)
+            groups = fused_groups(m.kind, m.a_shape, m.b_shape, m.enable_lora)
+            figs = factor_figures(a, b, groups, dev)
+            del a, b
+            stats.append(module_stats(m, figs, top))
         if m.name in keys and base_ckpt is not None:
             _add_base(stats[-1], base_ckpt, keys[m.name])
     report = AdapterReport(
@@ -99,6 +103,21 @@ def inspect_adapter(path: Path, *, base: str | Path | None = None, top: int = 5,
     report.warnings = warnings + health_warnings
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
+
+
+def type_stats(adapter: Adapter, m: LoraModule, dev: Any, top: int) -> ModuleStats:
+    """A LoHa/LoKr/full module: figures of its unscaled ΔW built whole (fp32), with the
+    norm of all its stored tensors in place of ‖A‖ and its type in ``kind``."""
+    tensors = tuple(adapter.source.get(k) for k in m.factor_keys().values())
+    p = module_delta(m, tensors, 1.0, tuple(m.delta_shape))
+    p = p.reshape(m.delta_shape[0], -1)
+    figs = factor_figures(p, torch.eye(p.shape[0]), 1, dev)
+    figs.norm_a = math.sqrt(sum(float(t.double().norm()) ** 2 for t in tensors))
+    figs.norm_b, figs.zero_b = 0.0, False
+    s = module_stats(m, figs, top)
+    s.kind, s.a_shape, s.b_shape = f"{m.type} {m.kind}", list(m.delta_shape), []
+    s.params = sum(t.numel() for t in tensors)
+    return s
 
 
 def module_stats(m: LoraModule, figs: FactorFigures, top: int) -> ModuleStats:
@@ -171,7 +190,7 @@ def whole_tensors(adapter: Adapter) -> list[dict[str, Any]]:
 
 def factors_dtype(adapter: Adapter) -> list[str]:
     """The dtypes of the factor tensors, read from headers."""
-    names = {m.a_key for m in adapter.modules} | {m.b_key for m in adapter.modules}
+    names = {k for m in adapter.modules for k in m.factor_keys().values()}
     return sorted({str(adapter.source.info(k).dtype).removeprefix("torch.") for k in names})
 
 

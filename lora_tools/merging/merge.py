@@ -23,6 +23,7 @@ from lora_tools.merging import provenance
 from lora_tools.merging.checks import check_factors, check_targets
 from lora_tools.merging.kernel import DeltaSum, Observer
 from lora_tools.merging.summary import MergeSummary, check_history
+from lora_tools.modules.registry import require
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -74,6 +75,9 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
         raise UsageError(f"{base_path}: {op} of a GGUF model is not supported (merge is)")
     deq = quant.prepare(base, dequantize)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
+    if sign < 0:
+        for a in adapters:
+            require("unmerge", a)
     reports, warnings = resolve(adapters, base, allow_unmatched, resize_vocab, component)
     for a, r in zip(adapters, reports):
         state(a, r, str(base_path))

@@ -129,7 +129,10 @@ class Checker:
     def _probe(self, name: str, m: torch.Tensor, w: torch.Tensor, expected: torch.Tensor,
                res: AdaptedCheck) -> list[Failure]:
         terms = []
-        for adapter, module, weight in self.plan.terms.get(name, []):
+        plan_terms = self.plan.terms.get(name, [])
+        if any(module.type != "lora" for _, module, _ in plan_terms):
+            return []  # LoHa/LoKr/full: no B·A probe; the elementwise check covers them
+        for adapter, module, weight in plan_terms:
             a, b = adapter.factors(module)
             terms.append(probe_mod.ProbeTerm(module, a, b, module.scale * weight))
         if not terms or not probe_mod.applies(tuple(m.shape), terms):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lora_tools.adapters.model import Adapter, LoraModule
-from lora_tools.errors import UsageError
+from lora_tools.errors import FormatError
 from lora_tools.math.deltas import Rows
 from lora_tools.math.finite import check_finite
 from lora_tools.modules import full, loha, lokr, lora
@@ -66,7 +66,7 @@ def require(op: str, adapter: Adapter) -> None:
                    "base's norms, so it is not a ΔW that can be edited or subtracted")
         else:
             why = t.refusal
-        raise UsageError(f"{adapter.path}: {op} refused: {m.name} is a {t.title} module "
+        raise FormatError(f"{adapter.path}: {op} refused: {m.name} is a {t.title} module "
                          f"({key}); {why}. Merge it into the base model instead "
                          "(`lora-tools merge`), or `extract` a plain LoRA from the merged model")
 
