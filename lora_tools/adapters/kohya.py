@@ -62,7 +62,7 @@ def load_kohya(path: Path, source: Checkpoint, alpha: float | None) -> Adapter:
     rest = [k for k in source.keys() if k not in used]
     if rest:
         raise FormatError(f"{path}: keys that are not kohya LoRA factors: {', '.join(rest[:5])}"
-                          " (DoRA dora_scale, LoHa/LoKr and other LyCORIS types are not supported)")
+                          " (LyCORIS IA3, OFT, BOFT and GLoRA modules are not supported)")
     notes = [f"{defaulted} modules have no alpha tensor: alpha = rank (kohya's rule)"] if defaulted else []
     notes.extend(prefix_notes(modules))
     return Adapter(path=path, format="kohya", source=source, modules=modules, notes=notes,
