@@ -30,8 +30,12 @@ class KeyRole:
 
 
 def _module_roles(m: LoraModule) -> list[tuple[str, KeyRole]]:
-    out = [(m.a_key, KeyRole(FACTOR, m.name, "A factor")),
-           (m.b_key, KeyRole(FACTOR, m.name, "B factor"))]
+    if m.type == "lora":
+        out = [(m.a_key, KeyRole(FACTOR, m.name, "A factor")),
+               (m.b_key, KeyRole(FACTOR, m.name, "B factor"))]
+    else:
+        out = [(key, KeyRole(FACTOR, m.name, f"{m.type} {role}"))
+               for role, key in m.factor_keys().items()]
     if m.alpha_key:
         out.append((m.alpha_key, KeyRole("alpha", m.name, "the module's alpha")))
     if m.magnitude_key:
@@ -68,6 +72,10 @@ def key_roles(adapter: Adapter) -> dict[str, KeyRole]:
     return roles
 
 
+def _first_key(m: LoraModule) -> str:
+    return next(iter(m.factor_keys().values()), m.name)
+
+
 def _say(role: KeyRole) -> str:
     return f"{role.kind} of {role.owner}" if role.owner else role.kind
 
@@ -82,12 +90,13 @@ def check_accounted(adapter: Adapter) -> dict[str, KeyRole]:
             f"(alpha, DoRA magnitude, lora_bias, modules_to_save copy, trainable tokens): "
             f"{', '.join(left[:5])}{' ...' if len(left) > 5 else ''}; lora-tools does not "
             "merge part of an adapter: remove them, or merge with the tool that wrote it")
-    seen: dict[str, LoraModule] = {}
+    seen: dict[tuple[str, str], LoraModule] = {}
     for m in adapter.modules:
-        first = seen.setdefault(m.name, m)
+        # (name, param): a LyCORIS full module has a weight diff and a bias diff
+        first = seen.setdefault((m.name, m.param), m)
         if first is not m:
             raise FormatError(
-                f"{adapter.path}: module {m.name} is there twice, as {first.a_key} and "
-                f"{m.a_key}; its update would be applied twice. Keep one of the two (PEFT "
+                f"{adapter.path}: module {m.name} is there twice, as "
+                f"{_first_key(first)} and {_first_key(m)}; its update would be applied twice. Keep one of the two (PEFT "
                 "names keys base_model.model.<module>)")
     return roles

@@ -48,7 +48,7 @@ def _refuse_unknown(path: Path, name: str, parts: dict[str, str]) -> None:
 
 def _alpha(path: Path, source: Checkpoint, parts: dict[str, str], rank: int
            ) -> tuple[float, str]:
-    key = parts.pop("alpha", None)
+    key = parts.get("alpha")
     if key is None:
         return float(rank), "LyCORIS default (alpha = r)"
     if source.info(key).shape not in ((), (1,)):
@@ -174,6 +174,15 @@ def _full(path: Path, source: Checkpoint, name: str, parts: dict[str, str]
 
 def _module(path: Path, source: Checkpoint, name: str, parts: dict[str, str]
             ) -> list[LoraModule]:
+    alpha_key = parts.get("alpha")
+    out = _typed(path, source, name, parts)
+    if alpha_key is not None and out:
+        out[0].alpha_key = parts.pop("alpha")
+    return out
+
+
+def _typed(path: Path, source: Checkpoint, name: str, parts: dict[str, str]
+           ) -> list[LoraModule]:
     if "lora_down.weight" in parts:
         return [_lora(path, source, name, parts)]
     if "hada_w1_a" in parts:

@@ -163,7 +163,7 @@ def check_float_tensors(adapter: Adapter) -> None:
     would merge nonsense, so the file is refused when it is read, naming the key.
     """
     keys = [k for m in adapter.modules
-            for k in (m.a_key, m.b_key, m.magnitude_key, m.bias_key) if k is not None]
+            for k in (*m.factor_keys().values(), m.magnitude_key, m.bias_key) if k is not None]
     keys += list(adapter.replacements.values()) + [k for k, _ in adapter.token_rows.values()]
     for key in keys:
         dtype = adapter.source.info(key).dtype
