@@ -97,6 +97,7 @@ def check_accounted(adapter: Adapter) -> dict[str, KeyRole]:
         if first is not m:
             raise FormatError(
                 f"{adapter.path}: module {m.name} is there twice, as "
-                f"{_first_key(first)} and {_first_key(m)}; its update would be applied twice. Keep one of the two (PEFT "
+                f"{_first_key(first)} and {_first_key(m)}; its update would be applied twice. "
+                "Keep one of the two (PEFT "
                 "names keys base_model.model.<module>)")
     return roles

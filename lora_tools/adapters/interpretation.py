@@ -31,7 +31,8 @@ ALPHA_SOURCES = {"alpha tensor": "kohya tensor", "file metadata": "metadata",
                  "kohya default (alpha = rank)": "default=rank",
                  "unknown: pass --alpha": "unknown"}
 # kohya-style key prefixes -> component, used when a reader gives no ``components``.
-PREFIX_COMPONENTS = {"lora_unet_": "UNet", "lora_te1_": "text encoder 1",
+PREFIX_COMPONENTS = {"lycoris_": "the LyCORIS-wrapped model", "lora_unet_": "UNet",
+                     "lora_te1_": "text encoder 1",
                      "lora_te2_": "text encoder 2", "lora_te3_": "text encoder 3",
                      "lora_te_": "text encoder", "lora_transformer_": "transformer",
                      "base_model.model.": "the base model"}
@@ -95,7 +96,7 @@ def _derived_components(adapter: Adapter) -> dict[str, str]:
     out = {}
     for m in adapter.modules:
         for prefix, comp in PREFIX_COMPONENTS.items():
-            if m.name.startswith(prefix) or m.a_key.startswith(prefix):
+            if m.name.startswith(prefix) or (m.a_key and m.a_key.startswith(prefix)):
                 out[prefix] = comp
                 break
     if adapter.format == "peft":
@@ -106,7 +107,7 @@ def _derived_components(adapter: Adapter) -> dict[str, str]:
 
 def _component(m: LoraModule, components: dict[str, str]) -> str:
     for prefix in sorted(components, key=len, reverse=True):
-        if m.name.startswith(prefix) or m.a_key.startswith(prefix):
+        if m.name.startswith(prefix) or (m.a_key and m.a_key.startswith(prefix)):
             return components[prefix]
     return "the base model"
 
@@ -119,17 +120,21 @@ def _orientation(adapter: Adapter, m: LoraModule) -> tuple[str, str]:
     how = "(in, out)" if m.fan_in_fan_out else "(out, in)"
     if m.orientation_source:
         return how, m.orientation_source
-    return how, {"peft": "config", "kohya": "format"}.get(adapter.format, "--fan-in-fan-out")
+    return how, {"peft": "config", "kohya": "format", "lycoris": "format", "peft-loha": "format",
+                 "peft-lokr": "format"}.get(adapter.format, "--fan-in-fan-out")
 
 
 def _reading(adapter: Adapter, m: LoraModule, components: dict[str, str],
              target: str | None) -> ModuleReading:
     how, why = _orientation(adapter, m)
-    variant = [v for v, on in (("rsLoRA", m.rslora), ("DoRA", bool(m.magnitude_key)),
+    dora = f"DoRA (LyCORIS, magnitude per {m.dora_axis} axis)" if m.dora_axis else "DoRA"
+    variant = [v for v, on in (("rsLoRA", m.rslora), (dora, bool(m.magnitude_key)),
                                ("lora_bias", bool(m.bias_key))) if on]
-    return ModuleReading(m.name, m.kind, m.rank, m.alpha,
+    kind = m.kind if m.type == "lora" else f"{m.type} {m.kind}"  # e.g. "loha conv"
+    known = m.alpha is not None or m.fixed_scale is not None
+    return ModuleReading(m.name, kind, m.rank, m.alpha,
                          ALPHA_SOURCES.get(m.alpha_source, m.alpha_source),
-                         m.scale if m.alpha is not None else None, how, why,
+                         m.scale if known else None, how, why,
                          _component(m, components), target, variant)
 
 
