@@ -55,9 +55,12 @@ def test_at_most_seven_package_levels(graph: grimp.ImportGraph) -> None:
 
 
 def test_one_tensor_is_merged_in_three_files(graph: grimp.ImportGraph) -> None:
-    """kernel (sum, round once) -> modules.lora (ΔW of a module) -> math.deltas (formula)."""
+    """kernel (sum, round once) -> modules.lora (ΔW of a module, through the module-type
+    registry that also holds LoHa/LoKr/full) -> math.deltas (formula)."""
     kernel = graph.find_modules_directly_imported_by("lora_tools.merging.kernel")
-    assert "lora_tools.modules.lora" in kernel
+    assert "lora_tools.modules.registry" in kernel
+    assert "lora_tools.modules.lora" in graph.find_modules_directly_imported_by(
+        "lora_tools.modules.registry")
     assert "lora_tools.math.deltas" in graph.find_modules_directly_imported_by(
         "lora_tools.modules.lora")
     assert not graph.find_modules_directly_imported_by("lora_tools.math.deltas")

@@ -107,7 +107,7 @@ def load_peft(path: Path, alpha: float | None = None) -> Adapter:
 
         unknown = sorted(k for k in set(cfg) - KNOWN_FIELDS if cfg[k] not in (None, False, {}, []))
         notes = [f"unknown config fields ignored: {', '.join(unknown)}"] if unknown else []
-        return load_peft_lycoris(folder, weights, source, cfg, notes)
+        return load_peft_lycoris(folder, weights, source, cfg, notes, PREFIX, pattern_value)
     notes = _unknown_fields(folder, cfg)
     modules, replacements = peft_modules(source, cfg)
     init = peft_init.base_init(folder / CONFIG, cfg)

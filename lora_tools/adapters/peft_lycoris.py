@@ -9,6 +9,7 @@ halves are both stored whole, where LyCORIS uses 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,18 @@ def check_config(cfg_path: Path, cfg: dict[str, Any]) -> None:
                           "not supported; merge it with PEFT's merge_and_unload")
 
 
-def load_peft_lycoris(folder: Path, weights: Path, source: Checkpoint, cfg: dict[str, Any],
-                      notes: list[str]) -> Adapter:
-    from lora_tools.adapters.peft import PREFIX, pattern_value
+Pattern = Callable[[dict[str, Any], str, Any], Any]
 
+
+def load_peft_lycoris(folder: Path, weights: Path, source: Checkpoint, cfg: dict[str, Any],
+                      notes: list[str], prefix: str, pattern_value: Pattern) -> Adapter:
+    """``prefix`` and ``pattern_value`` are PEFT's key prefix and pattern rule, given by
+    ``adapters/peft.py`` (which imports this module)."""
     kind = TYPES[str(cfg["peft_type"]).upper()]
     groups: dict[str, dict[str, str]] = {}
     for key in source.keys():
         stem, _, role = key.rpartition(".")
-        groups.setdefault(stem.removeprefix(PREFIX), {})[role] = key
+        groups.setdefault(stem.removeprefix(prefix), {})[role] = key
     modules: list[LoraModule] = []
     for name, parts in groups.items():
         if not any(r in (lycoris.LOHA if kind == "loha" else lycoris.LOKR) for r in parts):

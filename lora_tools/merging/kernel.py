@@ -1,7 +1,8 @@
 """The merge kernel: ``W + Σ wᵢ·ΔWᵢ`` for one base tensor, whole or by row blocks.
 
 This is one of the three files that say how a tensor is merged: this one sums the terms
-and rounds once; :mod:`lora_tools.modules.lora` gives each module's ΔW (whole or by rows),
+and rounds once; :mod:`lora_tools.modules.lora` gives each module's ΔW (whole or by rows;
+other module types, LoHa/LoKr/full, through :mod:`lora_tools.modules.registry`),
 and :mod:`lora_tools.math.deltas` holds the formula of each layout.
 """
 
