@@ -242,7 +242,7 @@ def test_unknown_file_names_its_first_keys_and_the_known_formats(tmp_path: Path)
     assert "PEFT folder" in res.output and "kohya" in res.output and "loralib" in res.output
 
 
-@pytest.mark.parametrize("kind", ["LoHa", "LoKr", "IA3", "OFT"])
+@pytest.mark.parametrize("kind", ["IA3", "OFT"])
 def test_peft_types_other_than_lora_are_named(tmp_path: Path, kind: str) -> None:
     import peft
 
@@ -259,10 +259,25 @@ def test_peft_types_other_than_lora_are_named(tmp_path: Path, kind: str) -> None
     assert "known adapter type that lora-tools does not merge" in res.output
 
 
-def test_the_table_uses_peft_own_parameter_names() -> None:
-    from peft.tuners import boft, hra, ia3, loha, lokr, oft, vera
+@pytest.mark.parametrize("kind", ["LoHa", "LoKr"])
+def test_bare_peft_loha_lokr_weights_need_their_config(tmp_path: Path, kind: str) -> None:
+    """LoHa/LoKr are read (issue 16), but PEFT keeps their r and alpha in the config."""
+    import peft
 
-    for layer in (loha.LoHaLayer, lokr.LoKrLayer, ia3.IA3Layer, oft.OFTLayer,
+    config = {"LoHa": peft.LoHaConfig, "LoKr": peft.LoKrConfig}[kind]
+    pm = peft.get_peft_model(tiny_llama(), config(target_modules=["q_proj"], r=2))
+    pm.save_pretrained(str(tmp_path / "a"))
+    bare = tmp_path / "bare.safetensors"
+    shutil.copy(tmp_path / "a" / "adapter_model.safetensors", bare)
+    res = CliRunner().invoke(cli, ["inspect", str(bare)])
+    assert res.exit_code == 1 and "no adapter_config.json beside the file" in res.output
+    assert CliRunner().invoke(cli, ["inspect", str(tmp_path / "a")]).exit_code == 0
+
+
+def test_the_table_uses_peft_own_parameter_names() -> None:
+    from peft.tuners import boft, hra, ia3, oft, vera
+
+    for layer in (ia3.IA3Layer, oft.OFTLayer,
                   boft.BOFTLayer, vera.VeraLayer, hra.HRALayer):
         assert any(n in UNSUPPORTED for n in layer.adapter_layer_names), layer
 

@@ -56,6 +56,11 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
                           f"back the {CONFIG} that PEFT saved with its weights")
     source = open_file(p)
     if is_lycoris(source):
+        if any(k.startswith("base_model.model.") for k in source.keys()):
+            # PEFT's LoHa/LoKr keys: r and alpha live in its config, not in the file
+            raise FormatError(f"{p}: PEFT-style LoHa/LoKr keys but no {CONFIG} beside the "
+                              f"file; put the {CONFIG} that PEFT saved next to it (its r and "
+                              "alpha give the scale)")
         return load_lycoris(p, source)
     found = unsupported_types(source.keys())
     if found:

@@ -24,7 +24,9 @@ LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"
 FULL = ("diff", "diff_b", "w_norm", "b_norm")
 MARKERS = (*LOHA, *LOKR, *FULL, "dora_scale")
 def is_lycoris(source: Checkpoint) -> bool:
-    return any(k.split(".", 1)[-1] in MARKERS for k in source.keys())
+    # kohya-style "<name>.<tensor>", or PEFT's dotted "<module path>.<tensor>"
+    return any(k.split(".", 1)[-1] in MARKERS or k.rsplit(".", 1)[-1] in MARKERS
+               for k in source.keys())
 
 
 def _groups(source: Checkpoint) -> dict[str, dict[str, str]]:
