@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lora_tools.adapters.components import kohya_component
+from lora_tools.adapters.kohya import prefix_notes
 from lora_tools.adapters.model import CONV, LINEAR, Adapter, LoraModule, check_factor_shapes
 from lora_tools.adapters.unsupported import describe, unsupported_types
 from lora_tools.errors import FormatError
@@ -203,10 +205,13 @@ def load_lycoris(path: Path, source: Checkpoint) -> Adapter:
         modules += _module(path, source, name, parts)
         if parts:  # every tensor consumed exactly once
             _refuse_unknown(path, name, parts)
+    for m in modules:  # lora_unet_/lora_te*_ select their model, as in kohya files
+        m.component = kohya_component(m.name)[0]
     counts: dict[str, int] = {}
     for m in modules:
         counts[m.type] = counts.get(m.type, 0) + 1
     notes = ["module types: " + ", ".join(f"{n} {t}" for t, n in counts.items())]
+    notes += prefix_notes(modules)
     axes = {m.dora_axis for m in modules if m.dora_axis}
     if axes:
         notes.append("DoRA (dora_scale), magnitude per " + " and per ".join(
