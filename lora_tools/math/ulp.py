@@ -49,3 +49,38 @@ def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The representable values just below and just above each element, in ``x``'s dtype."""
     inf = torch.full_like(x, float("inf"))
     return torch.nextafter(x, -inf), torch.nextafter(x, inf)
+
+
+def step(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each element moved ``k`` representable values up (``k`` < 0: down), in ``x``'s dtype."""
+    toward = torch.full_like(x, float("inf") if k > 0 else -float("inf"))
+    for _ in range(abs(k)):
+        x = torch.nextafter(x, toward)
+    return x
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise bit equality (tells −0 from +0), for tensors of one float dtype."""
+    ints = _BITS[a.element_size()]
+    return a.contiguous().view(ints) == b.contiguous().view(ints)
+
+
+def ordered(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of the values (±0 → 0), consecutive for neighbouring
+    representable numbers: a bisection over keys is a bisection over a dtype's values.
+    For dtypes of at most 4 bytes."""
+    bits = 8 * x.element_size()
+    i = x.contiguous().view(_BITS[x.element_size()]).to(torch.int64)
+    mag = i & ((1 << (bits - 1)) - 1)
+    return torch.where(i < 0, -mag, mag)
+
+
+def from_ordered(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`ordered`: the values of ``dtype`` with keys ``k``."""
+    bits = torch.finfo(dtype).bits
+    raw = torch.where(k < 0, (-k) | (1 << (bits - 1)), k)
+    raw = torch.where(raw >= 1 << (bits - 1), raw - (1 << bits), raw)  # the signed view
+    return raw.to(_BITS[bits // 8]).view(dtype)

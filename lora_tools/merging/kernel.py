@@ -20,9 +20,11 @@ from lora_tools.errors import NumericError
 from lora_tools.math.finite import check_finite, check_result
 from lora_tools.modules.registry import load_factors, module_delta, row_blockable
 
-# (name, input tensor as stored, Σ sign·wᵢ·ΔWᵢ in fp64, rounded output): sees each adapted
-# tensor as it streams by (unmerge's exactness report).
-Observer = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# (name, input tensor as stored, the terms sign·wᵢ·ΔWᵢ in the order added, rounded output):
+# sees each adapted tensor as it streams by and may return a corrected output (unmerge's
+# preimage search and exactness report). fp32 terms are exactly those added.
+Observer = Callable[[str, torch.Tensor, list[torch.Tensor], torch.Tensor],
+                    torch.Tensor | None]
 
 
 @dataclass
@@ -32,7 +34,7 @@ class DeltaSum:
     ``terms`` holds (adapter, match, weight) in the order the deltas are added; the result
     is rounded once to the output dtype and left on ``device`` (the engine moves it).
     ``replace`` names a whole tensor saved in an adapter that PEFT loads over the base
-    before merging; ``observe(name, W, Σ ΔW in fp64, result)`` sees each whole tensor.
+    before merging; ``observe(name, W, [ΔWᵢ], result)`` sees each whole tensor.
     Either makes the tensor run whole.
     """
 
@@ -125,19 +127,19 @@ class DeltaSum:
                factors: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         src = self.replace[0].source.get(self.replace[1]) if self.replace else w
         acc = src.to(self.device, torch.float32, copy=True)
-        total = (torch.zeros(acc.shape, dtype=torch.float64, device=self.device)
-                 if self.observe else None)
+        terms: list[torch.Tensor] = []
         for (_, match, weight), f in zip(self.terms, factors):
             delta = module_delta(match.module, f, match.module.scale * weight, tuple(w.shape))
             acc += delta
-            if total is not None:
-                total += delta
+            if self.observe is not None:
+                terms.append(delta)
         self._check(acc, src, name)
         result = acc.to(out)
         check_result(result, src, name)
-        if self.observe is not None and total is not None:
+        if self.observe is not None:
             result = result.cpu()
-            self.observe(name, w, total.cpu(), result)
+            seen = self.observe(name, w, [t.cpu() for t in terms], result)
+            result = result if seen is None else seen
         return result
 
     def _get(self, i: int, adapter: Adapter, match: Match) -> tuple[torch.Tensor, ...]:

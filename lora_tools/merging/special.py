@@ -72,7 +72,8 @@ class SpecialWork:
         result = acc.to(out).cpu()
         check_result(result, w, name)  # an fp32 overflow, or past the output dtype's range
         if self.observe is not None and not self.has_dora:
-            self.observe(name, w, (acc.double() - start.double()).cpu(), result)
+            seen = self.observe(name, w, [(acc.double() - start.double()).cpu()], result)
+            result = result if seen is None else seen
         return result
 
     def _start(self, name: str, w: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,7 @@ class SpecialWork:
         result = orig.to(out)
         if self.observe is not None:  # w may be on the engine's device, orig is the reader's
             w = w.cpu()
-            self.observe(name, w, orig.double() - w.double(), result)
+            self.observe(name, w, [orig.double() - w.double()], result)
         return result
 
     def _delta(self, adapter: Adapter, match: Match, weight: float,

@@ -6,10 +6,11 @@ miss the base by a few units in the last place; each adapted tensor is therefore
 as it streams by:
 
 * with ``check_base``: against the real base, element by element;
-* without it: a proof per element. Every base that merges to ``M`` lies in the interval
-  of reals that round to ``M``, shifted by ``−ΔW``; when the unmerged value is the only
-  representable number in it, the base is recovered exactly, whatever it was. Otherwise
-  the farthest representable number in it bounds the error.
+* without it: a proof per element (:mod:`lora_tools.merging.preimage`).
+
+Before either, the output is settled by a preimage search: where ``round(M − ΔW)`` would not
+merge back to ``M`` (a merged value at a power of two, a sum that nearly cancels), the
+nearest candidate that does is taken, so merge → unmerge → merge gives ``M`` bit for bit.
 
 See docs/unmerge-and-verify.md for the bound.
 """
@@ -27,15 +28,13 @@ from lora_tools.engine.blocks import threads
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.math.ulp import neighbours, ulp, ulp_error
+from lora_tools.math.ulp import ulp, ulp_error
 from lora_tools.merging.merge import MergeOptions, apply_adapters
+from lora_tools.merging.preimage import prove
 from lora_tools.merging.summary import MergeSummary
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-# Relative error of one fp32 rounding (24 significand bits).
-_FP32_ROUNDING = 2.0**-24
 
 
 @dataclass
@@ -99,18 +98,20 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
     stats: list[TensorExactness] = []
 
     # fp32 roundings the merge made before its final one: one per extra adapter, plus the
-    # fp32 sum itself when the output is 16-bit.
+    # fp32 sum itself when the output is 16-bit (they widen the interval of the proof).
     extra = len(adapter_paths) - 1
 
-    def observe(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor) -> None:
-        m, total, u = m.cpu(), total.cpu(), u.cpu()  # the engine may hand device tensors
+    def observe(name: str, m: torch.Tensor, terms: list[torch.Tensor], u: torch.Tensor
+                ) -> torch.Tensor:
+        m, u = m.cpu(), u.cpu()  # the engine may hand device tensors
+        terms = [t.cpu() for t in terms]
+        early = extra + (1 if u.element_size() < 4 else 0)
         # Cache-sized chunks: an OpenMP team costs more than it saves on them.
         with threads(1):
-            if base is None:
-                early = extra + (1 if u.element_size() < 4 else 0)
-                stats.append(proven_exactness(name, m, total, u, early))
-            else:
-                stats.append(checked_exactness(name, m, u, _base_tensor(base, name, u)))
+            stat, fixed = proven_exactness(name, m, terms, u, early)
+            stats.append(stat if base is None else
+                         checked_exactness(name, m, fixed, _base_tensor(base, name, u)))
+        return fixed
 
     summary = apply_adapters(merged_path, adapter_paths, out, sign=-1.0, op="unmerge",
                              observe=observe, restore_from=check_base, **options)
@@ -139,55 +140,23 @@ def checked_exactness(name: str, m: torch.Tensor, u: torch.Tensor, w: torch.Tens
     return res
 
 
-@dataclass
-class Proof:
-    """Per element (shape of the tensor): proven exact, unreachable, and the error bound."""
-
-    exact: torch.Tensor
-    unreachable: torch.Tensor
-    bound_abs: torch.Tensor
-
-
-def prove(m: torch.Tensor, total: torch.Tensor, u: torch.Tensor, early_roundings: int = 0
-          ) -> Proof:
-    """What MERGED alone says about ``u = round(M + total)`` (``total = −Σ wᵢ·ΔWᵢ``).
-
-    The bases ``W`` with ``round(W + ΔW) = M`` fill ``[lo, hi]``: the reals that round to
-    ``M`` (half a gap either side), shifted by ``total``. ``u`` is proven exact when it lies
-    in it and neither of its neighbours does; ``early_roundings`` fp32 roundings before the
-    last one widen it. M, total, u: same shape; M and u in the output dtype.
-    """
-    m = m.to(u.dtype)
-    # 16-bit outputs: fp32 has 13+ spare bits; its own roundings here (centre, lo, hi)
-    # join the slack. fp32 outputs need fp64.
-    wd = torch.float32 if u.element_size() <= 2 else torch.float64
-    early_roundings += 4 if wd == torch.float32 else 0
-    m64, u64, t = m.to(wd), u.to(wd), total.to(wd)
-    below, above = (x.to(wd) for x in neighbours(m))
-    centre = m64 + t
-    slack = (m64.abs() + t.abs()) * (_FP32_ROUNDING * early_roundings)
-    lo = centre - (m64 - below) / 2 - slack
-    hi = centre + (above - m64) / 2 + slack
-    u_below, u_above = (x.to(wd) for x in neighbours(u))
-    exact = (u_below < lo) & (u_above > hi) & (lo <= u64) & (u64 <= hi)
-    reach = torch.maximum(u64 - lo, hi - u64).clamp_min(0)
-    # Candidates sit on the finer of u's two spacings (they differ at powers of two).
-    step = torch.minimum(u_above - u64, u64 - u_below)
-    bound_abs = torch.where(exact, torch.zeros_like(reach), torch.floor(reach / step) * step)
-    return Proof(exact, (u64 < lo) | (u64 > hi), bound_abs)
-
-
-def proven_exactness(name: str, m: torch.Tensor, total: torch.Tensor, u: torch.Tensor,
-                     early_roundings: int = 0) -> TensorExactness:
-    """:func:`prove` summed up for one tensor; the bound in ulps of the merged value."""
+def proven_exactness(name: str, m: torch.Tensor, terms: list[torch.Tensor], u: torch.Tensor,
+                     early_roundings: int = 0) -> tuple[TensorExactness, torch.Tensor]:
+    """:func:`prove` summed up for one tensor (the bound in ulps of the merged value), and
+    the output the preimage search settled on."""
     res = TensorExactness(name, u.numel(), 0, 0.0, 0.0)
-    for mc, tc, uc in _chunks(m.to(u.dtype), total, u):
-        proof = prove(mc, tc, uc, early_roundings)
+    fixed = torch.empty_like(u)
+    out = fixed.view(-1)
+    at = 0
+    for mc, uc, *tc in _chunks(m.to(u.dtype), u, *terms):
+        proof = prove(mc, list(tc), uc, early_roundings)
+        out[at:at + uc.numel()] = proof.unmerged
+        at += uc.numel()
         res.exact += int(proof.exact.sum())
         res.unreachable += int(proof.unreachable.sum())
         res.max_ulp = max(res.max_ulp, _max(proof.bound_abs / ulp(mc, u.dtype)))
         res.max_abs = max(res.max_abs, _max(proof.bound_abs))
-    return res
+    return res, fixed
 
 
 def _chunks(*tensors: torch.Tensor, size: int = 1 << 16) -> Iterator[tuple[torch.Tensor, ...]]:

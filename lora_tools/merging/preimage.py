@@ -1,0 +1,179 @@
+"""Which bases merge to ``M``: the search that picks unmerge's output and the proof behind
+its report.
+
+The merge computes ``M = round(fl32(fl32(W) + d₁ + d₂ + …))`` (``dᵢ`` the fp32 deltas, added
+in order, one rounding into the output dtype). Every step is monotone in ``W``, so the
+bases that merge to ``M`` are a run of consecutive representable numbers. Replaying that
+arithmetic on a few candidates around ``u₀ = round(M − Σ dᵢ)`` therefore settles, element by
+element and without any error analysis:
+
+* the output: the candidate nearest ``u₀`` that merges back to ``M`` (``u₀`` itself unless
+  ``M`` is a power of two, whose gaps differ below and above, or the sum nearly cancels);
+* "proven exact": it merges to ``M`` and neither neighbour does, so it is the only base;
+* "unreachable": the candidates below merge under ``M`` and those above over it, or the
+  interval of reals that could round to ``M`` (shifted by ``−Σ dᵢ``) holds no
+  representable number; then no base merges to ``M`` with these adapters.
+
+When the merge cannot be replayed (whole-tensor work whose total comes as one fp64 term,
+or an output dtype unlike MERGED's), the interval alone decides, widened by the fp32
+roundings the merge made before its last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lora_tools.math.ulp import from_ordered, neighbours, ordered, same_bits, step, ulp
+
+# Relative error of one fp32 rounding (24 significand bits), and a few fp64 ones.
+_FP32_ROUNDING = 2.0**-24
+_FP64_SLACK = 2.0**-50
+
+
+@dataclass
+class Proof:
+    """Per element (shape of the tensor): the chosen output, proven exact, unreachable,
+    and the bound on its distance to any base that merges to ``M``."""
+
+    unmerged: torch.Tensor
+    exact: torch.Tensor
+    unreachable: torch.Tensor
+    bound_abs: torch.Tensor
+
+
+def replay(base: torch.Tensor, deltas: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The merge of ``base``: the unmerge's deltas are the merge's negated (exactly), so
+    subtracting them in order is the merge's own fp32 arithmetic; one rounding."""
+    acc = base.to(deltas[0].dtype)
+    for d in deltas:
+        acc = acc - d
+    return acc.to(dtype)
+
+
+def replayable(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor) -> bool:
+    return (bool(deltas) and m.dtype == u.dtype and u.element_size() <= 4
+            and all(d.dtype == torch.float32 for d in deltas))
+
+
+def prove(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor,
+          early_roundings: int = 0) -> Proof:
+    """What MERGED alone says about ``u = round(M + Σ deltas)`` (the unmerge's first guess).
+
+    ``deltas``: the unmerge's terms (``−wᵢ·ΔWᵢ``) in the merge's order; fp32 ones are
+    replayed exactly (see the module doc), others are used through their sum.
+    ``early_roundings``: fp32 roundings the merge made before its last one (they widen
+    the interval). All tensors have the same shape; ``M`` and ``u`` in their dtypes.
+    """
+    lo, hi = _interval(m, deltas, u, early_roundings)
+    if replayable(m, deltas, u):
+        return _searched(m, deltas, u, lo, hi)
+    empty = _no_representable(lo, hi, u.dtype)
+    # Without a replay: step inwards when round-to-nearest fell just outside.
+    wd = lo.dtype
+    below, above = neighbours(u)
+    u = torch.where((u.to(wd) < lo) & (above.to(wd) <= hi), above, u)
+    u = torch.where((u.to(wd) > hi) & (below.to(wd) >= lo), below, u)
+    below, above = (x.to(wd) for x in neighbours(u))
+    u64 = u.to(wd)
+    exact = (below < lo) & (above > hi) & (lo <= u64) & (u64 <= hi)
+    return Proof(u, exact, empty, _bound(u, lo, hi, exact))
+
+
+def _searched(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
+              lo: torch.Tensor, hi: torch.Tensor) -> Proof:
+    shape, dtype = u0.shape, u0.dtype
+    m, u0, lo, hi = (x.reshape(-1) for x in (m.to(dtype), u0, lo, hi))
+    deltas = [d.reshape(-1) for d in deltas]
+    r0 = replay(u0, deltas, dtype)
+    found = same_bits(r0, m)
+    u = u0.clone()
+    miss = (~found).nonzero().squeeze(1)
+    if miss.numel():
+        got, ok = _bisect(m[miss], [d[miss] for d in deltas], u0[miss], r0[miss], lo[miss],
+                          hi[miss])
+        u[miss], found[miss] = got, ok
+    alone = found.clone()
+    for k in (-1, 1):
+        alone &= ~same_bits(replay(step(u, k), deltas, dtype), m)
+    # ~found: the bisection over every candidate the interval allows found none.
+    return Proof(u.reshape(shape), alone.reshape(shape), (~found).reshape(shape),
+                 _bound(u, lo, hi, alone).reshape(shape))
+
+
+def _bisect(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor, r0: torch.Tensor,
+            lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For elements (1-d) where ``u₀`` does not merge to ``M``: the base nearest ``u₀`` that
+    does, by bisection over the candidates in ``[lo, hi]`` on ``u₀``'s side away from
+    ``M`` (the merge is monotone), and whether there is one."""
+    dtype = u0.dtype
+    k0 = ordered(u0)
+    first = lo.to(dtype)
+    first = torch.where(first.to(lo.dtype) < lo, neighbours(first)[1], first)
+    last = hi.to(dtype)
+    last = torch.where(last.to(hi.dtype) > hi, neighbours(last)[0], last)
+    # A couple of keys of margin: the interval is computed in floating point too.
+    k_lo, k_hi = ordered(first) - 2, ordered(last) + 2
+    up = r0 < m  # u₀ merges under M: the bases lie above it
+    a = torch.where(up, k0 + 1, k_lo)
+    b = torch.where(up, k_hi, k0 - 1)
+
+    def beyond(k: torch.Tensor) -> torch.Tensor:  # monotone in k: false, then true
+        r = replay(from_ordered(k, dtype), deltas, dtype)
+        return torch.where(up, r >= m, r > m)
+
+    # smallest k in [a, b] with beyond(k), b + 1 when none
+    left, right = a.clone(), b + 1
+    while bool((left < right).any()):
+        mid = torch.div(left + right, 2, rounding_mode="floor")
+        go = beyond(mid) & (left < right)
+        right = torch.where(go, mid, right)
+        left = torch.where(~go & (left < right), mid + 1, left)
+    k = torch.where(up, left, left - 1)
+    k = torch.minimum(torch.maximum(k, a), b.clamp_min(a))  # a valid key for an empty range
+    cand = from_ordered(k, dtype)
+    ok = (a <= b) & same_bits(replay(cand, deltas, dtype), m)
+    return torch.where(ok, cand, u0), ok
+
+
+def _interval(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor,
+              early_roundings: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reals that round to ``M`` (half a gap either side, the gaps differing at powers
+    of two), shifted by ``Σ deltas`` and widened by the earlier roundings."""
+    m = m.to(u.dtype)
+    # 16-bit outputs: fp32 has 13+ spare bits; its own roundings here (centre, lo, hi)
+    # join the slack. fp32 outputs need fp64.
+    wd = torch.float32 if u.element_size() <= 2 else torch.float64
+    rel = _FP32_ROUNDING * (early_roundings + (4 if wd == torch.float32 else 0)) + _FP64_SLACK
+    m64 = m.to(wd)
+    t = torch.zeros_like(m64, dtype=torch.float64)
+    size = torch.zeros_like(t)  # Σ|dᵢ| bounds every partial sum the merge rounded, with |M|
+    for d in deltas:
+        t = t + d.double()
+        size = size + d.double().abs()
+    t = t.to(wd)
+    below, above = (x.to(wd) for x in neighbours(m))
+    centre = m64 + t
+    slack = (m64.abs() + size.to(wd)) * rel
+    return centre - (m64 - below) / 2 - slack, centre + (above - m64) / 2 + slack
+
+
+def _no_representable(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """No number of ``dtype`` lies in ``[lo, hi]``: the smallest one ≥ lo is above hi."""
+    first = lo.to(dtype)
+    first = torch.where(first.to(lo.dtype) < lo, neighbours(first)[1], first)
+    return first.to(lo.dtype) > hi
+
+
+def _bound(u: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, exact: torch.Tensor
+           ) -> torch.Tensor:
+    """How far from ``u`` a base in ``[lo, hi]`` can be: candidates and ``u`` are multiples
+    of the finest spacing in the interval (the one at its smallest magnitude)."""
+    wd = lo.dtype
+    u64 = u.to(wd)
+    reach = torch.maximum(u64 - lo, hi - u64).clamp_min(0)
+    smallest = torch.where((lo <= 0) & (hi >= 0), torch.zeros_like(lo),
+                           torch.minimum(lo.abs(), hi.abs()))
+    fine = ulp(smallest, u.dtype).to(wd)
+    return torch.where(exact, torch.zeros_like(reach), torch.floor(reach / fine) * fine)
