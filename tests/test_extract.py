@@ -182,8 +182,11 @@ def test_loralib_target_keeps_conv_whole_and_errors(tmp_path: Path) -> None:
     assert "model.layers.0.self_attn.q_proj.lora_A" in read(tmp_path / "l.pt")
     msg = run("extract", base, base, "-o", tmp_path / "n", "--rank", "2", ok=False)
     assert "nothing to extract" in msg
-    msg = run("extract", base, tuned, "-o", tmp_path / "l.pt", "--rank", "2", ok=False)
+    msg = run("extract", base, tuned, "-o", tmp_path / "l.pt", "--rank", "2", "--to",
+              "loralib", ok=False)
     assert "--force" in msg
+    msg = run("extract", base, tuned, "-o", tmp_path / "p.pt", "--rank", "2", ok=False)
+    assert "a peft adapter is a folder" in msg  # the form, before any work
 
 
 @settings(max_examples=8, deadline=None)

@@ -188,7 +188,8 @@ def test_errors(tmp_path: Path) -> None:
                      str(tmp_path / "ad" / "inside"))
     assert code != 0 and "overwrite the input" in text
     src = _kohya_file(tmp_path / "k.safetensors", torch.float16)
-    code, text = run("rescale", str(src), "--alpha", "1e-30", "-o", str(tmp_path / "k2.pt"))
+    code, text = run("rescale", str(src), "--alpha", "1e-30", "-o",
+                     str(tmp_path / "k2.safetensors"))
     assert code != 0 and "NaN/Inf" in text and "--dtype fp32" in text
     assert not (tmp_path / "k2.pt").exists()
     code, text = run("rescale", str(src), "--rslora", "-o", str(tmp_path / "k3.safetensors"))

@@ -21,11 +21,29 @@ from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV, MER
 from lora_tools.adapters.peft import CONFIG, PREFIX
 from lora_tools.errors import UsageError
 from lora_tools.io import paths, safety
-from lora_tools.io.output import CheckpointWriter, check_output, temp_path
+from lora_tools.io.output import CheckpointWriter, check_output, output_kind, temp_path
 from lora_tools.io.writer import TensorSpec, tensor_bytes
 from lora_tools.version import __version__
 
 FORMATS = ("peft", "kohya", "loralib")
+# The output forms (io.output.output_kind) each adapter format is written as.
+ADAPTER_FORMS = {"peft": ("folder",), "kohya": ("safetensors",),
+                 "loralib": ("torch", "safetensors")}
+_FORM_HINT = {"peft": "a folder (adapter_config.json + adapter_model.safetensors): give a "
+                      "path without a suffix or ending in /",
+              "kohya": "one .safetensors file: name it *.safetensors",
+              "loralib": "one file: name it *.pt, *.pth, *.bin or *.safetensors"}
+
+
+def check_adapter_out(out: str | Path, fmt: str) -> str:
+    """Refuse an ``out`` whose form does not fit adapter format ``fmt`` (a PEFT adapter is
+    a folder, a kohya one a .safetensors file); its form when it fits."""
+    kind = output_kind(out)
+    if fmt in ADAPTER_FORMS and kind not in ADAPTER_FORMS[fmt]:
+        shown = "a folder" if kind == "folder" else f"a {kind} file"
+        raise UsageError(f"{out}: names {shown}, but a {fmt} adapter is "
+                         f"{_FORM_HINT[fmt]}")
+    return kind
 
 
 @dataclass
@@ -68,6 +86,7 @@ def save_adapter(modules: list[FactorModule], out: str | Path, fmt: str, *,
         raise UsageError(f"unknown adapter format {fmt!r}; use one of {', '.join(FORMATS)}")
     if not modules:
         raise UsageError(f"{out}: no modules to write")
+    check_adapter_out(out, fmt)
     meta = {"format": "pt", "lora_tools.version": __version__, **(metadata or {})}
     out = Path(out)
     if fmt == "peft":

@@ -134,7 +134,8 @@ def output_options(fn: F) -> F:
                            "the base's.")(fn)
     fn = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(fn)
     fn = click.option("-o", "--out", "out", required=True, type=click.Path(),
-                      help="Output: .safetensors, .pt/.bin, or a folder.")(fn)
+                      help="Output: *.safetensors, *.pt/.pth/.bin (any case), or a folder (no "
+                           "suffix, or ending in /); other suffixes are refused.")(fn)
     return fn
 
 

@@ -22,8 +22,9 @@ TARGETS = ("peft", "kohya", "loralib", "safetensors", "pt", "gguf")
 @click.command("convert")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("-o", "--out", "out", required=True, type=click.Path(),
-              help="Output: a folder (peft), a .safetensors/.pt file (kohya, loralib, "
-                   "checkpoints) or a folder of shards (--to safetensors).")
+              help="Output: a folder (peft), a .safetensors file (kohya), a .pt or "
+                   ".safetensors file (loralib, checkpoints) or a folder of shards (--to "
+                   "safetensors). Other suffixes are refused.")
 @click.option("--to", "to", required=True, type=click.Choice(TARGETS),
               help="Target: an adapter format (peft, kohya, loralib, gguf: a llama.cpp "
                    "LoRA adapter) or a checkpoint file form (safetensors, pt).")

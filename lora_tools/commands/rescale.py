@@ -12,7 +12,8 @@ from lora_tools.commands.common import NONZERO, emit, handle_errors, run_options
 @click.command("rescale")
 @click.argument("adapter", type=click.Path(exists=True))
 @click.option("-o", "--out", "out", required=True, type=click.Path(),
-              help="Output: a folder for PEFT, a .safetensors/.pt file for kohya and loralib.")
+              help="Output: a folder for PEFT, a .safetensors file for kohya, a .pt/.safetensors "
+                   "file for loralib.")
 @click.option("--alpha", type=NONZERO,
               help="New adapter-wide alpha; per-module alphas (alpha_pattern, kohya alpha "
                    "tensors) move in proportion. ΔW is kept: the factors absorb the change.")

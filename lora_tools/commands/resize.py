@@ -12,7 +12,8 @@ from lora_tools.commands.common import POSITIVE, emit, handle_errors, run_option
 @click.command("resize")
 @click.argument("adapter", type=click.Path(exists=True))
 @click.option("-o", "--out", "out", required=True, type=click.Path(),
-              help="Output: a folder for PEFT, a .safetensors/.pt file for kohya and loralib.")
+              help="Output: a folder for PEFT, a .safetensors file for kohya, a .pt/.safetensors "
+                   "file for loralib.")
 @click.option("--rank", "-r", type=click.IntRange(min=1),
               help="New rank (with --dynamic: the largest rank a module may get).")
 @click.option("--dynamic", metavar="RULE:X",

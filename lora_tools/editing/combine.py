@@ -25,7 +25,7 @@ import torch
 from lora_tools.adapters import peft_init
 from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
-from lora_tools.adapters.save import FactorModule, save_adapter
+from lora_tools.adapters.save import FactorModule, check_adapter_out, save_adapter
 from lora_tools.editing.combine_plan import (
     Group,
     Member,
@@ -91,6 +91,7 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
     check_adapters(adapters)
     groups = plan(adapters, ws)
     fmt = output_format(fmt, adapters, groups)
+    check_adapter_out(out, fmt)  # before the work, not after it
     whole = whole_tensors(adapters, fmt)
     if spec.random and seed is None:
         seed = secrets.randbits(31)

@@ -18,10 +18,9 @@ import torch
 from lora_tools.adapters import Adapter, load_adapter, peft_init
 from lora_tools.adapters.interpretation import state, unheard
 from lora_tools.adapters.loralib import ALPHA_META, ALPHAS_META, RECIPES
-from lora_tools.adapters.save import FactorModule, save_adapter
+from lora_tools.adapters.save import FactorModule, check_adapter_out, save_adapter
 from lora_tools.errors import NumericError, UsageError
 from lora_tools.io.output import staging
-from lora_tools.io.writer import TORCH_SUFFIXES
 from lora_tools.math.finite import all_finite
 
 # kohya's training metadata that a new rank or alpha makes stale.
@@ -57,13 +56,11 @@ def default_alpha(adapter: Adapter) -> float:
     return counts.most_common(1)[0][0]
 
 
-def check_out(adapter: Adapter, out: str | Path) -> Path:
-    """PEFT writes a folder; kohya and loralib need a file name that says the container."""
-    p = Path(out)
-    if adapter.format != "peft" and p.suffix not in (".safetensors", *TORCH_SUFFIXES):
-        raise UsageError(f"{p}: a {adapter.format} adapter is one file; name the output "
-                         f"*.safetensors or *.pt (input: {adapter.path.name})")
-    return p
+def check_out(adapter: Adapter, out: str | Path, to: str | None = None) -> str | Path:
+    """``out`` as typed, once its form fits the format written (the adapter's, or ``to``):
+    PEFT writes a folder; kohya a .safetensors file; loralib one file."""
+    check_adapter_out(out, to or adapter.format)
+    return out
 
 
 def check_factors(t: torch.Tensor, what: str) -> None:
@@ -87,7 +84,7 @@ def carried_metadata(adapter: Adapter, modules: list[FactorModule],
     return meta
 
 
-def write_like(adapter: Adapter, modules: list[FactorModule], out: Path, force: bool,
+def write_like(adapter: Adapter, modules: list[FactorModule], out: str | Path, force: bool,
                record: dict[str, Any], to: str | None = None) -> Path:
     """Write ``modules`` in the adapter's own format, or convert them ``to`` another one
     (atomic, inputs never overwritten)."""
@@ -101,13 +98,13 @@ def write_like(adapter: Adapter, modules: list[FactorModule], out: Path, force: 
     from lora_tools.editing.convert import convert_adapter
 
     # The edited adapter is staged in its own format, then converted: one conversion path.
-    with staging(out, inputs, force) as tmp:
+    with staging(Path(out), inputs, force) as tmp:
         staged = tmp / ("adapter" if adapter.format == "peft" else "adapter.safetensors")
         save_adapter(modules, staged, adapter.format, template=template, metadata=meta)
         with unheard():  # the source's reading was stated; the staged copy is ours
             convert_adapter(staged, out, to, base=None, prefix=None,
                             opts=AdapterOptions(), dtype=None, force=force)
-    return out
+    return Path(out)
 
 
 def _fmt(x: float) -> str:

@@ -28,9 +28,8 @@ from lora_tools.engine.device import exact
 from lora_tools.engine.range import check_range, limit_of, peak
 from lora_tools.engine.stream import output_specs, stream
 from lora_tools.errors import FormatError, NumericError, UsageError
-from lora_tools.io import CheckpointWriter, open_checkpoint
+from lora_tools.io import CheckpointWriter, open_checkpoint, output_kind
 from lora_tools.io.dtypes import dtype_name
-from lora_tools.io.writer import TORCH_SUFFIXES
 from lora_tools.modules.registry import require
 
 CHECKPOINT_TARGETS = ("safetensors", "pt")
@@ -235,7 +234,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *,
                        progress: bool) -> ConvertSummary:
     """Stream every tensor of ``src`` into ``out``: bytes copied, or cast once to ``dtype``."""
     ck = open_checkpoint(src)
-    _check_target(Path(out), to, shard_size)
+    _check_target(out, to, shard_size)
     specs = output_specs(ck, dtype)
     check_range(ck, specs, {})  # a cast to fp16 that overflows is refused before writing
     meta = {**ck.metadata, "format": "pt"}
@@ -248,11 +247,11 @@ def convert_checkpoint(src: str | Path, out: str | Path, to: str, *,
                           bytes_written=stats.bytes_written, seconds=round(stats.seconds, 3))
 
 
-def _check_target(out: Path, to: str, shard_size: int | None) -> None:
-    is_torch = out.suffix in TORCH_SUFFIXES
-    if to == "pt" and not is_torch:
+def _check_target(out: str | Path, to: str, shard_size: int | None) -> None:
+    kind = output_kind(out)
+    if to == "pt" and kind != "torch":
         raise UsageError(f"{out}: --to pt writes one torch file; name it *.pt, *.bin or *.pth")
-    if to == "safetensors" and is_torch:
+    if to == "safetensors" and kind == "torch":
         raise UsageError(f"{out}: --to safetensors needs a *.safetensors file or a folder")
-    if shard_size is not None and out.suffix in (".safetensors", *TORCH_SUFFIXES):
+    if shard_size is not None and kind != "folder":
         raise UsageError(f"{out}: --shard-size shards a folder output; give a folder path")

@@ -19,13 +19,13 @@ import torch
 
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR
 from lora_tools.adapters.names import base_module
-from lora_tools.adapters.save import FactorModule, save_adapter
+from lora_tools.adapters.save import FactorModule, check_adapter_out, save_adapter
 from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact, resolve_device
 from lora_tools.errors import LoraToolsError, MatchError, UsageError
 from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
-from lora_tools.io.output import check_output
+from lora_tools.io.output import check_output, output_kind
 from lora_tools.io.paths import check_not_input
 from lora_tools.math.finite import check_finite
 from lora_tools.math.lowrank import FactorSVD, split
@@ -79,10 +79,12 @@ def extract(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     rule = _check(opts, to)
     base, tuned = open_checkpoint(base_path), open_checkpoint(tuned_path)
     inputs = [Path(base_path), Path(tuned_path)]
-    check_output(Path(out), inputs, force)
+    check_adapter_out(out, to)
+    check_output(out, inputs, force)
     if save_rest is not None:
         # The adapter and the rest may not replace, hold or sit inside one another either.
-        check_output(Path(save_rest), [*inputs, Path(out)], force)
+        output_kind(save_rest)
+        check_output(save_rest, [*inputs, Path(out)], force)
         check_not_input(Path(out), [Path(save_rest)], role="output (-o)")
     dev = resolve_device(device)
     summary = ExtractSummary(str(base_path), str(tuned_path), str(out), to, str(dev))

@@ -102,7 +102,7 @@ def rescale(adapter_path: str | Path, out: str | Path, *, alpha: float | None = 
     start = time.perf_counter()
     adapter = open_for_edit(adapter_path, from_alpha)
     require("rescale", adapter)
-    target = check_out(adapter, out)
+    target = check_out(adapter, out, to)
     if rslora and adapter.format != "peft":
         raise UsageError(f"{adapter.path}: {adapter.format} files have no rsLoRA convention; "
                          "--rslora needs a PEFT adapter")

@@ -80,7 +80,7 @@ def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None
     start = time.perf_counter()
     adapter = open_for_edit(adapter_path, from_alpha)
     require("resize", adapter)
-    target = check_out(adapter, out)
+    target = check_out(adapter, out, to)
     dev = resolve_device(device)
     rows, written = [], []
     for m, fm in zip(adapter.modules, factor_modules(adapter), strict=True):

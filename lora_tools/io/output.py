@@ -1,7 +1,10 @@
 """``CheckpointWriter``: one context manager for every output form, atomic.
 
-The form follows the target: ``*.safetensors``, ``*.pt/.pth/.bin``, or otherwise a Hugging
-Face style folder (shards + index, non-weight files of the source folder copied).
+The form follows the target (:func:`output_kind`): ``*.safetensors``, ``*.pt/.pth/.bin`` (any
+case), or a Hugging Face style folder (shards + index, non-weight files of the source folder
+copied) for a path ending in ``/``, an existing folder or a name without a suffix. Any
+other suffix (a typo like ``.safetensor``, ``.ckpt``) is refused; ``.gguf`` outputs are
+written by the GGUF merge (:mod:`lora_tools.io.gguf_out`), never here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from lora_tools.errors import FormatError, OutputError
+from lora_tools.errors import FormatError, OutputError, UsageError
 from lora_tools.io import paths, safety
 from lora_tools.io.checkpoint import INDEX_NAMES, METADATA_RECORD, WEIGHT_SUFFIXES
 from lora_tools.io.torch_zip import TorchZipWriter
@@ -39,17 +42,37 @@ class _FileWriter(Protocol):
     def abort(self) -> None: ...
 
 
-def output_kind(out: Path) -> str:
-    if out.suffix == ".safetensors":
-        return "safetensors"
-    if out.suffix in TORCH_SUFFIXES:
-        return "torch"
-    return "folder"
+FILE_KINDS = {".safetensors": "safetensors", **{s: "torch" for s in TORCH_SUFFIXES}}
+FORMS = ("*.safetensors, *.pt, *.pth or *.bin for one file, or a folder (a name without a "
+         "suffix, or any path ending in /)")
 
 
-def check_output(out: Path, inputs: list[Path], force: bool) -> None:
+def output_kind(out: str | Path) -> str:
+    """``safetensors``, ``torch`` or ``folder``: what ``out`` names (see the module doc).
+
+    Pass the path as typed (a str keeps its trailing ``/``, which a Path drops).
+    """
+    text = os.fspath(out)
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        return "folder"
+    kind = FILE_KINDS.get(path.suffix.lower())
+    if kind is not None:
+        return kind
+    if not path.suffix:
+        return "folder"
+    if path.suffix.lower() == ".gguf":
+        raise UsageError(f"{text}: a .gguf output is written only by a merge into a GGUF base; "
+                         f"for this one name the output {FORMS}")
+    raise UsageError(f"{text}: lora-tools does not write {path.suffix!r} files; name the "
+                     f"output {FORMS}")
+
+
+def check_output(out: str | Path, inputs: list[Path], force: bool) -> None:
     """Refuse an output (or its temporary) that is, holds or sits in an input, by identity;
-    an existing output without ``force``, and anything ``force`` may not replace."""
+    an existing output without ``force``, and anything ``force`` may not replace. (Its form
+    is :func:`output_kind`'s to check, on the path as typed.)"""
+    out = Path(out)
     paths.check_name(out)
     paths.check_not_input(out, inputs)
     paths.check_not_input(temp_path(out), inputs, role="temporary output")
@@ -92,7 +115,7 @@ class CheckpointWriter:
         self.out = Path(out)
         # config.json changes of a folder output (None drops a key): untied, resized vocab.
         self.config_updates = config_updates or {}
-        self.kind = output_kind(self.out)
+        self.kind = output_kind(out)
         self.specs = specs
         self.metadata = metadata
         self.shard_size = shard_size or DEFAULT_SHARD_SIZE
@@ -107,7 +130,7 @@ class CheckpointWriter:
         self.notes += [f"{p.name} not copied into {self.out}: weights of another framework, "
                        "not merged (convert the merged model yourself if you need it)"
                        for p in self.skipped]
-        check_output(self.out, inputs or [], force)
+        check_output(out, inputs or [], force)
         safety.check_space(self.out, sum(s.nbytes for s in specs))
         self.tmp = temp_path(self.out)
         self._writers: dict[str, _FileWriter] = {}

@@ -16,7 +16,7 @@ from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.range import check_range
 from lora_tools.engine.stream import TensorFn, output_specs, stream
 from lora_tools.errors import UsageError
-from lora_tools.io import CheckpointWriter, open_checkpoint, quant
+from lora_tools.io import CheckpointWriter, open_checkpoint, output_kind, quant
 from lora_tools.io.gguf_file import GGUFCheckpoint, is_gguf
 from lora_tools.merging import plan as beyond_plan
 from lora_tools.merging import provenance
@@ -106,7 +106,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     dry.update({k: replace(fn, observe=None) for k, fn in extra.work.items()})
     check_factors(adapters, reports)
     check_range(base, specs, dry)
-    if extra.config and Path(out).suffix:
+    if extra.config and output_kind(out) != "folder":
         warnings.append(f"{out} is a single file: set {extra.config} in the model's "
                         "config.json yourself (a folder output gets it written)")
     with CheckpointWriter(out, specs, meta, shard_size=shard_size, source_folder=base.folder,
