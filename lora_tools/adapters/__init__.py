@@ -52,6 +52,11 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
             raise UsageError(f"{p}: holds {len(named)} PEFT adapters ({', '.join(named)}), as "
                              "PEFT's save_pretrained writes several; name the one to use, "
                              f"e.g. {p / named[0]}")
+        if _model_folder(p):
+            raise FormatError(f"{p}: a model folder (config.json or model weights, no "
+                              f"{CONFIG}), not an adapter; were the arguments swapped? Give "
+                              "the base model first, then the adapter(s), e.g. lora-tools "
+                              "merge BASE ADAPTER -o OUT")
         raise FormatError(f"{p}: a folder without {CONFIG}; if this is a PEFT adapter, put "
                           f"back the {CONFIG} that PEFT saved with its weights")
     source = open_file(p)
@@ -82,7 +87,14 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
     keys = source.keys()
     raise FormatError(f"{p}: not a LoRA adapter format this tool knows (first keys: "
                       f"{', '.join(keys[:5]) or 'none'}{' ...' if len(keys) > 5 else ''}); "
-                      f"known formats: {'; '.join(KNOWN_FORMATS)}")
+                      f"known formats: {'; '.join(KNOWN_FORMATS)}. If it is the base model, "
+                      "the arguments were swapped: give the base first, then the adapter(s)")
+
+
+def _model_folder(p: Path) -> bool:
+    """A Hugging Face model folder: its config or weight files, no adapter config."""
+    return (p / "config.json").is_file() or any(
+        f.name.startswith(("model", "pytorch_model")) for f in p.iterdir() if f.is_file())
 
 
 def named_adapters(folder: Path) -> list[str]:

@@ -9,6 +9,7 @@ match; the shape must fit the layer kind, which also settles ``fan_in_fan_out``.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from lora_tools.adapters import components as comps_
@@ -306,22 +307,75 @@ def scope_base(adapters: list[Adapter], base: Checkpoint, component: str | None 
 def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = False,
             resize_vocab: bool = False, component: str | None = None
             ) -> tuple[list[MatchReport], list[str]]:
-    """Match every adapter; raise MatchError unless all fit (or unmatched are allowed)."""
+    """Match every adapter; raise MatchError unless all fit (or unmatched are allowed).
+
+    Failures repeated across modules read as one line each (a count, the first case in
+    full, a few more names); an option is suggested only where it would help."""
     parts, warnings = scope_base(adapters, base, component)
     index = BaseIndex(base, parts)
     reports = [match_adapter(a, index, resize_vocab) for a in adapters]
     problems: list[str] = []
     for a, r in zip(adapters, reports):
-        for bad in r.misfits:
-            problems.append(f"{a.path}: {bad}")
+        problems += [f"{a.path}: {line}" for line in group_failures(r.misfits)]
         if r.unmatched:
             line = (f"{a.path}: {len(r.unmatched)} modules match no tensor of {base.path}: "
-                    f"{', '.join(r.unmatched[:8])}{' ...' if len(r.unmatched) > 8 else ''}")
+                    f"{_names(r.unmatched, 8)}")
             (warnings if allow_unmatched else problems).append(line)
     if problems:
-        raise MatchError("\n".join(problems) + "\nCheck that the adapter was trained for this "
-                         "base model" + ("" if allow_unmatched else
-                                         "; --allow-unmatched skips modules with no match"))
+        _refuse_swapped(base, reports)
+        shapes = any(_WRONG_MODEL.search(x) for r in reports for x in r.misfits)
+        unmatched = any(r.unmatched for r in reports)
+        hints = []
+        if shapes or unmatched:
+            hints.append("check that the adapter was trained for this base model")
+        # Skipping helps only when the unmatched modules are all that is wrong and some
+        # modules do match.
+        if (unmatched and not allow_unmatched and not any(r.misfits for r in reports)
+                and any(r.matches for r in reports)):
+            hints.append("--allow-unmatched skips modules with no match")
+        hint = "; ".join(hints)
+        raise MatchError("\n".join(problems) + (f"\n{hint[:1].upper()}{hint[1:]}" if hint
+                                                else ""))
     return reports, warnings
 
 
+_WRONG_MODEL = re.compile(r"base shape|does not fit|-D, a linear|has no .* to replace|vs base")
+
+
+def group_failures(lines: list[str], show: int = 3) -> list[str]:
+    """``subject: reason`` lines, one per kind of reason (numbers aside): the count, the
+    first in full, and the next few subjects."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for line in lines:
+        subject, _, reason = line.partition(": ")
+        groups.setdefault(re.sub(r"\d+", "#", reason), []).append((subject, reason))
+    out = []
+    for items in groups.values():
+        subject, reason = items[0]
+        if len(items) == 1:
+            out.append(f"{subject}: {reason}")
+            continue
+        rest = [s for s, _ in items[1:]]
+        out.append(f"{len(items)} modules: {reason} (first {subject}; also "
+                   f"{_names(rest, show)})")
+    return out
+
+
+def _names(names: list[str], show: int) -> str:
+    more = len(names) - show
+    return ", ".join(names[:show]) + (f" and {more} more" if more > 0 else "")
+
+
+def _refuse_swapped(base: Checkpoint, reports: list[MatchReport]) -> None:
+    """BASE that is itself an adapter: the arguments were given the wrong way round."""
+    if any(r.matches for r in reports):
+        return
+    lora = next((k for k in base.keys() if _LORA_KEY.search(k)), None)
+    if lora is not None:
+        raise MatchError(f"{base.path}: holds LoRA tensors ({lora}), so it is an adapter, "
+                         "not the base model; were the arguments swapped? Give the base "
+                         "model first, then the adapter(s), e.g. lora-tools merge BASE "
+                         "ADAPTER -o OUT")
+
+
+_LORA_KEY = re.compile(r"lora_(A|B|down|up|embedding_A)\b|\.lora_[AB]$|hada_w|lokr_w")

@@ -60,6 +60,7 @@ class Checker:
                  seed: int) -> None:
         self.merged, self.base, self.work, self.plan = merged, base, work, plan
         self.dtype, self.tol, self.seed = dtype, tol, seed
+        self.swapped = False  # said once
 
     def check(self, info: TensorInfo, rep: VerifyReport) -> list[Failure]:
         name = info.name
@@ -115,6 +116,13 @@ class Checker:
                 f"is exactly 0); first at flat index {at}: base "
                 f"{float(w.reshape(-1)[at]):.6g}, merged {float(m.reshape(-1)[at]):.6g}"),
                 moved))
+        if over and not self.swapped and _looks_swapped(m, w, expected):
+            self.swapped = True
+            rep.warnings.append(
+                f"{rep.merged} and {rep.base} look swapped: {name} of the file given as BASE "
+                "is the other one plus the adapters' update; give the merged checkpoint "
+                "first and the base with --base (lora-tools verify MERGED --base BASE -a "
+                "ADAPTER)")
         if over:
             fails.append(Failure(name, "values", (
                 f"{over} of {res.elements} elements off by up to {worst:.4g} ulp (tolerance "
@@ -149,6 +157,15 @@ class Checker:
             return [Failure(name, "probe", f"W'x vs Wx + s·B(Ax): relative error {rel:.3g}, "
                             f"more than the {bound:.3g} rounding allows", rel)]
         return []
+
+
+def _looks_swapped(m: torch.Tensor, w: torch.Tensor, expected: torch.Tensor) -> bool:
+    """MERGED − ΔW fits what was given as BASE far better than BASE + ΔW fits MERGED."""
+    w32 = w.float()
+    delta = expected - w32
+    as_given = float((m.float() - expected).norm())
+    reversed_ = float((m.float() - (w32 - delta)).norm())
+    return reversed_ < 0.1 * as_given
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
