@@ -13,6 +13,7 @@ from lora_tools.commands.common import (
     emit,
     handle_errors,
     parse_enable_lora,
+    progress_wanted,
     run_options,
     stating,
     warn,
@@ -88,7 +89,8 @@ def command(adapters: tuple[str, ...], out: str, weights: str | None, **opts: An
             dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
             opts=AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
                                 opts["fan_in_fan_out"]),
-            device=opts["device"], force=opts["force"])
+            device=opts["device"], force=opts["force"],
+            progress=progress_wanted(opts["quiet"], opts["as_json"]))
     warn(summary.warnings, opts["quiet"])
     emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lora_tools.commands.common import POSITIVE, emit, handle_errors, run_options, warn
+from lora_tools.commands.common import POSITIVE, emit, handle_errors, progress_wanted, run_options, warn
 
 
 @click.command("extract")
@@ -56,7 +56,8 @@ def command(base: str, tuned: str, out: str, rank: int, **opts: Any) -> None:
                         include_embeddings=opts["include_embeddings"],
                         fan_in_fan_out=opts["fan_in_fan_out"], dtype=parse_dtype(opts["dtype"]))
     summary = extract(base, tuned, out, xo, to=opts["to"], prefix=opts["prefix"],
-                      save_rest=opts["save_rest"], device=opts["device"], force=opts["force"])
+                      save_rest=opts["save_rest"], device=opts["device"], force=opts["force"],
+                      progress=progress_wanted(opts["quiet"], opts["as_json"]))
     warn(summary.warnings, opts["quiet"])
     emit(summary.to_dict(), opts["as_json"], describe, opts["quiet"])
 

@@ -11,6 +11,7 @@ from lora_tools.commands.common import (
     emit,
     handle_errors,
     parse_enable_lora,
+    progress_wanted,
     run_options,
     stating,
     warn,
@@ -53,6 +54,7 @@ def command(path: str, base: str | None, top: int, plot: str | None, **opts: Any
         report = inspect_path(path, base=base, top=top, alpha=opts["alpha"],
                               enable_lora=parse_enable_lora(opts["enable_lora"]),
                               fan_in_fan_out=opts["fan_in_fan_out"], device=opts["device"],
-                              plot=plot)
+                              plot=plot,
+                              progress=progress_wanted(opts["quiet"], opts["as_json"]))
     warn(report.warnings, opts["quiet"] or opts["as_json"])
     emit({**report.to_dict(), "interpretation": said}, opts["as_json"], render, opts["quiet"])

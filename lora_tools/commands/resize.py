@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from lora_tools.commands.common import POSITIVE, emit, handle_errors, run_options, stating, warn
+from lora_tools.commands.common import (
+    POSITIVE,
+    emit,
+    handle_errors,
+    progress_wanted,
+    run_options,
+    stating,
+    warn,
+)
 
 
 @click.command("resize")
@@ -50,7 +58,8 @@ def command(adapter: str, out: str, **opts: Any) -> None:
         summary = resize(adapter, out, rank=opts["rank"], dynamic=opts["dynamic"],
                          alpha=opts["alpha"], from_alpha=opts["from_alpha"],
                          dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
-                         device=opts["device"], force=opts["force"], to=opts["to"])
+                         device=opts["device"], force=opts["force"], to=opts["to"],
+                         progress=progress_wanted(opts["quiet"], opts["as_json"]))
     warn(summary.warnings, opts["quiet"])
     emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 

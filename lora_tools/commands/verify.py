@@ -12,6 +12,7 @@ from lora_tools.commands.common import (
     adapter_options,
     emit,
     handle_errors,
+    progress_wanted,
     stating,
     warn,
 )
@@ -68,7 +69,8 @@ def command(merged: str, base: str, adapters: tuple[str, ...], weights: tuple[fl
                         dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
                         tolerance=opts["tolerance"], device=opts["device"], seed=opts["seed"],
                         allow_unmatched=opts["allow_unmatched"],
-                        gguf_type=opts["gguf_type"])
+                        gguf_type=opts["gguf_type"],
+                        progress=progress_wanted(opts["quiet"], opts["as_json"]))
     warn(report.warnings, opts["quiet"] or opts["as_json"])
     emit({**report.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
     if not report.ok:

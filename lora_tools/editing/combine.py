@@ -38,6 +38,7 @@ from lora_tools.editing.combine_plan import (
     widest_dtype,
 )
 from lora_tools.engine.device import exact, resolve_device
+from lora_tools.engine.progress import track
 from lora_tools.errors import UsageError
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.math.finite import check_finite
@@ -77,7 +78,7 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
             density: float | None = None, majority_sign: str = "total",
             seed: int | None = None, fmt: str = "peft", dtype: torch.dtype | None = None,
             opts: AdapterOptions | None = None, device: str = "auto",
-            force: bool = False) -> CombineSummary:
+            force: bool = False, progress: bool = False) -> CombineSummary:
     """Write one adapter at ``out`` whose ΔW estimates ``Σᵢ wᵢ·ΔWᵢ`` by ``method``."""
     t0 = time.perf_counter()
     spec = get_method(method)
@@ -97,7 +98,8 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
         seed = secrets.randbits(31)
     dev = resolve_device(device)
     out_dtype = dtype or widest_dtype(groups)
-    modules, records, alpha = combine_groups(groups, spec, options, seed, dev, out_dtype)
+    modules, records, alpha = combine_groups(groups, spec, options, seed, dev, out_dtype,
+                                             progress)
     inputs = [{"adapter": str(a.path), "format": a.format, "sha256": a.sha256, "weight": w,
                "modules": len(a.modules)} for a, w in zip(adapters, ws, strict=True)]
     meta = {META_KEY: json.dumps({"method": spec.name, "rank": rank, "density": density,
@@ -114,14 +116,15 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
 
 
 def combine_groups(groups: list[Group], spec: CombineMethod, options: Options,
-                   seed: int | None, dev: torch.device, dtype: torch.dtype
+                   seed: int | None, dev: torch.device, dtype: torch.dtype,
+                   progress: bool = False
                    ) -> tuple[list[FactorModule], list[dict[str, Any]], float]:
     """Every module through ``spec``, one at a time; one alpha for all: the largest rank."""
     largest = max(mb.module.rank for g in groups for mb in g.members)
     ranks = {g.name: _new_rank(spec, g, options.rank, largest) for g in groups}
     alpha = float(max(ranks.values()))
     modules, records = [], []
-    for g in groups:
+    for g in track(groups, f"combine ({spec.name})", progress, len(groups), "module"):
         fm, rec = combine_group(g, spec, ranks[g.name], alpha, options, seed, dev, dtype)
         modules.append(fm)
         records.append(rec)

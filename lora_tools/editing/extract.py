@@ -22,6 +22,7 @@ from lora_tools.adapters.names import base_module
 from lora_tools.adapters.save import FactorModule, check_adapter_out, save_adapter
 from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact, resolve_device
+from lora_tools.engine.progress import track
 from lora_tools.errors import LoraToolsError, MatchError, UsageError
 from lora_tools.io import CheckpointWriter, TensorSpec, open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
@@ -74,7 +75,7 @@ class ExtractSummary:
 def extract(base_path: str | Path, tuned_path: str | Path, out: str | Path,
             opts: ExtractOptions, *, to: str = "peft", prefix: str | None = None,
             save_rest: str | Path | None = None, device: str = "auto",
-            force: bool = False) -> ExtractSummary:
+            force: bool = False, progress: bool = False) -> ExtractSummary:
     """Write an adapter at ``out`` whose ΔW approximates ``tuned − base`` layer by layer."""
     rule = _check(opts, to)
     base, tuned = open_checkpoint(base_path), open_checkpoint(tuned_path)
@@ -88,7 +89,7 @@ def extract(base_path: str | Path, tuned_path: str | Path, out: str | Path,
         check_not_input(Path(out), [Path(save_rest)], role="output (-o)")
     dev = resolve_device(device)
     summary = ExtractSummary(str(base_path), str(tuned_path), str(out), to, str(dev))
-    modules = scan(base, tuned, opts, rule, to, dev, summary)
+    modules = scan(base, tuned, opts, rule, to, dev, summary, progress)
     summary.missing_in_tuned = [k for k in base.keys() if k not in tuned]
     _finish(summary, modules, opts, to, prefix, base, force, inputs)
     if save_rest is not None and summary.rest:
@@ -112,10 +113,11 @@ def _check(opts: ExtractOptions, to: str) -> tuple[ResizeRule, float] | None:
 
 def scan(base: Checkpoint, tuned: Checkpoint, opts: ExtractOptions,
          rule: tuple[ResizeRule, float] | None, to: str, dev: torch.device,
-         summary: ExtractSummary) -> list[FactorModule]:
+         summary: ExtractSummary, progress: bool = False) -> list[FactorModule]:
     """One pass over TUNED, one tensor pair in memory: factor, keep whole, or skip."""
     modules = []
-    for name in tuned.keys():
+    names = list(tuned.keys())
+    for name in track(names, "extract", progress, len(names), "tensor"):
         reason = _unpaired(name, base, tuned)
         if reason is None:
             b, t = base.get(name), tuned.get(name)

@@ -25,6 +25,7 @@ from lora_tools.adapters.save import FactorModule, factor_modules
 from lora_tools.editing.common import check_factors, check_out, open_for_edit, write_like
 from lora_tools.editing.rescale import absorb
 from lora_tools.engine.device import exact, resolve_device
+from lora_tools.engine.progress import track
 from lora_tools.errors import UsageError
 from lora_tools.math.deltas import lora_scale
 from lora_tools.math.lowrank import FactorSVD, factor_svd, flatten_factors, split
@@ -74,7 +75,8 @@ def truncate(a: torch.Tensor, b: torch.Tensor, scale: float, k: int, new_scale: 
 def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None,
            dynamic: str | None = None, alpha: float | None = None,
            from_alpha: float | None = None, dtype: torch.dtype | None = None,
-           device: str = "auto", force: bool = False, to: str | None = None) -> ResizeSummary:
+           device: str = "auto", force: bool = False, to: str | None = None,
+           progress: bool = False) -> ResizeSummary:
     """Write ``out``: every module cut to its best rank-k approximation, same format."""
     plan = _plan(rank, dynamic, alpha, dtype)
     start = time.perf_counter()
@@ -83,7 +85,8 @@ def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None
     target = check_out(adapter, out, to)
     dev = resolve_device(device)
     rows, written = [], []
-    for m, fm in zip(adapter.modules, factor_modules(adapter), strict=True):
+    pairs = zip(adapter.modules, factor_modules(adapter), strict=True)
+    for m, fm in track(pairs, "resize", progress, len(adapter.modules), "module"):
         row, fm = _resize_module(m, fm, plan, dev)
         rows.append(row)
         written.append(fm)

@@ -20,6 +20,7 @@ from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import BaseIndex, match_adapter
 from lora_tools.adapters.model import LoraModule
 from lora_tools.engine.device import exact, resolve_device
+from lora_tools.engine.progress import track
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.inspection.checkpoint import CheckpointReport, inspect_checkpoint
 from lora_tools.inspection.figures import (
@@ -41,7 +42,8 @@ from lora_tools.modules.registry import module_delta
 def inspect_path(path: str | Path, *, base: str | Path | None = None, top: int = 5,
                  alpha: float | None = None, enable_lora: tuple[bool, ...] | None = None,
                  fan_in_fan_out: bool | None = None, device: str = "auto",
-                 plot: str | Path | None = None) -> AdapterReport | CheckpointReport:
+                 plot: str | Path | None = None, progress: bool = False
+                 ) -> AdapterReport | CheckpointReport:
     """Inspect an adapter (any format) or a checkpoint; write a PNG to ``plot`` if given."""
     p = Path(path)
     if not p.exists():
@@ -61,7 +63,7 @@ def inspect_path(path: str | Path, *, base: str | Path | None = None, top: int =
             raise UsageError(f"--base is for adapters; {p} is a checkpoint without LoRA factors")
         return inspect_checkpoint(p, top=top)
     report = inspect_adapter(p, base=base, top=top, alpha=alpha, enable_lora=enable_lora,
-                             fan_in_fan_out=fan_in_fan_out, device=device)
+                             fan_in_fan_out=fan_in_fan_out, device=device, progress=progress)
     if plot is not None:
         from lora_tools.inspection.plot import write_plot
 
@@ -71,7 +73,8 @@ def inspect_path(path: str | Path, *, base: str | Path | None = None, top: int =
 
 def inspect_adapter(path: Path, *, base: str | Path | None = None, top: int = 5,
                     alpha: float | None = None, enable_lora: tuple[bool, ...] | None = None,
-                    fan_in_fan_out: bool | None = None, device: str = "auto") -> AdapterReport:
+                    fan_in_fan_out: bool | None = None, device: str = "auto",
+                    progress: bool = False) -> AdapterReport:
     t0 = time.perf_counter()
     dev = resolve_device(device, auto="cuda")
     adapter, magnitudes = open_for_inspect(path, alpha, enable_lora, fan_in_fan_out)
@@ -80,7 +83,7 @@ def inspect_adapter(path: Path, *, base: str | Path | None = None, top: int = 5,
     if base_ckpt is None:
         state(adapter)
     stats = []
-    for m in adapter.modules:
+    for m in track(adapter.modules, "inspect", progress, len(adapter.modules), "module"):
         if m.type != "lora":
             stats.append(type_stats(adapter, m, dev, top))
         else:

@@ -30,6 +30,7 @@ from lora_tools.adapters.mapping import MatchReport, resolve
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.engine.blocks import threads
 from lora_tools.engine.device import exact, resolve_device
+from lora_tools.engine.progress import Bar
 from lora_tools.errors import UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
@@ -56,7 +57,7 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
            weights: list[float] | None = None, opts: AdapterOptions | None = None,
            dtype: torch.dtype | None = None, tolerance: float | None = None,
            device: str = "auto", seed: int = 0, allow_unmatched: bool = False,
-           gguf_type: str | None = None) -> VerifyReport:
+           gguf_type: str | None = None, progress: bool = False) -> VerifyReport:
     """Check ``merged_path`` against ``base_path`` + adapters (see the module doc).
 
     ``tolerance``: allowed error of adapted tensors in ulps of the stored dtype (default
@@ -95,9 +96,11 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     # One thread: on these streaming, memory-bound passes an OpenMP team costs more than it
     # saves (measured: 2 threads took 1.4× the wall time of 1). fp32 results that depend on
     # the thread count (convs) stay within the fp32 tolerance.
-    with threads(1):
-        for info in base.infos():
+    infos = list(base.infos())
+    with threads(1), Bar(sum(i.nbytes for i in infos), "verify", progress, "B") as bar:
+        for info in infos:
             rep.failures += checker.check(info, rep)
+            bar.update(info.nbytes)
     for name in merged.keys():
         if name not in base:
             rep.failures.append(Failure(name, "extra", "in MERGED but not in BASE"))
