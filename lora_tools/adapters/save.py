@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,16 @@ from lora_tools.io.writer import TensorSpec, tensor_bytes
 from lora_tools.version import __version__
 
 FORMATS = ("peft", "kohya", "loralib")
+# What identifies a PEFT adapter's model and loader; carried through kohya and loralib
+# files (in their metadata, under PEFT_META) so PEFT -> kohya -> PEFT keeps it.
+PEFT_IDENTITY = ("base_model_name_or_path", "revision", "auto_mapping", "peft_version",
+                 "task_type", "target_modules", "library_name")
+PEFT_META = "lora_tools.peft_config"
+
+
+def peft_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The PEFT_IDENTITY fields ``config`` sets (not None)."""
+    return {k: config[k] for k in PEFT_IDENTITY if config.get(k) is not None}
 # The output forms (io.output.output_kind) each adapter format is written as.
 ADAPTER_FORMS = {"peft": ("folder",), "kohya": ("safetensors",),
                  "loralib": ("torch", "safetensors")}
@@ -33,6 +44,31 @@ _FORM_HINT = {"peft": "a folder (adapter_config.json + adapter_model.safetensors
                       "path without a suffix or ending in /",
               "kohya": "one .safetensors file: name it *.safetensors",
               "loralib": "one file: name it *.pt, *.pth, *.bin or *.safetensors"}
+
+
+# transformers architecture suffix -> PEFT task type (what AutoPeftModelFor* checks)
+_TASKS = {"ForCausalLM": "CAUSAL_LM", "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+          "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+          "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def model_folder(path: str | Path) -> Path | None:
+    """The Hugging Face model folder ``path`` is or sits in (it has a config.json), resolved."""
+    p = Path(path).resolve()
+    folder = p if p.is_dir() else p.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
+def model_task_type(folder: Path) -> dict[str, str]:
+    """PEFT's task_type from a model folder's config.json, when its architecture says it."""
+    try:
+        arch = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return {}
+    for suffix, task in _TASKS.items():
+        if arch and isinstance(arch[0], str) and arch[0].endswith(suffix):
+            return {"task_type": task}
+    return {}
 
 
 def check_adapter_out(out: str | Path, fmt: str) -> str:
@@ -147,8 +183,7 @@ def peft_config(modules: list[FactorModule], template: dict[str, Any]) -> dict[s
     cfg.update({
         "peft_type": "LORA", "r": r, "lora_alpha": _num(alpha), "use_rslora": rslora.pop(),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules),
-        # Full module paths: PEFT then wraps exactly these modules, not every namesake.
-        "target_modules": sorted({m.name for m in modules}),
+        "target_modules": _targets(modules, template.get("target_modules")),
         "rank_pattern": {m.name: m.rank for m in modules if m.rank != r},
         "alpha_pattern": {m.name: _num(m.alpha) for m in modules if m.alpha != alpha},
     })
@@ -157,6 +192,22 @@ def peft_config(modules: list[FactorModule], template: dict[str, Any]) -> dict[s
                          ("use_dora", False), ("modules_to_save", None)):
         cfg.setdefault(key, default)
     return cfg
+
+
+def _targets(modules: list[FactorModule], given: Any) -> list[str] | str:
+    """The input's own ``target_modules`` (short names or a regex) when they name exactly
+    the modules written, so PEFT wraps the same layers; else full module paths, so PEFT
+    wraps exactly these modules and not every namesake."""
+    names = {m.name for m in modules}
+    if isinstance(given, str) and all(re.fullmatch(given, n) for n in names):
+        return given
+    if isinstance(given, list) and given and all(isinstance(t, str) for t in given):
+        def hit(n: str, t: str) -> bool:
+            return n == t or n.endswith("." + t)
+        if all(any(hit(n, t) for t in given) for n in names) and all(
+                any(hit(n, t) for n in names) for t in given):
+            return sorted(given)
+    return sorted(names)
 
 
 def _num(x: float) -> float | int:

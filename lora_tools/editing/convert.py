@@ -9,6 +9,7 @@ by tensor through the engine; a dtype change is checked for overflow before writ
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,15 @@ from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import resolve
 from lora_tools.adapters.model import EMBEDDING, LINEAR
 from lora_tools.adapters.options import AdapterOptions
-from lora_tools.adapters.save import FactorModule, factor_modules, save_adapter
+from lora_tools.adapters.save import (
+    PEFT_META,
+    FactorModule,
+    factor_modules,
+    model_folder,
+    model_task_type,
+    peft_identity,
+    save_adapter,
+)
 from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact
 from lora_tools.engine.range import check_range, limit_of, peak
@@ -108,7 +117,9 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
     modules, meta = for_target(modules, to, prefix, base_keys, notes)
     if dtype is not None:
         modules = [fold.cast(m, dtype) for m in _check_cast(modules, dtype)]
-    template = dict(adapter.config) if adapter.format == "peft" else {}
+    template = peft_template(adapter, base)
+    if to != "peft" and peft_identity(template):
+        meta[PEFT_META] = json.dumps(peft_identity(template))
     save_adapter(modules, out, to, template=template, metadata=meta, force=force,
                  inputs=[Path(src), *adapter.weight_files], whole=whole)
     summary = ConvertSummary(str(src), str(out), to, adapter.format, len(modules), notes,
@@ -117,6 +128,24 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
         summary.alphas = {m.name: m.alpha for m in modules}
         summary.notes.append(_loralib_alpha_note(modules))
     return summary
+
+
+def peft_template(adapter: Adapter, base: str | Path | None) -> dict[str, Any]:
+    """The PEFT config to start from: the adapter's own, or what an earlier conversion
+    carried in the file's metadata; ``base``, when it is a model folder, supplies a
+    missing ``base_model_name_or_path`` (resolved, so it loads from anywhere)."""
+    if adapter.format == "peft":
+        template = dict(adapter.config)
+    else:
+        carried = adapter.source.metadata.get(PEFT_META)
+        template = json.loads(carried) if carried else {}
+    if template.get("base_model_name_or_path") is None and base is not None:
+        folder = model_folder(base)
+        if folder is not None:
+            template["base_model_name_or_path"] = str(folder)
+            for key, value in model_task_type(folder).items():
+                template.setdefault(key, value)
+    return template
 
 
 def _check_all_keys(adapter: Adapter, to: str) -> None:

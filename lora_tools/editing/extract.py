@@ -19,7 +19,12 @@ import torch
 
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR
 from lora_tools.adapters.names import base_module
-from lora_tools.adapters.save import FactorModule, check_adapter_out, save_adapter
+from lora_tools.adapters.save import (
+    FactorModule,
+    check_adapter_out,
+    model_task_type,
+    save_adapter,
+)
 from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.progress import track
@@ -248,7 +253,11 @@ def _finish(summary: ExtractSummary, modules: list[FactorModule], opts: ExtractO
                              f"rank+{OVERSAMPLE} singular values of each module")
     out_modules, meta = for_target(modules, to, prefix, None, summary.notes)
     folder = base.folder
-    template = {"base_model_name_or_path": str(folder) if folder is not None else None}
+    # resolved: a path as typed (../case/base) means nothing once the adapter moves
+    template = {"base_model_name_or_path": str(Path(folder).resolve()) if folder is not None
+                else None}
+    if folder is not None:
+        template.update(model_task_type(Path(folder)))
     meta["lora_tools.extracted_from"] = f"{Path(summary.tuned).name} - {Path(summary.base).name}"
     save_adapter(out_modules, summary.out, to, template=template, metadata=meta, force=force,
                  inputs=inputs)
