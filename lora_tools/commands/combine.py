@@ -68,7 +68,8 @@ def command(adapters: tuple[str, ...], out: str, weights: str | None, **opts: An
     Modules are matched by name; one present in only some adapters is combined over
     those. Each module's new rank and relative error against the exact weighted sum is
     reported. To put adapters into a base model exactly, use 'lora-tools merge' with
-    several adapters: 'combine --method cat' then 'merge' gives the same weights.
+    several adapters: 'combine --method cat' then 'merge' gives the same weights up to
+    fp32 summation order (within one ulp on a bf16/fp16 base).
 
     \b
     Examples:

@@ -27,9 +27,19 @@ class LibraryError(click.ClickException):
         setattr(self, "exit_code", err.exit_code)  # noqa: B010 - click reads it per instance
 
 
+class Interrupted(click.ClickException):
+    """Ctrl-C: the writers removed their temporaries, so nothing was written."""
+
+    exit_code = 130  # 128 + SIGINT, as shells report it
+
+    def __init__(self) -> None:
+        super().__init__("interrupted (Ctrl-C); nothing was written (the partial output, "
+                         "if any, was removed)")
+
+
 def handle_errors(fn: F) -> F:
-    """Every exception leaves as one ``Error:`` line (no traceback): library errors as they
-    are, system errors (disk full, name too long, ...) with a fix, anything else as an
+    """Every exception leaves as one ``Error:`` line (no traceback): Ctrl-C saying nothing
+    was written, library errors as they are, system errors (disk full, name too long, ...) with a fix, anything else as an
     "internal error" to report. ``lora-tools --debug`` re-raises those for the traceback."""
 
     @functools.wraps(fn)
@@ -38,8 +48,10 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except LoraToolsError as err:
             raise LibraryError(err) from None
+        except KeyboardInterrupt:
+            raise Interrupted() from None
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit,
-                KeyboardInterrupt, GeneratorExit):
+                GeneratorExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the one place every other error is shown
             if debugging():

@@ -12,18 +12,22 @@ from lora_tools.commands.common import emit, handle_errors
 @click.command("demo")
 @click.option("--dir", "folder", type=click.Path(file_okay=False),
               help="Work in this folder instead of a new temporary one.")
+@click.option("--force", is_flag=True, help="Replace the files of an earlier run in --dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @handle_errors
-def command(folder: str | None, as_json: bool) -> None:
+def command(folder: str | None, force: bool, as_json: bool) -> None:
     """Build a toy bf16 model and a PEFT LoRA (r=8, alpha=16), merge them and verify the
-    result against W + (alpha/r)·B@A computed in fp64."""
+    result against W + (alpha/r)·B@A computed in fp64.
+
+    Without --dir the files go to a new temporary folder, which is kept and named at
+    the end (delete it when done)."""
     from pathlib import Path
 
     from lora_tools.demo import run_demo
 
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-    result = run_demo(Path(folder) if folder else None)
+    result = run_demo(Path(folder) if folder else None, force=force)
     emit(result, as_json, _text)
     if result["max_error_ulp"] > 0.5 or not result["untouched_identical"] or not result["verify_ok"]:
         raise click.ClickException("demo verification failed")
@@ -40,4 +44,6 @@ def _text(r: dict[str, Any]) -> str:
         f"ran     lora-tools verify {r['out']} --base {r['base']} --adapter {r['adapter']}: "
         f"{'OK' if r['verify_ok'] else 'FAILED'} ({r['verify_failures']} failures, max "
         f"{r['verify_max_ulp']:.2f} ulp)",
+        f"kept    the files in {r['folder']}" + (" (a temporary folder: delete it when done)"
+                                                 if r["temporary"] else ""),
     ])

@@ -103,6 +103,9 @@ def extract(base_path: str | Path, tuned_path: str | Path, out: str | Path,
     elif summary.rest:
         summary.warnings.append(f"{len(summary.rest)} changed tensors are not LoRA material and "
                                 "were not saved; pass --save-rest FILE to keep them")
+    elif save_rest is not None:
+        summary.notes.append(f"--save-rest: every changed tensor went into the adapter, so "
+                             f"there was nothing else to save; {save_rest} was not written")
     return summary
 
 

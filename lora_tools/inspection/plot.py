@@ -82,7 +82,8 @@ def _spectra(ax: Any, report: AdapterReport) -> None:
                     alpha=0.9 if label else 0.5, label=label, marker="." if label else None)
     if any(m.spectrum for m in chosen):
         ax.set_yscale("log")
-        ax.legend(fontsize=6, loc="upper right", title="strongest", title_fontsize=6)
+        ax.legend(fontsize=6, loc="upper right", title="strongest (‖ΔW‖_F)" if known
+                  else "strongest (‖B·A‖_F)", title_fontsize=6)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index i")
     ax.set_ylabel("σᵢ of ΔW" if known else "σᵢ of B·A (alpha unknown)")
@@ -109,8 +110,10 @@ def _layers(ax: Any, report: AdapterReport) -> None:
 
 
 def _strongest_first(report: AdapterReport) -> list[Any]:
-    return sorted(report.modules, key=lambda m: m.spectrum[0] if m.spectrum else 0.0,
-                  reverse=True)
+    """The table's ranking (‖ΔW‖_F, or ‖B·A‖_F when alpha is unknown), so the legend's
+    "strongest" are the table's."""
+    key = report.summary["ranked_by"]
+    return sorted(report.modules, key=lambda m: getattr(m, key) or 0.0, reverse=True)
 
 
 def _short(label: str, width: int = 18) -> str:
