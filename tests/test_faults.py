@@ -96,6 +96,8 @@ def test_interrupt_removes_the_temporary_output(big: tuple[Path, Path], tmp_path
     assert list(tmp_path.iterdir()) == [], "output or temporary left after the signal"
     if sig == signal.SIGTERM:
         assert "stopped by SIGTERM" in err and "run the command again" in err
+    if sig == signal.SIGINT:
+        assert "interrupted (Ctrl-C); nothing was written" in err and "Aborted" not in err
 
 
 def test_disk_full_gives_a_clear_error_and_no_output(big: tuple[Path, Path],

@@ -40,7 +40,8 @@ def test_ctrl_c_says_nothing_was_written(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(lora_tools.demo, "run_demo", interrupted)
     res = CliRunner().invoke(cli, ["demo"])
-    assert res.exit_code == 130 and "nothing was written" in res.output, res.output
+    assert res.exit_code == 1 and "nothing was written" in res.output, res.output
+    assert res.output.count("Error:") == 1
     assert "Aborted" not in res.output
 
 

@@ -30,7 +30,7 @@ class LibraryError(click.ClickException):
 class Interrupted(click.ClickException):
     """Ctrl-C: the writers removed their temporaries, so nothing was written."""
 
-    exit_code = 130  # 128 + SIGINT, as shells report it
+    exit_code = 1  # every refusal's status (the shell's 130 would be a second convention)
 
     def __init__(self) -> None:
         super().__init__("interrupted (Ctrl-C); nothing was written (the partial output, "
