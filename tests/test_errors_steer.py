@@ -63,9 +63,10 @@ def test_wrong_base_is_one_line_per_kind_without_a_useless_hint(tmp_path: Path) 
     assert "trained for this base model" in res.output
 
 
-def test_square_loralib_fix_is_said_once(tmp_path: Path) -> None:
+def test_a_repeated_fix_is_said_once(tmp_path: Path) -> None:
+    """Six loralib layers whose bases are fused (3× the outputs): one line, one hint."""
     g = torch.Generator().manual_seed(0)
-    base = state_dict_file({f"l{i}.weight": torch.randn(4, 4, generator=g) for i in range(6)},
+    base = state_dict_file({f"l{i}.weight": torch.randn(12, 4, generator=g) for i in range(6)},
                            tmp_path / "base.pt")
     lora = {}
     for i in range(6):
@@ -75,8 +76,8 @@ def test_square_loralib_fix_is_said_once(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["merge", str(base), str(ad), "--alpha", "4", "-o",
                                    str(tmp_path / "m.pt")])
     assert res.exit_code == 1, res.output
-    assert res.output.count("--fan-in-fan-out") == 1 and "6 modules: square weight" in res.output
-    assert "--allow-unmatched" not in res.output and "trained for this base" not in res.output
+    assert res.output.count("--enable-lora") == 1 and "6 modules: base shape" in res.output
+    assert "--allow-unmatched" not in res.output and not (tmp_path / "m.pt").exists()
 
 
 def test_verify_says_merged_and_base_look_swapped(tmp_path: Path) -> None:
