@@ -15,6 +15,10 @@ combined with weights 0.5, 0.3, 0.2. Two cases:
 For each method: output rank, mean and largest per-module relative Frobenius error
 against ``Σ wᵢ·ΔWᵢ`` (as reported by ``combine``), and the wall time of ``combine``.
 Inputs are cached under ``bench/_work/combine`` (git-ignored).
+
+``--peft``: also time PEFT's ``add_weighted_adapter`` (``<method>_svd``, same density and
+output rank) on the same three adapters loaded into a Llama of these shapes, for the dense
+methods, next to ``combine``'s time.
 """
 
 from __future__ import annotations
@@ -71,11 +75,39 @@ def build(case: str, hidden: int, layers: int) -> list[Path]:
     return paths
 
 
+PEFT_RUNS = [("ties", 0.2), ("dare_linear", 0.5), ("dare_ties", 0.5), ("magnitude_prune", 0.2)]
+
+
+def peft_rows(paths: list[Path], hidden: int, layers: int) -> None:
+    """PEFT's add_weighted_adapter, timed on the same adapters (the model load untimed)."""
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=32, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8))
+    pm = PeftModel.from_pretrained(model, str(paths[0]), adapter_name="a0")
+    for k, p in enumerate(paths[1:], 1):
+        pm.load_adapter(str(p), adapter_name=f"a{k}")
+    names = [f"a{k}" for k in range(len(paths))]
+    print("\n| PEFT add_weighted_adapter | options | rank | time (s) |\n|---|---|---|---|")
+    for method, dens in PEFT_RUNS:
+        t = time.perf_counter()
+        pm.add_weighted_adapter(names, WEIGHTS, f"{method}_out", combination_type=f"{method}_svd",
+                                svd_rank=max(RANKS), density=dens)
+        wall = time.perf_counter() - t
+        pm.delete_adapter(f"{method}_out")
+        print(f"| {method}_svd | density={dens} | {max(RANKS)} | {wall:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--peft", action="store_true",
+                    help="also time PEFT's add_weighted_adapter on the dense methods")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     print(f"hidden {args.hidden}, {args.layers} layers, ranks {RANKS}, weights {WEIGHTS}, "
@@ -97,6 +129,8 @@ def main() -> None:
             shown = ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
             print(f"| {method} | {shown} | {'/'.join(map(str, ranks))} | "
                   f"{statistics.mean(errs):.2e} | {max(errs):.2e} | {wall:.2f} |")
+        if args.peft and case == "independent":
+            peft_rows(paths, args.hidden, args.layers)
 
 
 if __name__ == "__main__":
