@@ -39,8 +39,9 @@ class Interrupted(click.ClickException):
 
 def handle_errors(fn: F) -> F:
     """Every exception leaves as one ``Error:`` line (no traceback): Ctrl-C saying nothing
-    was written, library errors as they are, system errors (disk full, name too long, ...) with a fix, anything else as an
-    "internal error" to report. ``lora-tools --debug`` re-raises those for the traceback."""
+    was written, library errors as they are, system errors (disk full, name too long, ...)
+    with a fix, anything else as an "internal error" to report. ``lora-tools --debug``
+    re-raises those for the traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
