@@ -74,6 +74,7 @@ def model_task_type(folder: Path) -> dict[str, str]:
 def check_adapter_out(out: str | Path, fmt: str) -> str:
     """Refuse an ``out`` whose form does not fit adapter format ``fmt`` (a PEFT adapter is
     a folder, a kohya one a .safetensors file); its form when it fits."""
+    paths.check_name(Path(out))  # a name no file may have is the first thing to say
     kind = output_kind(out)
     if fmt in ADAPTER_FORMS and kind not in ADAPTER_FORMS[fmt]:
         shown = "a folder" if kind == "folder" else f"a {kind} file"
