@@ -34,6 +34,10 @@ TARGETS = ("peft", "kohya", "loralib", "safetensors", "pt", "gguf")
 @click.option("--prefix", help="kohya name prefix, e.g. lora_unet_ or lora_te_ "
                                "(default lora_unet_).")
 @adapter_options
+@click.option("--rank", type=int, help="LoHa/LoKr/full modules: write each as its best rank-R "
+                                       "LoRA (truncated SVD of ΔW); errors are reported.")
+@click.option("--dynamic", metavar="RULE:X", help="With --rank: a resize rule picks each "
+                                                  "module's rank up to R (sv_fro:0.99, ...).")
 @click.option("--dtype", metavar="DTYPE", help="Cast floating tensors (fp32, fp16, bf16); "
                                                "refused before writing if a value overflows.")
 @click.option("--shard-size", metavar="SIZE", help="Largest shard of a folder output, e.g. 2GB.")
@@ -55,6 +59,7 @@ def command(source: str, out: str, to: str, **opts: Any) -> None:
           --base gpt2.pt -o out/
       lora-tools convert pytorch_model.bin --to safetensors -o model_dir/ --shard-size 2GB
       lora-tools convert adapter_dir/ --to gguf --base model-Q8_0.gguf -o adapter.gguf
+      lora-tools convert my_loha.safetensors --to peft --rank 16 --base model/ -o lora_dir/
     """
     from lora_tools.adapters.options import AdapterOptions
     from lora_tools.editing.convert import convert
@@ -68,7 +73,8 @@ def command(source: str, out: str, to: str, **opts: Any) -> None:
             source, out, to, base=opts["base"], prefix=opts["prefix"], opts=adapter_opts,
             dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
             shard_size=parse_size(opts["shard_size"]) if opts["shard_size"] else None,
-            force=opts["force"], progress=progress_wanted(opts["quiet"], opts["as_json"]))
+            force=opts["force"], progress=progress_wanted(opts["quiet"], opts["as_json"]),
+            rank=opts["rank"], dynamic=opts["dynamic"])
     warn(summary.warnings, opts["quiet"])
     emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 
@@ -78,6 +84,14 @@ def describe(d: dict[str, Any]) -> str:
     lines = [f"converted {d['source']} ({d['source_format']}) -> {d['out']} ({d['to']}): "
              f"{d['converted']} {what}"]
     lines += [f"  note: {n}" for n in d["notes"]]
+    for f in d.get("lowrank", []):
+        lines.append(f"  {f['name']} ({f['type']}) -> rank {f['rank']}: rel. error "
+                     f"{f['rel_error']:.3g}, energy kept {f['energy']:.6f}")
+    if d.get("lowrank_total"):
+        t = d["lowrank_total"]
+        lines.append(f"  total over {t['modules']} factored modules: rel. error "
+                     f"{t['rel_error']:.3g} (max {t['max_rel_error']:.3g}), energy kept "
+                     f"{t['energy']:.6f}")
     if d["bytes_written"]:
         lines.append(f"  {d['bytes_written'] / 1e6:.1f} MB in {d['seconds']:.2f}s")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from lora_tools.adapters.save import (
     peft_identity,
     save_adapter,
 )
+from lora_tools.editing import to_lora
 from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact
 from lora_tools.engine.range import check_range, limit_of, peak
@@ -54,6 +55,9 @@ class ConvertSummary:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     alphas: dict[str, float] = field(default_factory=dict)
+    # convert --rank: one line per LoHa/LoKr/full module factored, and their totals
+    lowrank: list[dict[str, Any]] = field(default_factory=list)
+    lowrank_total: dict[str, float] = field(default_factory=dict)
     bytes_written: int = 0
     seconds: float = 0.0
 
@@ -65,8 +69,17 @@ class ConvertSummary:
 def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | None = None,
             prefix: str | None = None, opts: AdapterOptions | None = None,
             dtype: torch.dtype | None = None, shard_size: int | None = None,
-            force: bool = False, progress: bool = False) -> ConvertSummary:
-    """Convert ``src`` to ``to`` (an adapter format or a checkpoint file form) at ``out``."""
+            force: bool = False, progress: bool = False, rank: int | None = None,
+            dynamic: str | None = None) -> ConvertSummary:
+    """Convert ``src`` to ``to`` (an adapter format or a checkpoint file form) at ``out``.
+
+    ``rank`` (adapters only): LoHa/LoKr/full modules become their best rank-``rank`` LoRA
+    (``dynamic``: a resize rule picks each module's rank up to it), errors reported."""
+    if (rank is not None or dynamic is not None) and to not in ADAPTER_TARGETS:
+        raise UsageError(f"--rank/--dynamic factor LoHa/LoKr/full modules into an adapter; "
+                         f"--to {to} does not write one")
+    if dynamic is not None and rank is None:
+        raise UsageError("--dynamic picks ranks up to --rank R: pass --rank too")
     if to == "gguf":
         return _to_gguf(src, out, base=base, opts=opts, dtype=dtype, force=force)
     if to in CHECKPOINT_TARGETS:
@@ -81,7 +94,7 @@ def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | Non
     if shard_size is not None:
         raise UsageError("--shard-size is for checkpoint outputs (--to safetensors)")
     return convert_adapter(src, out, to, base=base, prefix=prefix, opts=opts or AdapterOptions(),
-                           dtype=dtype, force=force)
+                           dtype=dtype, force=force, rank=rank, dynamic=dynamic)
 
 
 # -- adapters -----------------------------------------------------------------------------
@@ -103,17 +116,25 @@ def _to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None,
 
 def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Path | None,
                     prefix: str | None, opts: AdapterOptions, dtype: torch.dtype | None,
-                    force: bool) -> ConvertSummary:
+                    force: bool, rank: int | None = None,
+                    dynamic: str | None = None) -> ConvertSummary:
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
-    require("convert", adapter)
+    if rank is None:
+        to_lora.refuse_without_rank(adapter)
+        require("convert", adapter)
+    else:
+        to_lora.check(adapter, to, rank, dynamic)
     require_alpha(adapter)
     peft_init.refuse_edit(adapter, f"a {to} adapter")
     _check_all_keys(adapter, to)
     check_convertible(adapter.path, adapter.format, {m.component for m in adapter.modules}, to)
     notes: list[str] = []
     base_keys, whole = settle(adapter, to, base, opts, notes)
-    modules = canonical(adapter, base_keys, opts, notes)
+    figures: list[dict[str, Any]] = []
+    factored = None if rank is None else to_lora.lowrank_modules(
+        adapter, rank, dynamic, base, base_keys, figures)
+    modules = canonical(adapter, base_keys, opts, notes, factored)
     modules, meta = for_target(modules, to, prefix, base_keys, notes)
     if dtype is not None:
         modules = [fold.cast(m, dtype) for m in _check_cast(modules, dtype)]
@@ -124,6 +145,10 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
                  inputs=[Path(src), *adapter.weight_files], whole=whole)
     summary = ConvertSummary(str(src), str(out), to, adapter.format, len(modules), notes,
                              [f"{adapter.path}: {n}" for n in adapter.notes])
+    if figures:
+        summary.lowrank, summary.lowrank_total = figures, to_lora.totals(figures)
+        summary.notes.append(f"{len(figures)} LoHa/LoKr/full modules written as their best "
+                             f"rank-≤{rank} LoRA (truncated SVD of ΔW)")
     if to == "loralib":
         summary.alphas = {m.name: m.alpha for m in modules}
         summary.notes.append(_loralib_alpha_note(modules))
@@ -136,6 +161,8 @@ def peft_template(adapter: Adapter, base: str | Path | None) -> dict[str, Any]:
     missing ``base_model_name_or_path`` (resolved, so it loads from anywhere)."""
     if adapter.format == "peft":
         template = dict(adapter.config)
+    elif adapter.format.startswith("peft-"):  # a PEFT LoHa/LoKr: its identity, not its options
+        template = peft_identity(dict(adapter.config))
     else:
         carried = adapter.source.metadata.get(PEFT_META)
         template = json.loads(carried) if carried else {}
@@ -152,9 +179,9 @@ def _check_all_keys(adapter: Adapter, to: str) -> None:
     """Every tensor of the source must be carried over; the readers skip some (loralib)."""
     used = set(adapter.replacements.values())
     for m in adapter.modules:
-        used.update((m.a_key, m.b_key))
+        used.update(m.factor_keys().values())
     left = [k for k in adapter.source.keys() if k not in used
-            and not (adapter.format == "kohya" and k.endswith(".alpha"))]
+            and not (adapter.format in ("kohya", "lycoris") and k.endswith(".alpha"))]
     if left:
         raise FormatError(
             f"{adapter.path}: {len(left)} tensors are not LoRA factors and would be lost "
@@ -202,13 +229,16 @@ def settle(adapter: Adapter, to: str, base: str | Path | None, opts: AdapterOpti
 
 
 def canonical(adapter: Adapter, base_keys: dict[str, str] | None, opts: AdapterOptions,
-              notes: list[str]) -> list[FactorModule]:
-    """The adapter's modules with dotted names and PEFT semantics (kohya layouts restored)."""
-    modules = factor_modules(adapter)
+              notes: list[str], modules: list[FactorModule] | None = None
+              ) -> list[FactorModule]:
+    """The adapter's modules with dotted names and PEFT semantics (kohya layouts restored).
+
+    ``modules``: the factors already in memory (``convert --rank``), else read here."""
+    modules = factor_modules(adapter) if modules is None else modules
     for m, src in zip(modules, adapter.modules, strict=True):
-        if src.fan_in_fan_out is None:
+        if src.fan_in_fan_out is None and src.type == "lora":
             m.fan_in_fan_out = bool(opts.fan_in_fan_out)
-    if adapter.format != "kohya":
+    if adapter.format not in ("kohya", "lycoris"):
         return modules
     layout = names.read_layout(adapter.source.metadata)
     dotted = names.dotted_names([m.name for m in modules], layout, base_keys)

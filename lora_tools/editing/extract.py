@@ -188,8 +188,19 @@ def factor_one(name: str, base: torch.Tensor, tuned: torch.Tensor, opts: Extract
     check_finite(delta, f"TUNED − BASE for {name}")
     if not bool(delta.any()):
         return None  # bytes differ but values do not (-0.0, or only the dtype changed)
-    shape = tuple(delta.shape)
     kind = CONV if delta.dim() > 2 else EMBEDDING if _is_embedding(name) else LINEAR
+    module, report = factor_delta(base_module(name), delta, kind, opts, rule)
+    figures = {k: v for k, v in report.items() if k not in ("norm", "error")}
+    return module, {"name": module.name, "tensor": name, **figures}
+
+
+def factor_delta(module_name: str, delta: torch.Tensor, kind: str, opts: ExtractOptions,
+                 rule: tuple[ResizeRule, float] | None
+                 ) -> tuple[FactorModule, dict[str, Any]]:
+    """Best rank-k factors of one ΔW (shaped like its layer's weight) and their figures:
+    rank kept, ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F and the energy Σσ²_kept / Σσ² (also used by
+    ``convert --rank`` for LoHa/LoKr/full modules)."""
+    shape = tuple(delta.shape)
     # M is what B @ A must equal: PEFT's embedding and fan_in_fan_out layers use (B @ A)ᵀ.
     transpose = kind == EMBEDDING or (kind == LINEAR and opts.fan_in_fan_out)
     mat = delta.T if transpose else delta.reshape(shape[0], -1)
@@ -201,16 +212,16 @@ def factor_one(name: str, base: torch.Tensor, tuned: torch.Tensor, opts: Extract
     a, b = split(svd, k, scale)
     a, b = a.to(opts.dtype), b.to(opts.dtype)
     total = float(torch.linalg.vector_norm(mat, dtype=torch.float64))
-    err = float(torch.linalg.vector_norm(mat - (b.float() @ a.float()) * scale,
-                                         dtype=torch.float64))
-    energy = float((svd.s[:k].double() ** 2).sum()) / total ** 2
+    err = float(torch.linalg.vector_norm(mat.double() - (b.double() @ a.double()) * scale))
+    energy = float((svd.s[:k].double() ** 2).sum()) / total ** 2 if total else 1.0
     if kind == CONV:
         a = a.reshape(k, *shape[1:])
         b = b.reshape(shape[0], k, *([1] * (len(shape) - 2)))
-    module = FactorModule(base_module(name), a.cpu(), b.cpu(), alpha, kind,
+    module = FactorModule(module_name, a.cpu(), b.cpu(), alpha, kind,
                           fan_in_fan_out=kind == LINEAR and opts.fan_in_fan_out)
-    report = {"name": module.name, "tensor": name, "kind": kind, "shape": list(shape),
-              "rank": k, "rel_error": err / total, "energy": min(1.0, energy)}
+    report = {"kind": kind, "shape": list(shape), "rank": k,
+              "rel_error": err / total if total else 0.0, "energy": min(1.0, energy),
+              "norm": total, "error": err}
     return module, report
 
 
