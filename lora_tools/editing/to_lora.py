@@ -92,13 +92,14 @@ def _only(adapter: Adapter, modules: list[LoraModule]) -> Adapter:
 
 def _layer_shape(adapter: Adapter, m: LoraModule, ck: Any,
                  base_keys: dict[str, str] | None) -> tuple[int, ...]:
-    """ΔW's shape as the layer's weight: a LoHa without Tucker stores conv factors flat
-    ((out, in·k·k)), so only the base tells a conv layer from a linear one."""
-    if not (m.type == "loha" and len(m.delta_shape) == 2):
+    """ΔW's shape as the layer's weight. LoHa without Tucker and LoKr with a factored half
+    store conv kernels flat ((out, in·k·k)): only the base tells a conv from a linear."""
+    if m.type == "full" or len(m.delta_shape) != 2:
         return tuple(m.delta_shape)
     if ck is None or base_keys is None or m.name not in base_keys:
-        raise UsageError(f"{adapter.path}: {m.name} is a LoHa whose factors do not tell a conv "
-                         "kernel from a linear layer; pass --base BASE so its shape is known")
+        raise UsageError(f"{adapter.path}: {m.name} is a {module_type(m).title} whose factors "
+                         "do not tell a conv kernel from a linear layer; pass --base BASE so "
+                         "its layer's shape is known")
     shape = tuple(ck.info(base_keys[m.name]).shape)
     if math.prod(shape) != math.prod(m.delta_shape) or shape[0] != m.delta_shape[0]:
         raise FormatError(f"{adapter.path}: {m.name}: ΔW {list(m.delta_shape)} does not fit "
