@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lora_tools import merge
 from lora_tools.cli import cli
-from tests.helpers import read
+from tests.helpers import read, state_dict_file
 from tests.lycoris_cases import Tiny, build, build_peft, lycoris_weights
 
 pytest.importorskip("lycoris")
@@ -105,8 +105,6 @@ def test_compare_with_peft_convert_to_lora(tmp_path: Path) -> None:
 
     torch.manual_seed(1)
     model = Tiny()
-    from tests.helpers import state_dict_file
-
     base = state_dict_file(model.state_dict(), tmp_path / "base.safetensors")
     pm = get_peft_model(model, LoHaConfig(r=4, alpha=2, target_modules=["fc1"]))
     with torch.no_grad():
@@ -132,12 +130,12 @@ def test_dynamic_rank_and_refusals(tmp_path: Path) -> None:
     assert all(1 <= f["rank"] <= 8 and f["energy"] >= 0.81 - 1e-9 for f in s["lowrank"])
     runner = CliRunner()
     (tmp_path / "h").mkdir()
-    for args, says in ((["--to", "peft"], "--rank"),
-                       (["--to", "loralib", "--rank", "2"], "--to loralib"),
-                       (["--to", "peft", "--dynamic", "sv_fro:0.9"], "--rank"),
-                       (["--to", "peft", "--rank", "2"], "--base")):
-        loha = build(tmp_path / "h", "loha")[3] if args[-1] == "2" and args[1] == "peft" \
-            else adapter
-        res = runner.invoke(cli, ["convert", str(loha), *args, "-o", str(tmp_path / "no")])
+    loha = build(tmp_path / "h", "loha")[3]
+    for src, args, says in ((adapter, ["--to", "peft"], "--rank"),
+                            (adapter, ["--to", "loralib", "--rank", "2"], "--to loralib"),
+                            (adapter, ["--to", "peft", "--dynamic", "sv_fro:0.9"], "--rank"),
+                            (loha, ["--to", "peft", "--rank", "2"], "--base")):
+        res = runner.invoke(cli, ["convert", str(src), *args, "-o", str(tmp_path / "no")])
         assert res.exit_code in (1, 2) and says in res.output, res.output
+        assert res.output.strip().splitlines()[-1].startswith("Error:")
         assert not (tmp_path / "no").exists()

@@ -10,9 +10,9 @@ the energy Σσ²_kept / Σσ² it keeps; the totals are over all factored modul
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
 
 from lora_tools.adapters.model import CONV, LINEAR, Adapter, LoraModule
 from lora_tools.adapters.save import FactorModule, factor_modules
@@ -85,8 +85,6 @@ def lowrank_modules(adapter: Adapter, rank: int, dynamic: str | None,
 
 def _only(adapter: Adapter, modules: list[LoraModule]) -> Adapter:
     """The adapter with just ``modules`` (its plain LoRA ones, read as they are)."""
-    from dataclasses import replace
-
     return replace(adapter, modules=modules)
 
 
