@@ -139,3 +139,21 @@ def test_dynamic_rank_and_refusals(tmp_path: Path) -> None:
         assert res.exit_code in (1, 2) and says in res.output, res.output
         assert res.output.strip().splitlines()[-1].startswith("Error:")
         assert not (tmp_path / "no").exists()
+
+
+def test_mixed_file_carries_lora_modules(tmp_path: Path) -> None:
+    """A LyCORIS file mixing LoCon (plain LoRA) on fc1 with LoHa on the convs: the LoRA
+    module is written as it is, only the LoHa ones are truncated."""
+    (tmp_path / "l").mkdir()
+    (tmp_path / "h").mkdir()
+    _, lnet, base, lora = build(tmp_path / "l", "lora", modules=("Linear",))
+    _, hnet, _, loha = build(tmp_path / "h", "loha", modules=("Conv2d",))
+    mixed = state_dict_file({**read(lora), **read(loha)}, tmp_path / "mixed.safetensors")
+    b = read(base)
+    truth = {k: w - b[k] for net in (lnet, hnet) for k, w in lycoris_weights(net, b).items()}
+    s = _convert(mixed, tmp_path / "out", "peft", "--rank", "2", "--base", str(base))
+    assert sorted(f["name"] for f in s["lowrank"]) == ["lycoris_conv", "lycoris_pw"]
+    got = _merged(tmp_path, tmp_path / "out", base, "m.safetensors")
+    _close(got["fc1.weight"] - b["fc1.weight"], truth["fc1.weight"], truth["fc1.weight"], 1e-6)
+    for key in ("conv.weight", "pw.weight"):
+        _close(got[key] - b[key], _best(truth[key], 2).float(), truth[key], 1e-5)
