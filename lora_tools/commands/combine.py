@@ -58,6 +58,9 @@ def parse_weights(value: str | None) -> list[float] | None:
               help="Output format; 'same' keeps the inputs' format.")
 @click.option("--dtype", metavar="DTYPE",
               help="Factor dtype of the output (fp32, fp16, bf16); default: the widest input.")
+@click.option("--exact-svd", is_flag=True,
+              help="ties, dare_*, magnitude_prune: go back to rank R by a full SVD of each "
+                   "ΔW (slow on large modules) instead of seeded randomized iteration.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @adapter_options
 @run_options
@@ -86,7 +89,7 @@ def command(adapters: tuple[str, ...], out: str, weights: str | None, **opts: An
         summary = combine(
             list(adapters), out, weights=parse_weights(weights), method=opts["method"],
             rank=opts["rank"], density=opts["density"], majority_sign=opts["majority_sign"],
-            seed=opts["seed"], fmt=opts["fmt"],
+            seed=opts["seed"], fmt=opts["fmt"], exact_svd=opts["exact_svd"],
             dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
             opts=AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
                                 opts["fan_in_fan_out"]),

@@ -44,7 +44,7 @@ from lora_tools.io.dtypes import dtype_name
 from lora_tools.math.finite import check_finite
 from lora_tools.math.lowrank import stacked_svd
 from lora_tools.methods.combine import CombineMethod, Options, Term, get_method
-from lora_tools.methods.combine.base import MAJORITY_SIGN
+from lora_tools.methods.combine.base import FULL_SVD_UP_TO, MAJORITY_SIGN
 from lora_tools.modules.lora import load_factors
 from lora_tools.modules.registry import require
 
@@ -78,11 +78,18 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
             density: float | None = None, majority_sign: str = "total",
             seed: int | None = None, fmt: str = "peft", dtype: torch.dtype | None = None,
             opts: AdapterOptions | None = None, device: str = "auto",
-            force: bool = False, progress: bool = False) -> CombineSummary:
-    """Write one adapter at ``out`` whose ΔW estimates ``Σᵢ wᵢ·ΔWᵢ`` by ``method``."""
+            force: bool = False, progress: bool = False,
+            exact_svd: bool = False) -> CombineSummary:
+    """Write one adapter at ``out`` whose ΔW estimates ``Σᵢ wᵢ·ΔWᵢ`` by ``method``.
+
+    ``exact_svd``: the dense methods truncate by a full SVD instead of the randomized one.
+    """
     t0 = time.perf_counter()
     spec = get_method(method)
-    options = method_options(spec, rank, density, majority_sign)
+    options = replace(method_options(spec, rank, density, majority_sign), exact_svd=exact_svd)
+    if exact_svd and not spec.uses_density:
+        raise UsageError(f"--exact-svd does not apply to --method {spec.name}; it is for "
+                         "ties, dare_linear, dare_ties and magnitude_prune")
     ws = adapter_weights(weights, len(adapter_paths))
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
     for a in adapters:
@@ -104,6 +111,7 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
                "modules": len(a.modules)} for a, w in zip(adapters, ws, strict=True)]
     meta = {META_KEY: json.dumps({"method": spec.name, "rank": rank, "density": density,
                                   "majority_sign": majority_sign, "seed": seed,
+                                  "exact_svd": exact_svd,
                                   "inputs": inputs}, separators=(",", ":"))}
     save_adapter(modules, out, fmt, template=peft_template(adapters), metadata=meta,
                  force=force, inputs=[Path(p) for p in adapter_paths], whole=whole)
@@ -111,8 +119,17 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
         out=str(out), format=fmt, method=spec.name, exact=spec.exact, alpha=alpha,
         dtype=dtype_name(out_dtype), device=str(dev), seconds=round(time.perf_counter() - t0, 3),
         max_rel_error=max(r["rel_error"] for r in records), seed=seed, adapters=inputs,
-        modules=records, notes=[spec.note] if spec.note else [],
+        modules=records, notes=method_notes(spec, exact_svd),
         warnings=[f"{a.path}: {n}" for a in adapters for n in a.notes] + disjoint_warnings(groups))
+
+
+def method_notes(spec: CombineMethod, exact_svd: bool) -> list[str]:
+    notes = [spec.note] if spec.note else []
+    if spec.uses_density and not exact_svd:  # the dense methods: say how rank R was reached
+        notes.append(f"rank R by seeded randomized subspace iteration on modules over "
+                     f"{FULL_SVD_UP_TO} on each side (full SVD below; --exact-svd for all); "
+                     "the errors are measured on the result")
+    return notes
 
 
 def combine_groups(groups: list[Group], spec: CombineMethod, options: Options,

@@ -77,3 +77,31 @@ def split(svd: FactorSVD, k: int, scale: float) -> tuple[torch.Tensor, torch.Ten
     """
     root = (svd.s[:k] / scale).sqrt()
     return root[:, None] * svd.vh[:k], svd.u[:, :k] * root[None, :]
+
+
+def top_k_svd(x: torch.Tensor, k: int, *, oversample: int = 16, tol: float = 1e-7,
+              max_iter: int = 40, seed: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (m, k), σ (k,), Vᵀ (k, n) of the best rank-k approximation of a dense ``x`` found by
+    seeded randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4).
+
+    Each step costs two (m×n)·(n×l) products, l = k + ``oversample``, instead of a full
+    SVD's O(m·n·min(m, n)). It stops when the energy ``Σⱼ≤k σⱼ²`` the subspace holds grows
+    by less than ``tol``·‖x‖²_F in a step (that energy rises towards the optimum, and
+    ‖x − x_k‖²_F = ‖x‖²_F − Σⱼ≤k σⱼ², so a stalled energy means an error near the
+    Eckart–Young one; a heuristic, not a bound: callers measure the error they get). The
+    start block is drawn on the CPU from ``seed``: the same input
+    gives the same factors on every device.
+    """
+    l = min(k + oversample, *x.shape)
+    start = torch.randn(x.shape[1], l, generator=torch.Generator().manual_seed(seed))
+    q = torch.linalg.qr(x @ start.to(x.device, x.dtype)).Q
+    total, before = float(x.square().sum()), -1.0
+    for _ in range(max_iter):
+        q = torch.linalg.qr(x @ torch.linalg.qr(x.T @ q).Q).Q
+        u, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+        energy = float(s[:k].double().square().sum())
+        if energy - before <= tol * total:
+            break
+        before = energy
+    return q @ u[:, :k], s[:k], vh[:k]
