@@ -18,7 +18,8 @@ Inputs are cached under ``bench/_work/combine`` (git-ignored).
 
 ``--peft``: also time PEFT's ``add_weighted_adapter`` (``<method>_svd``, same density and
 output rank) on the same three adapters loaded into a Llama of these shapes, for the dense
-methods, next to ``combine``'s time.
+methods, next to ``combine``'s time. ``--exact-svd``: the dense methods with a full SVD
+(as PEFT does) instead of the default randomized truncation.
 """
 
 from __future__ import annotations
@@ -106,12 +107,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--exact-svd", action="store_true",
+                    help="the dense methods truncate by a full SVD, as PEFT")
     ap.add_argument("--peft", action="store_true",
                     help="also time PEFT's add_weighted_adapter on the dense methods")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     print(f"hidden {args.hidden}, {args.layers} layers, ranks {RANKS}, weights {WEIGHTS}, "
-          f"device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"device {args.device}, exact SVD {args.exact_svd}, torch threads {torch.get_num_threads()}, "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for case in ("independent", "related"):
         paths = build(case, args.hidden, args.layers)
@@ -121,8 +124,9 @@ def main() -> None:
             out = WORK / "out"
             shutil.rmtree(out, ignore_errors=True)
             t = time.perf_counter()
-            s = combine(list(paths), out, weights=WEIGHTS, method=method,
-                        device=args.device, **opts)  # type: ignore[arg-type]
+            dense = "density" in opts
+            s = combine(list(paths), out, weights=WEIGHTS, method=method, device=args.device,
+                        exact_svd=args.exact_svd and dense, **opts)  # type: ignore[arg-type]
             wall = time.perf_counter() - t
             errs = [m["rel_error"] for m in s.modules]
             ranks = sorted({m["rank"] for m in s.modules})

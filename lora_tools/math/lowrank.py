@@ -85,7 +85,7 @@ def top_k_svd(x: torch.Tensor, k: int, *, oversample: int = 16, tol: float = 1e-
     """U (m, k), σ (k,), Vᵀ (k, n) of the best rank-k approximation of a dense ``x`` found by
     seeded randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4).
 
-    Each step costs two (m×n)·(n×l) products, l = k + ``oversample``, instead of a full
+    Each step costs two (m×n)·(n×l) products, width k + ``oversample``, instead of a full
     SVD's O(m·n·min(m, n)). It stops when the energy ``Σⱼ≤k σⱼ²`` the subspace holds grows
     by less than ``tol``·‖x‖²_F in a step (that energy rises towards the optimum, and
     ‖x − x_k‖²_F = ‖x‖²_F − Σⱼ≤k σⱼ², so a stalled energy means an error near the
@@ -93,8 +93,8 @@ def top_k_svd(x: torch.Tensor, k: int, *, oversample: int = 16, tol: float = 1e-
     start block is drawn on the CPU from ``seed``: the same input
     gives the same factors on every device.
     """
-    l = min(k + oversample, *x.shape)
-    start = torch.randn(x.shape[1], l, generator=torch.Generator().manual_seed(seed))
+    width = min(k + oversample, *x.shape)
+    start = torch.randn(x.shape[1], width, generator=torch.Generator().manual_seed(seed))
     q = torch.linalg.qr(x @ start.to(x.device, x.dtype)).Q
     total, before = float(x.square().sum()), -1.0
     for _ in range(max_iter):

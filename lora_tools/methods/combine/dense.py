@@ -44,7 +44,9 @@ def trim(t: torch.Tensor, density: float) -> torch.Tensor:
     keep = mag > threshold
     tied = mag == threshold
     room = k - int(keep.sum())
-    keep |= tied & (tied.cumsum(0) <= room)
+    if int(tied.sum()) > room:  # rare: equal nonzero magnitudes straddle the threshold
+        tied &= tied.cumsum(0) <= room
+    keep |= tied
     return t * keep.reshape(t.shape).to(t.dtype)
 
 
