@@ -43,8 +43,8 @@ def trim(t: torch.Tensor, density: float) -> torch.Tensor:
     threshold = mag.kthvalue(mag.numel() - k + 1).values
     keep = mag > threshold
     tied = mag == threshold
-    room = k - int(keep.sum())
-    if int(tied.sum()) > room:  # rare: equal nonzero magnitudes straddle the threshold
+    room = k - int(torch.count_nonzero(keep))
+    if int(torch.count_nonzero(tied)) > room:  # rare: equal nonzero |τ| at the threshold
         tied &= tied.cumsum(0) <= room
     keep |= tied
     return t * keep.reshape(t.shape).to(t.dtype)
