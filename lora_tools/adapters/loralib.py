@@ -2,7 +2,7 @@
 
 loralib does not store alpha: it must come from ``--alpha`` (or the metadata lora-tools
 writes when converting). The layer kind (Linear, MergedLinear, Embedding, ConvLoRA) is
-decided when the module meets its base tensor (see ``mapping.fit``).
+decided when the module meets its base tensor (see ``adapters.fit.fit``).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lora_tools.adapters.fit import fit
 from lora_tools.adapters.gguf_names import NameMap, Target, heads_from_gguf
-from lora_tools.adapters.mapping import fit
 from lora_tools.adapters.model import EMBEDDING, LINEAR, Adapter, LoraModule
 from lora_tools.errors import MatchError, UsageError
 from lora_tools.io.gguf_file import GGUFCheckpoint, can_quantize, fits_type
