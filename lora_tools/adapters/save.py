@@ -131,11 +131,11 @@ def save_adapter(modules: list[FactorModule], out: str | Path, fmt: str, *,
     if whole:
         raise UsageError(f"{out}: {fmt} files cannot hold whole tensors ({next(iter(whole))})")
     tensors = _kohya_tensors(modules) if fmt == "kohya" else _loralib_tensors(modules, meta)
-    _write_tensors(tensors, out, meta, force, inputs or [])
+    write_tensors(tensors, out, meta, force, inputs or [])
     return out
 
 
-def _write_tensors(tensors: dict[str, torch.Tensor], out: Path, meta: dict[str, str],
+def write_tensors(tensors: dict[str, torch.Tensor], out: Path, meta: dict[str, str],
                    force: bool, inputs: list[Path]) -> None:
     specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
     with CheckpointWriter(out, specs, meta, force=force, inputs=inputs) as w:
@@ -228,14 +228,20 @@ def _save_peft(modules: list[FactorModule], out: Path, template: dict[str, Any],
         tensors[PREFIX + m.name + a_suf] = m.a.contiguous()
         tensors[PREFIX + m.name + b_suf] = m.b.contiguous()
     tensors.update({k: v.contiguous() for k, v in (whole or {}).items()})
+    return write_peft_folder(tensors, peft_config(modules, template), out, meta, force, inputs)
+
+
+def write_peft_folder(tensors: dict[str, torch.Tensor], config: dict[str, Any], out: Path,
+                      meta: dict[str, str], force: bool, inputs: list[Path]) -> Path:
+    """A PEFT folder (adapter_config.json + adapter_model.safetensors), written atomically."""
     safety.clean_stale(out)  # a folder left by a killed run goes, like CheckpointWriter's
     check_output(out, inputs, force)
     staging = temp_path(out)
     staging.mkdir(exist_ok=True)
     try:
         paths.mark_folder(staging)
-        (staging / CONFIG).write_text(json.dumps(peft_config(modules, template), indent=2))
-        _write_tensors(tensors, staging / "adapter_model.safetensors", meta, False, [])
+        (staging / CONFIG).write_text(json.dumps(config, indent=2))
+        write_tensors(tensors, staging / "adapter_model.safetensors", meta, False, [])
         if out.exists():
             import shutil
 
