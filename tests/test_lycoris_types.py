@@ -142,7 +142,7 @@ def test_edits_refused_by_name(tmp_path: Path, op: str) -> None:
     args = {"rescale": ["rescale", str(adapter), "--alpha", "1"],
             "resize": ["resize", str(adapter), "--rank", "2"],
             "combine": ["combine", str(adapter), str(adapter)],
-            "convert": ["convert", str(adapter), "--to", "peft"]}[op]
+            "convert": ["convert", str(adapter), "--to", "loralib"]}[op]
     out = tmp_path / "out"
     res = CliRunner().invoke(cli, [*args, "-o", str(out)])
     assert res.exit_code == 1, res.output

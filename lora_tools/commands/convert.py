@@ -16,7 +16,7 @@ from lora_tools.commands.common import (
     warn,
 )
 
-TARGETS = ("peft", "kohya", "loralib", "safetensors", "pt", "gguf")
+TARGETS = ("peft", "kohya", "loralib", "lycoris", "safetensors", "pt", "gguf")
 
 
 @click.command("convert")
@@ -27,7 +27,9 @@ TARGETS = ("peft", "kohya", "loralib", "safetensors", "pt", "gguf")
                    "safetensors). Other suffixes are refused.")
 @click.option("--to", "to", required=True, type=click.Choice(TARGETS),
               help="Target: an adapter format (peft, kohya, loralib, gguf: a llama.cpp "
-                   "LoRA adapter) or a checkpoint file form (safetensors, pt).")
+                   "LoRA adapter; lycoris: a PEFT LoHa/LoKr folder as a LyCORIS file) or a "
+                   "checkpoint file form (safetensors, pt). A LyCORIS LoHa/LoKr --to peft "
+                   "becomes a PEFT LoHa/LoKr folder, factors unchanged.")
 @click.option("--base", type=click.Path(exists=True),
               help="Base checkpoint: settles module names (kohya), fused layers and "
                    "orientation (loralib).")
@@ -60,6 +62,8 @@ def command(source: str, out: str, to: str, **opts: Any) -> None:
       lora-tools convert pytorch_model.bin --to safetensors -o model_dir/ --shard-size 2GB
       lora-tools convert adapter_dir/ --to gguf --base model-Q8_0.gguf -o adapter.gguf
       lora-tools convert my_loha.safetensors --to peft --rank 16 --base model/ -o lora_dir/
+      lora-tools convert my_lokr.safetensors --to peft --base model/ -o lokr_dir/
+      lora-tools convert peft_loha_dir/ --to lycoris -o my_loha.safetensors
     """
     from lora_tools.adapters.options import AdapterOptions
     from lora_tools.editing.convert import convert

@@ -31,7 +31,7 @@ from lora_tools.adapters.save import (
     peft_identity,
     save_adapter,
 )
-from lora_tools.editing import to_lora
+from lora_tools.editing import to_lora, type_convert
 from lora_tools.editing.checkpoint_convert import ConvertSummary, convert_checkpoint
 from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact
@@ -67,9 +67,9 @@ def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | Non
                              "for adapter conversion (--to peft, kohya or loralib)")
         return convert_checkpoint(src, out, to, dtype=dtype, shard_size=shard_size,
                                   force=force, progress=progress)
-    if to not in ADAPTER_TARGETS:
+    if to not in ADAPTER_TARGETS and to != "lycoris":
         raise UsageError(f"--to {to!r}: use one of "
-                         f"{', '.join(ADAPTER_TARGETS + CHECKPOINT_TARGETS)}")
+                         f"{', '.join(ADAPTER_TARGETS + CHECKPOINT_TARGETS)}, lycoris")
     if shard_size is not None:
         raise UsageError("--shard-size is for checkpoint outputs (--to safetensors)")
     return convert_adapter(src, out, to, base=base, prefix=prefix, opts=opts or AdapterOptions(),
@@ -99,6 +99,14 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
                     dynamic: str | None = None) -> ConvertSummary:
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
+    if rank is None and type_convert.wanted(adapter, to):
+        if dtype is not None:
+            raise UsageError("--dtype: LoHa/LoKr factors are moved byte for byte; cast the "
+                             "adapter in its own format first")
+        base_keys, _ = settle(adapter, to, base, opts, [])
+        return type_convert.convert_typed(adapter, out, to, base=base, base_keys=base_keys,
+                                          prefix=prefix, template=peft_template(adapter, base),
+                                          force=force)
     if rank is None:
         to_lora.refuse_without_rank(adapter)
         require("convert", adapter)
