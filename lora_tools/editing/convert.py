@@ -99,6 +99,7 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
                     dynamic: str | None = None) -> ConvertSummary:
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
+    type_convert.refuse_lycoris_dora(adapter, to)
     if rank is None and type_convert.wanted(adapter, to):
         if dtype is not None:
             raise UsageError("--dtype: LoHa/LoKr factors are moved byte for byte; cast the "

@@ -69,6 +69,21 @@ def convert_typed(adapter: Adapter, out: str | Path, to: str, *, base: str | Pat
                           [f"{adapter.path}: {n}" for n in adapter.notes])
 
 
+def refuse_lycoris_dora(adapter: Adapter, to: str) -> None:
+    """A LyCORIS DoRA module (dora_scale) has no exact PEFT DoRA (use_dora) form."""
+    for m in adapter.modules:
+        if not m.dora_axis or to != "peft":
+            continue
+        why = ("LyCORIS divides by ‖W+ΔW‖ + fp32 eps (functional/general.py weight_decompose), "
+               "PEFT by ‖W+ΔW‖ (tuners/lora/dora.py), so PEFT's merge differs in the last bits")
+        if m.dora_axis == "in":
+            why = ("its magnitude is per input column (an older LyCORIS file), PEFT's per "
+                   "output row; and " + why)
+        raise FormatError(f"{adapter.path}: convert refused: {m.name} ({m.magnitude_key}) is "
+                          f"a LyCORIS DoRA module (dora_scale): {why}; merge it with its base "
+                          "instead (lora-tools merge matches LyCORIS bit for bit)")
+
+
 def _check_source(adapter: Adapter, to: str) -> None:
     if to == "lycoris" and not adapter.format.startswith("peft-"):
         raise UsageError(f"{adapter.path}: --to lycoris writes a PEFT LoHa/LoKr folder as a "
