@@ -57,18 +57,21 @@ def lycoris_weights(net: Any, base: dict[str, torch.Tensor]) -> dict[str, torch.
     """Each adapted layer's weight as LyCORIS's own forward uses it (module.forward:
     ``W + get_weight(shape)``, then ``apply_weight_decompose`` for DoRA)."""
     out = {}
-    with torch.no_grad():
-        for mod in net.loras:
-            path = mod.lora_name.removeprefix("lycoris_").replace("_", ".")
-            w = base[path + ".weight"]
-            if hasattr(mod, "get_weight"):
-                new = w + mod.get_weight(mod.shape).to(w.dtype) * mod.scalar
-                if getattr(mod, "wd", False):
-                    new = mod.apply_weight_decompose(new, 1.0)
-            else:  # LoCon, full: LyCORIS's own merged weight
-                new = mod.get_merged_weight(1.0, w.shape)[0]
-            out[path + ".weight"] = new
+    for mod in net.loras:
+        path = mod.lora_name.removeprefix("lycoris_").replace("_", ".")
+        out[path + ".weight"] = forward_weight(mod, base[path + ".weight"])
     return out
+
+
+def forward_weight(mod: Any, w: torch.Tensor) -> torch.Tensor:
+    """One LyCORIS module's weight as its forward uses it, from the base weight ``w``."""
+    with torch.no_grad():
+        if hasattr(mod, "get_weight"):
+            new = w + mod.get_weight(mod.shape).to(w.dtype) * mod.scalar
+            if getattr(mod, "wd", False):
+                new = mod.apply_weight_decompose(new, 1.0)
+            return new
+        return mod.get_merged_weight(1.0, w.shape)[0]  # LoCon, full: LyCORIS's own merge
 
 
 def reloaded(base: Path, adapter: Path) -> Any:
