@@ -131,7 +131,8 @@ def test_dynamic_rank_and_refusals(tmp_path: Path) -> None:
     runner = CliRunner()
     (tmp_path / "h").mkdir()
     loha = build(tmp_path / "h", "loha")[3]
-    for src, args, says in ((adapter, ["--to", "peft"], "--rank"),
+    for src, args, says in ((adapter, ["--to", "kohya"], "--rank"),
+                            (adapter, ["--to", "peft"], "--base"),  # a flat conv kernel
                             (adapter, ["--to", "loralib", "--rank", "2"], "--to loralib"),
                             (adapter, ["--to", "peft", "--dynamic", "sv_fro:0.9"], "--rank"),
                             (loha, ["--to", "peft", "--rank", "2"], "--base")):

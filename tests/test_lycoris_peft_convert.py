@@ -44,6 +44,8 @@ TO_PEFT = [
 @pytest.mark.parametrize(("algo", "kw"), TO_PEFT)
 def test_lycoris_to_peft_bitwise(tmp_path: Path, algo: str, kw: dict[str, Any]) -> None:
     _, net, base, adapter = build(tmp_path, algo, **kw)
+    if kw.get("decompose_both"):
+        assert "lycoris_fc1.lokr_w1_a" in read(adapter)
     convert(adapter, tmp_path / "peft", "peft", base=base)
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == algo.upper()

@@ -86,9 +86,13 @@ def refuse_lycoris_dora(adapter: Adapter, to: str) -> None:
 
 def _check_source(adapter: Adapter, to: str) -> None:
     if to == "lycoris" and not adapter.format.startswith("peft-"):
+        what = ("a LyCORIS file already" if adapter.format == "lycoris" else
+                f"a {adapter.format} adapter (plain LoRA: use --to kohya, the same file layout)")
         raise UsageError(f"{adapter.path}: --to lycoris writes a PEFT LoHa/LoKr folder as a "
-                         f"LyCORIS file; this is a {adapter.format} adapter (plain LoRA: use "
-                         "--to kohya, the same file layout)")
+                         f"LyCORIS file; this is {what}")
+    if to == "peft" and adapter.format.startswith("peft-"):
+        raise UsageError(f"{adapter.path}: is a PEFT {adapter.format[5:]} folder already; "
+                         "--to lycoris writes it as a LyCORIS file, --rank R as plain LoRA")
     kinds = {m.type for m in adapter.modules}
     first = adapter.modules[0].type
     for m in adapter.modules:
