@@ -15,6 +15,8 @@ from diffusion_models import save_pipeline, tiny_sd, tiny_sdxl
 from helpers import read
 
 from lora_tools import merge
+from lora_tools.editing.convert import convert
+from lora_tools.errors import UsageError
 from tests.lycoris_cases import forward_weight
 
 pytest.importorskip("lycoris")
@@ -75,3 +77,6 @@ def test_pipeline_merge_matches_lycoris(tmp_path: Path, xl: bool, algo: str) -> 
         got = read(tmp_path / "out" / c / FILES[c])
         for key, value in want.items():
             assert torch.equal(got[key], value), (c, key)
+    if algo != "lora":  # one PEFT folder would lose which model each module belongs to
+        with pytest.raises(UsageError, match="lose which model"):
+            convert(tmp_path / "a.safetensors", tmp_path / "peft", "peft", base=tmp_path / "pipe")

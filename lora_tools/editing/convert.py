@@ -99,15 +99,11 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
                     dynamic: str | None = None) -> ConvertSummary:
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
-    type_convert.refuse_lycoris_dora(adapter, to)
+    if rank is None:
+        type_convert.refuse_lycoris_dora(adapter, to)
     if rank is None and type_convert.wanted(adapter, to):
-        if dtype is not None:
-            raise UsageError("--dtype: LoHa/LoKr factors are moved byte for byte; cast the "
-                             "adapter in its own format first")
-        base_keys, _ = settle(adapter, to, base, opts, [])
-        return type_convert.convert_typed(adapter, out, to, base=base, base_keys=base_keys,
-                                          prefix=prefix, template=peft_template(adapter, base),
-                                          force=force)
+        return _convert_typed(adapter, out, to, base=base, prefix=prefix, opts=opts,
+                              dtype=dtype, force=force)
     if rank is None:
         to_lora.refuse_without_rank(adapter)
         require("convert", adapter)
@@ -141,6 +137,20 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
         summary.alphas = {m.name: m.alpha for m in modules}
         summary.notes.append(_loralib_alpha_note(modules))
     return summary
+
+
+def _convert_typed(adapter: Adapter, out: str | Path, to: str, *, base: str | Path | None,
+                   prefix: str | None, opts: AdapterOptions, dtype: torch.dtype | None,
+                   force: bool) -> ConvertSummary:
+    """LyCORIS ↔ PEFT LoHa/LoKr (:mod:`lora_tools.editing.type_convert`)."""
+    if dtype is not None:
+        raise UsageError("--dtype: LoHa/LoKr factors are moved byte for byte; cast the "
+                         "adapter in its own format first")
+    check_convertible(adapter.path, adapter.format, {m.component for m in adapter.modules}, to)
+    base_keys, _ = settle(adapter, to, base, opts, [])
+    return type_convert.convert_typed(adapter, out, to, base=base, base_keys=base_keys,
+                                      prefix=prefix, template=peft_template(adapter, base),
+                                      force=force)
 
 
 def peft_template(adapter: Adapter, base: str | Path | None) -> dict[str, Any]:
