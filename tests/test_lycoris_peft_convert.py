@@ -121,3 +121,14 @@ def test_what_the_target_cannot_hold_is_refused(tmp_path: Path) -> None:
     for line in (res.output.strip().splitlines()[-1],):
         assert line.startswith("Error:")
     assert not any((tmp_path / n).exists() for n in ("a", "b", "c.safetensors", "d.safetensors"))
+
+
+def test_peft_factorization_is_peft_s() -> None:
+    """The converter predicts PEFT's LoKr shapes with PEFT's own rule: checked against it."""
+    from peft.tuners.lokr.layer import factorization
+
+    from lora_tools.adapters.typed_targets import peft_factorization
+
+    for dim in range(1, 400):
+        for f in (-1, 1, 2, 3, 4, 8, 16, 64):
+            assert peft_factorization(dim, f) == factorization(dim, f), (dim, f)
