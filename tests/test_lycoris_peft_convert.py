@@ -117,7 +117,7 @@ def test_what_the_target_cannot_hold_is_refused(tmp_path: Path) -> None:
     res = _cli(folder, "--to", "lycoris", "-o", tmp_path / "c.safetensors")
     assert res.exit_code == 1 and "scales a LoKr with both halves whole by 1" in res.output
     res = _cli(full, "--to", "lycoris", "-o", tmp_path / "d.safetensors")
-    assert res.exit_code == 2 and "--to kohya" in res.output
+    assert res.exit_code == 2 and "a LyCORIS file already" in res.output
     for line in (res.output.strip().splitlines()[-1],):
         assert line.startswith("Error:")
     assert not any((tmp_path / n).exists() for n in ("a", "b", "c.safetensors", "d.safetensors"))

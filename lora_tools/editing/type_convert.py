@@ -70,10 +70,10 @@ def convert_typed(adapter: Adapter, out: str | Path, to: str, *, base: str | Pat
 
 
 def refuse_lycoris_dora(adapter: Adapter, to: str) -> None:
-    """A LyCORIS DoRA module (dora_scale) has no exact PEFT DoRA (use_dora) form."""
+    """A LyCORIS LoRA+DoRA module (dora_scale) has no exact PEFT DoRA (use_dora) form."""
     for m in adapter.modules:
-        if not m.dora_axis or to != "peft":
-            continue
+        if not m.dora_axis or to != "peft" or m.type != "lora":
+            continue  # (LoHa/LoKr with dora_scale: PEFT's LoHa/LoKr have no DoRA at all)
         why = ("LyCORIS divides by ‖W+ΔW‖ + fp32 eps (functional/general.py weight_decompose), "
                "PEFT by ‖W+ΔW‖ (tuners/lora/dora.py), so PEFT's merge differs in the last bits")
         if m.dora_axis == "in":
