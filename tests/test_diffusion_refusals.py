@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import state_dict_file
+from helpers import read, state_dict_file
 
 from lora_tools.cli import cli
 
@@ -64,15 +64,24 @@ def test_xlabs_flux(tmp_path: Path) -> None:
     _refused(tmp_path, {"x.weight": torch.zeros(2, 2)}, ad, "XLabs Flux LoRA")
 
 
-@pytest.mark.parametrize("to", ["peft", "kohya"])
-def test_convert_keeps_components_or_refuses(tmp_path: Path, to: str) -> None:
-    """te1 and te2 in one file: a PEFT file (or one kohya prefix) would mix the models."""
+def test_convert_keeps_components(tmp_path: Path) -> None:
+    """te1 and te2 in one file: each model gets its own PEFT folder, kohya keeps the
+    prefixes; loralib names no model and is refused."""
     ad = state_dict_file(_lora(["lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
                                 "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"]),
                          tmp_path / "l.safetensors")
-    res = CliRunner().invoke(cli, ["convert", str(ad), "--to", to, "-o", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "would lose which model" in res.output, res.output
-    assert not (tmp_path / "o").exists()
+    run = CliRunner().invoke
+    res = run(cli, ["convert", str(ad), "--to", "peft", "-o", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in (tmp_path / "p").iterdir() if p.is_dir()} == {
+        "text_encoder", "text_encoder_2"}
+    res = run(cli, ["convert", str(ad), "--to", "kohya", "-o", str(tmp_path / "k.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert sorted(read(tmp_path / "k.safetensors")) == sorted(read(ad) | {
+        k.replace("lora_down.weight", "alpha"): 0 for k in read(ad) if "down" in k})
+    res = run(cli, ["convert", str(ad), "--to", "loralib", "-o", str(tmp_path / "o.pt")])
+    assert res.exit_code == 2 and "converts to kohya, diffusers or peft" in res.output, res.output
+    assert not (tmp_path / "o.pt").exists()
 
 
 def test_older_diffusers_alpha_keys_are_read(tmp_path: Path) -> None:

@@ -100,6 +100,7 @@ class FactorModule:
     fan_in_fan_out: bool = False
     enable_lora: tuple[bool, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    component: str | None = None  # diffusion: the pipeline model the module adapts
 
     @property
     def rank(self) -> int:
@@ -263,7 +264,7 @@ def factor_modules(adapter: Any) -> list[FactorModule]:
         a, b = adapter.factors(m)
         out.append(FactorModule(m.name, a, b, float(m.alpha) if m.alpha is not None else 0.0,
                                 m.kind, m.rslora, bool(m.fan_in_fan_out), m.enable_lora,
-                                extra={"rank": m.rank}))
+                                extra={"rank": m.rank}, component=m.component))
     return out
 
 

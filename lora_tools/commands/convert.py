@@ -16,7 +16,7 @@ from lora_tools.commands.common import (
     warn,
 )
 
-TARGETS = ("peft", "kohya", "loralib", "lycoris", "safetensors", "pt", "gguf")
+TARGETS = ("peft", "kohya", "loralib", "lycoris", "diffusers", "safetensors", "pt", "gguf")
 
 
 @click.command("convert")
@@ -27,14 +27,18 @@ TARGETS = ("peft", "kohya", "loralib", "lycoris", "safetensors", "pt", "gguf")
                    "safetensors). Other suffixes are refused.")
 @click.option("--to", "to", required=True, type=click.Choice(TARGETS),
               help="Target: an adapter format (peft, kohya, loralib, gguf: a llama.cpp "
-                   "LoRA adapter; lycoris: a PEFT LoHa/LoKr folder as a LyCORIS file) or a "
-                   "checkpoint file form (safetensors, pt). A LyCORIS LoHa/LoKr --to peft "
-                   "becomes a PEFT LoHa/LoKr folder, factors unchanged.")
+                   "LoRA adapter; lycoris: a PEFT LoHa/LoKr folder as a LyCORIS file; "
+                   "diffusers: the pytorch_lora_weights.safetensors form load_lora_weights "
+                   "loads) or a checkpoint file form (safetensors, pt). A LyCORIS LoHa/LoKr "
+                   "--to peft becomes a PEFT LoHa/LoKr folder, factors unchanged.")
 @click.option("--base", type=click.Path(exists=True),
               help="Base checkpoint: settles module names (kohya), fused layers and "
                    "orientation (loralib).")
 @click.option("--prefix", help="kohya name prefix, e.g. lora_unet_ or lora_te_ "
                                "(default lora_unet_).")
+@click.option("--component", metavar="NAME",
+              help="Diffusion LoRAs: the pipeline model (unet, text_encoder, text_encoder_2, "
+                   "transformer) of an adapter whose modules name none (a PEFT folder).")
 @adapter_options
 @click.option("--rank", type=int, help="LoHa/LoKr/full modules: write each as its best rank-R "
                                        "LoRA (truncated SVD of ΔW); errors are reported.")
@@ -64,6 +68,9 @@ def command(source: str, out: str, to: str, **opts: Any) -> None:
       lora-tools convert my_loha.safetensors --to peft --rank 16 --base model/ -o lora_dir/
       lora-tools convert my_lokr.safetensors --to peft --base model/ -o lokr_dir/
       lora-tools convert peft_loha_dir/ --to lycoris -o my_loha.safetensors
+      lora-tools convert pytorch_lora_weights.safetensors --to kohya -o comfy_lora.safetensors
+      lora-tools convert kohya_sdxl.safetensors --to diffusers \\
+          -o pytorch_lora_weights.safetensors
     """
     from lora_tools.adapters.options import AdapterOptions
     from lora_tools.editing.convert import convert
@@ -78,7 +85,7 @@ def command(source: str, out: str, to: str, **opts: Any) -> None:
             dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
             shard_size=parse_size(opts["shard_size"]) if opts["shard_size"] else None,
             force=opts["force"], progress=progress_wanted(opts["quiet"], opts["as_json"]),
-            rank=opts["rank"], dynamic=opts["dynamic"])
+            rank=opts["rank"], dynamic=opts["dynamic"], component=opts["component"])
     warn(summary.warnings, opts["quiet"])
     emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 

@@ -31,7 +31,7 @@ from lora_tools.adapters.save import (
     peft_identity,
     save_adapter,
 )
-from lora_tools.editing import to_lora, type_convert
+from lora_tools.editing import diffusion_convert, to_lora, type_convert
 from lora_tools.editing.checkpoint_convert import ConvertSummary, convert_checkpoint
 from lora_tools.editing.targets import ADAPTER_TARGETS, for_target
 from lora_tools.engine.device import exact
@@ -49,9 +49,10 @@ def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | Non
             prefix: str | None = None, opts: AdapterOptions | None = None,
             dtype: torch.dtype | None = None, shard_size: int | None = None,
             force: bool = False, progress: bool = False, rank: int | None = None,
-            dynamic: str | None = None) -> ConvertSummary:
+            dynamic: str | None = None, component: str | None = None) -> ConvertSummary:
     """Convert ``src`` to ``to`` (an adapter format or a checkpoint file form) at ``out``.
 
+    ``component`` (diffusion LoRAs): the pipeline model of an adapter that names none.
     ``rank`` (adapters only): LoHa/LoKr/full modules become their best rank-``rank`` LoRA
     (``dynamic``: a resize rule picks each module's rank up to it), errors reported."""
     if (rank is not None or dynamic is not None) and to not in ADAPTER_TARGETS:
@@ -67,13 +68,14 @@ def convert(src: str | Path, out: str | Path, to: str, *, base: str | Path | Non
                              "for adapter conversion (--to peft, kohya or loralib)")
         return convert_checkpoint(src, out, to, dtype=dtype, shard_size=shard_size,
                                   force=force, progress=progress)
-    if to not in ADAPTER_TARGETS and to != "lycoris":
+    if to not in ADAPTER_TARGETS and to not in ("lycoris", "diffusers"):
         raise UsageError(f"--to {to!r}: use one of "
-                         f"{', '.join(ADAPTER_TARGETS + CHECKPOINT_TARGETS)}, lycoris")
+                         f"{', '.join(ADAPTER_TARGETS + CHECKPOINT_TARGETS)}, lycoris, diffusers")
     if shard_size is not None:
         raise UsageError("--shard-size is for checkpoint outputs (--to safetensors)")
     return convert_adapter(src, out, to, base=base, prefix=prefix, opts=opts or AdapterOptions(),
-                           dtype=dtype, force=force, rank=rank, dynamic=dynamic)
+                           dtype=dtype, force=force, rank=rank, dynamic=dynamic,
+                           component=component)
 
 
 # -- adapters -----------------------------------------------------------------------------
@@ -96,7 +98,7 @@ def _to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None,
 def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Path | None,
                     prefix: str | None, opts: AdapterOptions, dtype: torch.dtype | None,
                     force: bool, rank: int | None = None,
-                    dynamic: str | None = None) -> ConvertSummary:
+                    dynamic: str | None = None, component: str | None = None) -> ConvertSummary:
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
     if rank is None:
@@ -104,6 +106,14 @@ def convert_adapter(src: str | Path, out: str | Path, to: str, *, base: str | Pa
     if rank is None and type_convert.wanted(adapter, to):
         return _convert_typed(adapter, out, to, base=base, prefix=prefix, opts=opts,
                               dtype=dtype, force=force)
+    if diffusion_convert.is_diffusion(adapter, to, component, base):
+        if rank is not None or dtype is not None:
+            raise UsageError(f"{adapter.path}: --rank/--dtype are not supported for "
+                             "diffusion LoRAs (kohya <-> diffusers <-> PEFT) yet")
+        require("convert", adapter)
+        _check_all_keys(adapter, to)
+        return diffusion_convert.convert_diffusion(
+            adapter, src, out, to, component=component, base=base, prefix=prefix, force=force)
     if rank is None:
         to_lora.refuse_without_rank(adapter)
         require("convert", adapter)
@@ -178,6 +188,7 @@ def _check_all_keys(adapter: Adapter, to: str) -> None:
     used = set(adapter.replacements.values())
     for m in adapter.modules:
         used.update(m.factor_keys().values())
+        used.update([m.alpha_key] if m.alpha_key else [])
     left = [k for k in adapter.source.keys() if k not in used
             and not (adapter.format in ("kohya", "lycoris") and k.endswith(".alpha"))]
     if left:
