@@ -33,6 +33,10 @@ from lora_tools.commands.merge_shared import describe_merge, library_kwargs
                    "text_encoder_3): which model BASE is (a component folder or file), or "
                    "for a pipeline folder the one component to merge into. Adapter modules "
                    "of other components are an error unless --allow-unmatched.")
+@click.option("--block-weights", metavar="SPEC",
+              help="Diffusion LoRAs: scale each module's ΔW by its block's weight, e.g. "
+                   "'down=1,mid=0.5,up=0.8', 'unet:up=[1,0.8,0.6]', 'text_encoder=0' "
+                   "(docs/formats.md). A selector naming no module is refused.")
 @click.option("--resize-vocab", is_flag=True,
               help="Accept saved embeddings/heads with more rows than the base: the base is "
                    "extended with the adapter's rows and config vocab_size updated.")
@@ -64,6 +68,8 @@ def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float
       lora-tools merge model_dir style.safetensors char.safetensors -w 0.8 -w 0.5 -o out_dir
       lora-tools merge gpt2.pt lora.pt --alpha 128 --enable-lora 1,0,1 -o merged.pt
       lora-tools merge model-Q8_0.gguf adapter_dir -o merged-Q8_0.gguf
+      lora-tools merge sdxl_pipeline/ lora.safetensors --block-weights "down=1,mid=0.5,up=0.8" \\
+          -o merged_pipeline/
     """
     from lora_tools.merging.merge import merge
 

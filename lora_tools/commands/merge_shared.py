@@ -28,6 +28,7 @@ def library_kwargs(opts: dict[str, Any]) -> dict[str, Any]:
         "max_memory": parse_size(opts["max_memory"]) if opts.get("max_memory") else None,
         "overlap": opts.get("overlap", True),
         "component": opts.get("component"),
+        "block_weights": opts.get("block_weights"),
     }
 
 
@@ -37,6 +38,10 @@ def describe_merge(d: dict[str, Any]) -> str:
         scales = ", ".join(f"{s:g}" for s in a["scales"])
         lines.append(f"{a['op']}d {a['adapter']} ({a['format']}, weight {a['weight']:g}, "
                      f"scale {scales}): {a['merged_modules']} of {a['modules']} modules")
+        if a.get("block_weights"):
+            table = a["block_weights"]
+            lines.append("  block weights: " + ", ".join(
+                f"{k} ×{w:g}" for k, w in sorted(table.items())))
     lines.append(f"wrote {d['out']}: {d['tensors']} tensors ({d['changed']} changed, "
                  f"{d['copied']} copied byte for byte), {d['bytes_written'] / 1e6:.1f} MB "
                  f"in {d['seconds']:.2f}s on {d['device']}")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lora_tools.adapters import Adapter
+from lora_tools.adapters.blocks import diffusion_block
 from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import BaseIndex, match_adapter
 from lora_tools.adapters.model import LoraModule
@@ -32,7 +33,7 @@ from lora_tools.inspection.figures import (
 )
 from lora_tools.inspection.load import is_adapter, open_for_inspect
 from lora_tools.inspection.model import AdapterReport, ModuleStats
-from lora_tools.inspection.summary import diffusion_block, summarize
+from lora_tools.inspection.summary import summarize
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.modules.registry import module_delta

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -101,21 +100,6 @@ def _names(stats: list[ModuleStats], n: int = 3) -> str:
 
 def _root_sum(values: Any) -> float:
     return math.sqrt(sum(v * v for v in values if v is not None))
-
-
-# Blocks people weight separately in image models ("block weights"): UNet down/mid/up
-# blocks, Flux double/single blocks; diffusers and kohya (underscore) spellings alike.
-_BLOCK = re.compile(r"(?:^|[._])(down_blocks|up_blocks|input_blocks|output_blocks|"
-                    r"single_transformer_blocks|transformer_blocks|double_blocks|single_blocks|"
-                    r"layers)[._](\d+)(?:[._]|$)|(?:^|[._])(mid_block|middle_block)(?:[._]|$)")
-
-
-def diffusion_block(name: str) -> str | None:
-    """``…down_blocks_1_attentions_0…`` -> ``down_blocks.1``; None when no block is named."""
-    found = _BLOCK.search(name)
-    if found is None:
-        return None
-    return found.group(3) or f"{found.group(1)}.{found.group(2)}"
 
 
 def component_table(stats: list[ModuleStats]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
-from lora_tools.adapters import Adapter
+from lora_tools.adapters import Adapter, blocks
 from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import Match, MatchReport, resolve
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
@@ -46,6 +46,7 @@ class MergeOptions(TypedDict, total=False):
     untie: bool  # write both sides of tied weights when an adapter touches one
     dequantize: bool  # an fp8 base: dequantize exactly into the output dtype
     component: str | None  # diffusion: which model BASE is, or the one of a pipeline to merge
+    block_weights: str | None  # diffusion: per-block weights (adapters/blocks.py)
 
 
 @exact
@@ -59,12 +60,14 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                    resize_vocab: bool = False, untie: bool = False,
                    dequantize: bool = False,
                    restore_from: str | Path | None = None,
-                   component: str | None = None) -> MergeSummary:
+                   component: str | None = None,
+                   block_weights: str | None = None) -> MergeSummary:
     """Stream ``base + sign · Σ wᵢ·ΔWᵢ`` into ``out`` (merge: sign +1, unmerge: -1).
 
     Beyond plain LoRA (``beyond_plan``): DoRA, lora_bias, modules_to_save, trainable
     tokens; ``component``: which model of a diffusion pipeline the base is (or, for a
-    pipeline folder, the one to merge into); ``resize_vocab`` (larger saved
+    pipeline folder, the one to merge into); ``block_weights``: each module's ΔW scaled
+    by its block's weight (:mod:`lora_tools.adapters.blocks`); ``resize_vocab`` (larger saved
     embeddings/heads), ``untie`` (an adapter that touches one side of tied weights),
     ``dequantize`` (fp8 bases); ``restore_from``: the original base, from which an
     unmerge restores tensors an adapter replaced whole.
@@ -84,7 +87,8 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     check_targets(base, reports, deq.scales if deq is not None else ())
     check_history(base, adapters, op, force, weights)
     dev = resolve_device(device)
-    work = build_work(adapters, reports, weights, sign, dev, observe)
+    per_block = block_plan(adapters, block_weights)
+    work = build_work(adapters, reports, weights, sign, dev, observe, per_block)
     restore = open_checkpoint(restore_from) if restore_from is not None else None
     req = beyond_plan.Request(sign, dev, dtype, untie, deq, observe, restore)
     extra = beyond_plan.plan(base, adapters, reports, weights, output_specs(base, dtype),
@@ -94,6 +98,8 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     records = [provenance.adapter_record(a, w, op) for a, w in zip(adapters, weights)]
     for rec, a, r in zip(records, adapters, reports):
         rec["merged_modules"] = len(r.matches)
+        if per_block is not None:
+            rec["block_weights"] = block_table(a, r, per_block)
         rec.update(extra.records.get(a.sha256, {}))
         warnings.extend(f"{a.path}: {n}" for n in a.notes)
     warnings.extend(extra.warnings)
@@ -102,7 +108,8 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     if restore_from is not None:  # unmerge --check-base reads it too: an input
         inputs.append(Path(restore_from))
     # fp16 overflow is refused before the output exists; no observer on this dry pass.
-    dry: dict[str, TensorFn] = build_work(adapters, reports, weights, sign, dev)
+    dry: dict[str, TensorFn] = build_work(adapters, reports, weights, sign, dev,
+                                          per_block=per_block)
     dry.update({k: replace(fn, observe=None) for k, fn in extra.work.items()})
     check_factors(adapters, reports)
     check_range(base, specs, dry)
@@ -146,15 +153,46 @@ def merge(base_path: str | Path, adapter_paths: list[str | Path], out: str | Pat
     return apply_adapters(base_path, adapter_paths, out, sign=1.0, op="merge", **options)
 
 
+def block_plan(adapters: list[Adapter], spec: str | None) -> list[blocks.Selector] | None:
+    """``--block-weights`` parsed and checked: every selector names some module, and no
+    module has a part (DoRA magnitude, lora_bias, saved tensor) a weight cannot scale."""
+    if spec is None:
+        return None
+    selectors = blocks.parse(spec)
+    where = ", ".join(str(a.path) for a in adapters)
+    blocks.check_used(selectors, [(m.component, m.name) for a in adapters for m in a.modules],
+                      where)
+    odd = [m.name for a in adapters for m in a.modules if m.magnitude_key or m.bias_key]
+    odd += [k for a in adapters for k in (*a.replacements, *a.token_rows)]
+    if odd:
+        raise UsageError(f"--block-weights scales plain ΔW terms; {odd[0]} (DoRA magnitude, "
+                         "lora_bias or a saved whole tensor) cannot be weighted by block")
+    return selectors
+
+
+def block_table(a: Adapter, r: MatchReport, selectors: list[blocks.Selector]
+                ) -> dict[str, float]:
+    """``component block`` -> weight, for the record and the summary."""
+    out: dict[str, float] = {}
+    for m in r.matches:
+        block = blocks.diffusion_block(m.module.name) or blocks.OTHER
+        key = f"{m.module.component or '-'} {block}"
+        out[key] = blocks.weight_of(selectors, m.module.component, m.module.name)
+    return out
+
+
 def build_work(adapters: list[Adapter], reports: list[MatchReport], weights: list[float],
-               sign: float, dev: torch.device, observe: Observer | None = None
-               ) -> dict[str, TensorFn]:
-    """One function per adapted base tensor, adding every adapter's delta in fp32."""
+               sign: float, dev: torch.device, observe: Observer | None = None,
+               per_block: list[blocks.Selector] | None = None) -> dict[str, TensorFn]:
+    """One function per adapted base tensor, adding every adapter's delta in fp32
+    (``per_block``: each module's weight times its block's, one fp32 factor)."""
     per_key: dict[str, list[tuple[Adapter, Match, float]]] = {}
     start: dict[str, tuple[Adapter, str]] = {}
     for a, report, w in zip(adapters, reports, weights):
         for m in report.matches:
-            per_key.setdefault(m.base_key, []).append((a, m, sign * w))
+            bw = 1.0 if per_block is None else blocks.weight_of(
+                per_block, m.module.component, m.module.name)
+            per_key.setdefault(m.base_key, []).append((a, m, sign * w * bw))
         for base_key, adapter_key in report.replacements.items():
             if sign < 0:
                 continue  # restored from the original base, or refused (beyond.special_work)

@@ -83,39 +83,56 @@ def plan_components(base: Path, adapter_paths: list[str | Path], opts: AdapterOp
     return todo, warnings
 
 
-def merge_pipeline(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
-                   apply_adapters: Callable[..., Any], **kwargs: Any) -> Any:
-    """``merge`` for a pipeline folder: each adapted component merged (by ``apply_adapters``,
-    merge.py's, passed in so that this module does not import it back), the rest copied."""
+def each_component(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
+                   run: Callable[..., Any], inputs: list[Path] | None = None,
+                   **kwargs: Any) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Run ``run(base/comp, adapters, tmp/comp, component=comp, allow_unmatched=True,
+    **kwargs)`` for each adapted component, copy every other file and folder byte for
+    byte, and rename the whole when complete. Returns (component, result) and warnings."""
     base, out = Path(base_path), Path(out)
     opts = kwargs.get("opts") or AdapterOptions()
     todo, warnings = plan_components(base, adapter_paths, opts, kwargs.pop("component", None),
                                      kwargs.pop("allow_unmatched", False))
     force = kwargs.pop("force", False)
-    check_output(out, [base, *map(Path, adapter_paths)], force)
+    check_output(out, [base, *map(Path, adapter_paths), *(inputs or [])], force)
     tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     if not todo:
         raise MatchError(f"no module of {', '.join(map(str, adapter_paths))} matches any model "
                          f"of {base}; check that the adapters were trained for this pipeline")
-    total: Any = None
+    results = []
     try:
         tmp.mkdir()
         for p in sorted(base.iterdir()):
             if p.name not in todo:
                 _copy(p, tmp / p.name)
         for comp in todo:
-            s = apply_adapters(base / comp, adapter_paths, tmp / comp, component=comp,
-                               allow_unmatched=True, **kwargs)
-            if total is None:
-                total = replace(s, out=str(out), tensors=0, changed=0, copied=0,
-                                bytes_written=0, seconds=0.0, blocks=0, warnings=warnings,
-                                adapters=[])
-            _add(total, s, comp)
+            results.append((comp, run(base / comp, adapter_paths, tmp / comp, component=comp,
+                                      allow_unmatched=True, **kwargs)))
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return results, warnings
+
+
+def merge_pipeline(base_path: str | Path, adapter_paths: list[str | Path], out: str | Path,
+                   apply_adapters: Callable[..., Any], **kwargs: Any) -> Any:
+    """``merge`` for a pipeline folder: each adapted component merged (by ``apply_adapters``,
+    merge.py's, passed in so that this module does not import it back), the rest copied."""
+    results, warnings = each_component(base_path, adapter_paths, out, apply_adapters, **kwargs)
+    return combine(results, out, warnings)
+
+
+def combine(results: list[tuple[str, Any]], out: str | Path, warnings: list[str]) -> Any:
+    """The components' merge summaries summed into the pipeline's."""
+    total: Any = None
+    for comp, s in results:
+        if total is None:
+            total = replace(s, out=str(out), tensors=0, changed=0, copied=0,
+                            bytes_written=0, seconds=0.0, blocks=0, warnings=warnings,
+                            adapters=[])
+        _add(total, s, comp)
     return total
 
 
@@ -147,6 +164,8 @@ def _add(total: Any, s: Any, comp: str) -> None:
         total.adapters = [dict(r, merged_modules=0, components={}) for r in s.adapters]
     for rec, new in zip(total.adapters, s.adapters):
         rec["merged_modules"] += new["merged_modules"]
+        if "block_weights" in new:
+            rec["block_weights"] = {**rec.get("block_weights", {}), **new["block_weights"]}
         if new["merged_modules"]:
             rec["components"][comp] = new["merged_modules"]
     # Per-component "match no tensor" lines are expected here: the plan checked the union;
