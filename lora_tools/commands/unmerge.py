@@ -31,6 +31,8 @@ _LIST_LIMIT = 40
 @adapter_options
 @click.option("--allow-unmatched", is_flag=True,
               help="Skip adapter modules that match no tensor (listed as a warning).")
+@click.option("--block-weights", metavar="SPEC",
+              help="The --block-weights the merge was made with (diffusion LoRAs).")
 @click.option("--check-base", type=click.Path(exists=True), metavar="BASE",
               help="Compare the result with the real base, element by element.")
 @run_options

@@ -18,7 +18,7 @@ See docs/unmerge-and-verify.md for the bound.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +88,13 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
 
     ``options`` are merge's (:class:`~lora_tools.merging.merge.MergeOptions`); ``check_base``:
     the original base, to measure the result against instead of proving it from MERGED.
+    A diffusers pipeline folder is unmerged component by component (``check_base``: the
+    base pipeline folder), the other components copied byte for byte.
     """
+    from lora_tools.merging import pipeline
+
+    if pipeline.is_pipeline(merged_path):
+        return _unmerge_pipeline(merged_path, adapter_paths, out, check_base, **options)
     if check_base is None and str(options.get("device") or "auto").lower().startswith("cuda"):
         # The proof has no slack for a ΔW summed in another order than the merge's (CPU).
         raise UsageError("unmerge --device cuda: the exactness proof needs ΔW recomputed as "
@@ -116,6 +122,27 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
     summary = apply_adapters(merged_path, adapter_paths, out, sign=-1.0, op="unmerge",
                              observe=observe, restore_from=check_base, **options)
     return UnmergeSummary(summary, str(check_base) if check_base is not None else None, stats)
+
+
+def _unmerge_pipeline(merged_path: str | Path, adapter_paths: list[str | Path],
+                      out: str | Path, check_base: str | Path | None,
+                      **options: Any) -> UnmergeSummary:
+    from lora_tools.merging import pipeline
+
+    if check_base is not None and not pipeline.is_pipeline(check_base):
+        raise UsageError(f"--check-base {check_base}: {merged_path} is a pipeline folder; "
+                         "give the base pipeline folder it was merged from")
+
+    def one(path: Path, adapters: list[str | Path], to: Path, **kw: Any) -> UnmergeSummary:
+        cb = None if check_base is None else Path(check_base) / kw["component"]
+        return unmerge(path, adapters, to, check_base=cb, **kw)
+
+    extra = [Path(check_base)] if check_base is not None else []
+    results, warnings = pipeline.each_component(merged_path, adapter_paths, out, one,
+                                                inputs=extra, **options)
+    total = pipeline.combine([(c, s.merge) for c, s in results], out, warnings)
+    tensors = [replace(t, name=f"{c}/{t.name}") for c, s in results for t in s.tensors]
+    return UnmergeSummary(total, str(check_base) if check_base is not None else None, tensors)
 
 
 def _base_tensor(base: Checkpoint, name: str, like: torch.Tensor) -> torch.Tensor:

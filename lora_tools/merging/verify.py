@@ -57,7 +57,8 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
            weights: list[float] | None = None, opts: AdapterOptions | None = None,
            dtype: torch.dtype | None = None, tolerance: float | None = None,
            device: str = "auto", seed: int = 0, allow_unmatched: bool = False,
-           gguf_type: str | None = None, progress: bool = False) -> VerifyReport:
+           gguf_type: str | None = None, progress: bool = False,
+           component: str | None = None) -> VerifyReport:
     """Check ``merged_path`` against ``base_path`` + adapters (see the module doc).
 
     ``tolerance``: allowed error of adapted tensors in ulps of the stored dtype (default
@@ -65,6 +66,8 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     output dtype the merge was asked for, if any. A GGUF base is checked by
     :func:`lora_tools.merging.gguf_verify.verify_gguf` (``tolerance`` then scales the
     quantization's own per-block error; ``gguf_type`` as given to the merge).
+    A diffusers pipeline folder is verified component by component
+    (:mod:`lora_tools.merging.pipeline_verify`); ``component``: which model BASE is.
     """
     tol = None if tolerance is None else float(tolerance)
     if tol is not None and not 0 <= tol < float("inf"):  # inf would pass anything
@@ -74,11 +77,19 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
 
         return verify_gguf(merged_path, base_path, adapter_paths, weights=weights, opts=opts,
                            gguf_type=gguf_type, tolerance=tol, allow_unmatched=allow_unmatched)
+    from lora_tools.merging.pipeline import is_pipeline
+
+    if is_pipeline(base_path):
+        from lora_tools.merging.pipeline_verify import verify_pipeline
+
+        return verify_pipeline(merged_path, base_path, adapter_paths, verify, weights=weights,
+                               opts=opts, dtype=dtype, tolerance=tolerance, device=device,
+                               seed=seed, allow_unmatched=allow_unmatched, progress=progress)
     t0 = time.perf_counter()
     weights = adapter_weights(weights, len(adapter_paths))
     merged, base = open_checkpoint(merged_path), open_checkpoint(base_path)
     adapters = open_adapters(adapter_paths, opts or AdapterOptions())
-    reports, warnings = resolve(adapters, base, allow_unmatched)
+    reports, warnings = resolve(adapters, base, allow_unmatched, component=component)
     for a, r in zip(adapters, reports):
         state(a, r, str(base_path))
     dev = resolve_device(device, auto="cuda")
