@@ -196,3 +196,37 @@ def test_sd_kohya_uses_lora_te_prefix(tmp_path: Path) -> None:
     assert set(read(tmp_path / "k.safetensors")) == {
         f"lora_te_text_model_encoder_layers_0_self_attn_q_proj.{s}"
         for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+
+
+def test_flux_to_peft_and_back_kohya_refused(tmp_path: Path) -> None:
+    """A Flux transformer LoRA saved by FluxPipeline: its PEFT folder merges (PEFT) to
+    diffusers' fused weights; kohya (BFL names, fused qkv) is refused by name."""
+    from click.testing import CliRunner
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusion_models import add_lora, tiny_flux
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    from lora_tools.cli import cli
+
+    targets = ["to_q", "to_k", "to_v", "proj_mlp", "proj_out", "ff.net.2"]
+    tiny_flux().save_pretrained(str(tmp_path / "flux"))
+    lora = add_lora(tiny_flux(), 4, 3.0, targets=tuple(targets))
+    FluxPipeline.save_lora_weights(
+        str(tmp_path / "l"), transformer_lora_layers=get_peft_model_state_dict(lora),
+        transformer_lora_adapter_metadata={"r": 4, "lora_alpha": 3.0, "target_modules": targets})
+    src = tmp_path / "l" / "pytorch_lora_weights.safetensors"
+    truth = FluxTransformer2DModel.from_pretrained(str(tmp_path / "flux"))
+    state, meta = FluxPipeline.lora_state_dict(str(tmp_path / "l"), return_lora_metadata=True)
+    FluxPipeline.load_lora_into_transformer(state, None, transformer=truth, metadata=meta)
+    truth.fuse_lora()
+    want = {k.replace(".base_layer", ""): v for k, v in state_of(truth).items() if "lora_" not in k}
+    convert(src, tmp_path / "p", "peft")
+    model = FluxTransformer2DModel.from_pretrained(str(tmp_path / "flux"))
+    got = state_of(PeftModel.from_pretrained(model, str(tmp_path / "p" / "transformer"))
+                   .merge_and_unload())
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    res = CliRunner().invoke(cli, ["convert", str(src), "--to", "kohya", "-o",
+                                   str(tmp_path / "k.safetensors")])
+    assert res.exit_code == 2 and "BFL names with fused qkv" in res.output, res.output
+    assert res.output.count("Error:") == 1 and not (tmp_path / "k.safetensors").exists()

@@ -21,10 +21,6 @@ from lora_tools.adapters.components import TE1, TE2, TRANSFORMER, UNET
 from lora_tools.adapters.model import Adapter
 from lora_tools.errors import FormatError, UsageError
 
-# kohya prefix of each component when lora-tools writes one. Text encoder 1 is
-# ``lora_te1_`` beside a text encoder 2 (SDXL, as diffusers' convert_state_dict_to_kohya
-# writes it) and ``lora_te_`` otherwise (SD 1.x/2.x, which A1111 needs; ComfyUI takes both).
-KOHYA_OUT = {UNET: "lora_unet_", TE2: "lora_te2_", TRANSFORMER: "lora_transformer_"}
 A_KEY = ".lora_A.weight"
 
 
@@ -108,6 +104,9 @@ def _tail(kohya: str) -> str:
 
 
 def te1_prefix(components: set[str]) -> str:
+    """Text encoder 1 is ``lora_te1_`` beside a text encoder 2 (SDXL, as diffusers'
+    convert_state_dict_to_kohya writes it), ``lora_te_`` otherwise (SD 1.x/2.x, which A1111
+    needs; ComfyUI takes both)."""
     return "lora_te1_" if TE2 in components else "lora_te_"
 
 
@@ -123,9 +122,11 @@ def kohya_name(component: str, path: str, te1: str = "lora_te1_") -> str:
         kohya = utils.convert_state_dict_to_kohya({f"{component}.{path}{A_KEY}": _meta((1, 1))})
         name = next(k for k in kohya if k.endswith(".lora_down.weight")).split(".")[0]
         return te1 + name[len("lora_te1_"):] if component == TE1 else name
-    if component in KOHYA_OUT:
-        return KOHYA_OUT[component] + path.replace(".", "_")
-    raise UsageError(f"{component}: kohya has no prefix for this component")
+    # kohya Flux files are on BFL names with fused qkv/linear1; diffusers 0.42 does not load
+    # a diffusers-named transformer behind lora_transformer_ (tried): refused, not guessed.
+    raise UsageError(f"{component}.{path}: kohya files for a {component} (Flux/SD3) are on "
+                     "BFL names with fused qkv/linear1, which convert does not write yet; "
+                     "keep the diffusers form (--to diffusers) or merge it")
 
 
 def peft_path(component: str, path: str) -> str:
