@@ -180,6 +180,12 @@ def test_diffusers_to_peft_folders(sdxl: dict, tmp_path: Path) -> None:
         merged = PeftModel.from_pretrained(getattr(pipe, c), str(out / c)).merge_and_unload()
         got[c] = state_of(merged)
     assert not _same(got, sdxl["truth"])
+    # the folder of folders reads as one adapter: to kohya it gives the same file as the
+    # diffusers original does
+    convert(out, tmp_path / "k1.safetensors", "kohya")
+    convert(sdxl["lora"], tmp_path / "k2.safetensors", "kohya")
+    k1, k2 = read(tmp_path / "k1.safetensors"), read(tmp_path / "k2.safetensors")
+    assert set(k1) == set(k2) and all(torch.equal(k1[k], k2[k]) for k in k2)
     # and back: one component's PEFT folder, told its component, into diffusers' form
     back = tmp_path / "te2.safetensors"
     convert(out / "text_encoder_2", back, "diffusers", component="text_encoder_2")

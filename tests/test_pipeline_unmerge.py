@@ -74,3 +74,18 @@ def test_unmerge_pipeline(merged: dict[str, Path], tmp_path: Path) -> None:
     got = read(tmp_path / "back" / "unet" / "diffusion_pytorch_model.safetensors")
     want = read(merged["pipe"] / "unet" / "diffusion_pytorch_model.safetensors")
     assert set(got) == set(want)
+
+
+def test_peft_component_folders_merge_like_the_diffusers_file(merged: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    """``convert --to peft`` writes one PEFT folder per component; that folder of folders
+    merges into the pipeline exactly as the diffusers file it came from."""
+    from lora_tools.editing.convert import convert
+
+    convert(merged["lora"], tmp_path / "peft", "peft")
+    merge(merged["pipe"], [tmp_path / "peft"], tmp_path / "m2")
+    for c, f in (("unet", "diffusion_pytorch_model.safetensors"),
+                 ("text_encoder", "model.safetensors")):
+        got, want = read(tmp_path / "m2" / c / f), read(merged["merged"] / c / f)
+        assert set(got) == set(want)
+        assert all((got[k] == want[k]).all() for k in want), c

@@ -12,6 +12,7 @@ from lora_tools.adapters.loralib import RECIPES, is_loralib, load_loralib
 from lora_tools.adapters.lycoris import is_lycoris, load_lycoris
 from lora_tools.adapters.model import Adapter, LoraModule, check_float_tensors
 from lora_tools.adapters.peft import CONFIG, is_peft_folder, load_peft
+from lora_tools.adapters.peft_components import component_folders, load_peft_components
 from lora_tools.adapters.unsupported import describe, unsupported_types
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.io.checkpoint import open_file
@@ -46,6 +47,8 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
         adapter = load_peft(p, alpha)
         adapter.notes += _other_adapters(p)
         return adapter
+    if component_folders(p):
+        return load_peft_components(p, alpha)
     if p.is_dir():
         named = named_adapters(p)
         if named:

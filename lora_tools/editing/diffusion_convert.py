@@ -15,6 +15,7 @@ from lora_tools.adapters import Adapter, fold
 from lora_tools.adapters.components import check_component
 from lora_tools.adapters.diffusion_names import diffusers_paths, kohya_name, peft_path, te1_prefix
 from lora_tools.adapters.names import LAYOUT_META
+from lora_tools.adapters.peft_components import FORMAT as PEFT_COMPONENTS
 from lora_tools.adapters.save import FactorModule, factor_modules
 from lora_tools.adapters.save_diffusion import save_diffusers, save_kohya, save_peft_components
 from lora_tools.editing.checkpoint_convert import ConvertSummary
@@ -34,9 +35,10 @@ def is_diffusion(adapter: Adapter, to: str, component: str | None,
     not write (its own record restores names exactly) and that no ``--base`` names."""
     comps = {m.component for m in adapter.modules} - {None}
     if any(m.type != "lora" for m in adapter.modules) or adapter.format not in (
-            "kohya", "peft", "diffusers", "diffusers-old", "peft-components"):
+            "kohya", "peft", "diffusers", "diffusers-old", PEFT_COMPONENTS):
         return False  # LyCORIS types and files: convert's own routes (type_convert)
-    if to == "diffusers" or component is not None or adapter.format.startswith("diffusers"):
+    if to == "diffusers" or component is not None or adapter.format.startswith(
+            ("diffusers", PEFT_COMPONENTS)):
         return True
     if len(comps) > 1:
         return True
