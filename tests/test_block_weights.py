@@ -77,6 +77,16 @@ def test_pipeline_matches_diffusers_block_scales(tmp_path: Path) -> None:
         for k in got:
             assert torch.equal(got[k], want[k.removeprefix("text_model.")]
                                if k not in want else want[k]), k
+    # verify takes the same spec; without it the merge is not base + adapter
+    from lora_tools.merging.verify import verify
+
+    assert verify(tmp_path / "out", tmp_path / "pipe", [lora], block_weights=SPEC).ok
+    assert not verify(tmp_path / "out", tmp_path / "pipe", [lora]).ok
+    from lora_tools.merging.unmerge import unmerge
+
+    back = unmerge(tmp_path / "out", [lora], tmp_path / "back", block_weights=SPEC,
+                   check_base=tmp_path / "pipe")
+    assert back.total["max_ulp"] <= 1
     # the CLI says it and refuses a selector that names nothing, writing nothing
     res = CliRunner().invoke(cli, ["merge", str(tmp_path / "pipe"), str(lora), "-o",
                                    str(tmp_path / "o2"), "--block-weights", "up.0=0.5"])

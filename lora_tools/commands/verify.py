@@ -38,6 +38,8 @@ from lora_tools.commands.common import (
               help="Skip adapter modules that match no base tensor (listed as a warning).")
 @click.option("--device", default="auto", show_default=True,
               help="Where to recompute: auto, cpu, cuda, cuda:N.")
+@click.option("--block-weights", metavar="SPEC",
+              help="The --block-weights the merge was made with (diffusion LoRAs).")
 @click.option("--gguf-type", metavar="TYPE",
               help="GGUF merges: the --gguf-type the merge was given.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
@@ -69,7 +71,7 @@ def command(merged: str, base: str, adapters: tuple[str, ...], weights: tuple[fl
                         dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
                         tolerance=opts["tolerance"], device=opts["device"], seed=opts["seed"],
                         allow_unmatched=opts["allow_unmatched"],
-                        gguf_type=opts["gguf_type"],
+                        gguf_type=opts["gguf_type"], block_weights=opts["block_weights"],
                         progress=progress_wanted(opts["quiet"], opts["as_json"]))
     warn(report.warnings, opts["quiet"] or opts["as_json"])
     emit({**report.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])

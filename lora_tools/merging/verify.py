@@ -37,7 +37,7 @@ from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.gguf_file import is_gguf
 from lora_tools.merging import provenance
 from lora_tools.merging.coverage import key_use
-from lora_tools.merging.merge import build_work
+from lora_tools.merging.merge import block_plan, build_work
 from lora_tools.merging.special import special_work
 from lora_tools.merging.verify_checks import (
     DEFAULT_TOLERANCE_ULP,
@@ -58,7 +58,7 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
            dtype: torch.dtype | None = None, tolerance: float | None = None,
            device: str = "auto", seed: int = 0, allow_unmatched: bool = False,
            gguf_type: str | None = None, progress: bool = False,
-           component: str | None = None) -> VerifyReport:
+           component: str | None = None, block_weights: str | None = None) -> VerifyReport:
     """Check ``merged_path`` against ``base_path`` + adapters (see the module doc).
 
     ``tolerance``: allowed error of adapted tensors in ulps of the stored dtype (default
@@ -67,7 +67,8 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     :func:`lora_tools.merging.gguf_verify.verify_gguf` (``tolerance`` then scales the
     quantization's own per-block error; ``gguf_type`` as given to the merge).
     A diffusers pipeline folder is verified component by component
-    (:mod:`lora_tools.merging.pipeline_verify`); ``component``: which model BASE is.
+    (:mod:`lora_tools.merging.pipeline_verify`); ``component``: which model BASE is;
+    ``block_weights``: the merge's ``--block-weights``.
     """
     tol = None if tolerance is None else float(tolerance)
     if tol is not None and not 0 <= tol < float("inf"):  # inf would pass anything
@@ -84,7 +85,8 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
 
         return verify_pipeline(merged_path, base_path, adapter_paths, verify, weights=weights,
                                opts=opts, dtype=dtype, tolerance=tolerance, device=device,
-                               seed=seed, allow_unmatched=allow_unmatched, progress=progress)
+                               seed=seed, allow_unmatched=allow_unmatched, progress=progress,
+                               block_weights=block_weights)
     t0 = time.perf_counter()
     weights = adapter_weights(weights, len(adapter_paths))
     merged, base = open_checkpoint(merged_path), open_checkpoint(base_path)
@@ -96,11 +98,12 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     rep = VerifyReport(str(merged_path), str(base_path), tol, str(dev), warnings=warnings)
     _check_key_use(adapters, reports, allow_unmatched, rep)
     rep.warnings += _provenance_notes(merged, adapters)
-    work = build_work(adapters, reports, weights, 1.0, dev)
+    per_block = block_plan(adapters, block_weights)
+    work = build_work(adapters, reports, weights, 1.0, dev, per_block=per_block)
     # DoRA, lora_bias, modules_to_save, trainable tokens: the merge's own special work.
     special = special_work(base, adapters, reports, weights, 1.0, dev)
     work.update(special)
-    plan = probe_plan(adapters, reports, weights)
+    plan = probe_plan(adapters, reports, weights, per_block)
     for key in special:  # not W + s·B(A·x): the element check covers them, the probe not
         plan.terms.pop(key, None)
     checker = Checker(merged, base, work, plan, dtype, tol, seed)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lora_tools.adapters import Adapter
+from lora_tools.adapters import Adapter, blocks
 from lora_tools.adapters.mapping import MatchReport
 from lora_tools.engine.stream import TensorFn, out_dtype
 from lora_tools.io.checkpoint import Checkpoint
@@ -41,12 +41,14 @@ class ProbePlan:
     starts: dict[str, tuple[Adapter, str]] = field(default_factory=dict)
 
 
-def probe_plan(adapters: list[Adapter], reports: list[MatchReport], weights: list[float]
-                ) -> ProbePlan:
+def probe_plan(adapters: list[Adapter], reports: list[MatchReport], weights: list[float],
+               per_block: list[blocks.Selector] | None = None) -> ProbePlan:
     plan = ProbePlan()
     for a, r, w in zip(adapters, reports, weights):
         for m in r.matches:
-            plan.terms.setdefault(m.base_key, []).append((a, m.module, w))
+            bw = 1.0 if per_block is None else blocks.weight_of(
+                per_block, m.module.component, m.module.name)
+            plan.terms.setdefault(m.base_key, []).append((a, m.module, w * bw))
         for base_key, key in r.replacements.items():
             plan.starts[base_key] = (a, key)
     return plan
