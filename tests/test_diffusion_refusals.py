@@ -109,3 +109,23 @@ def test_inspect_groups_by_component_and_block(tmp_path: Path) -> None:
     assert set(comps["unet"]["blocks"]) == {"down_blocks.0", "mid_block"}
     assert comps["unet"]["blocks"]["down_blocks.0"]["modules"] == 2
     assert comps["text_encoder_2"]["blocks"]["layers.1"]["norm_delta"] > 0
+
+
+def test_kohya_clip_names_without_text_model_are_read(tmp_path: Path) -> None:
+    """diffusers' convert_state_dict_to_kohya on transformers >= 5 CLIP names drops
+    text_model_; such a file converts, and its kohya output has the standard names."""
+    ad = state_dict_file(_lora(["lora_te1_encoder_layers_0_self_attn_q_proj",
+                                "lora_te2_encoder_layers_0_mlp_fc1"]), tmp_path / "l.safetensors")
+    res = CliRunner().invoke(cli, ["convert", str(ad), "--to", "diffusers", "-o",
+                                   str(tmp_path / "pytorch_lora_weights.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "text_encoder_2 1 modules" in res.output
+    assert sorted(read(tmp_path / "pytorch_lora_weights.safetensors")) == sorted(
+        f"{c}.encoder.layers.0.{m}.lora_{x}.weight" for c, m in (
+            ("text_encoder", "self_attn.q_proj"), ("text_encoder_2", "mlp.fc1")) for x in "AB")
+    res = CliRunner().invoke(cli, ["convert", str(ad), "--to", "kohya", "-o",
+                                   str(tmp_path / "k.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert sorted(k.split(".")[0] for k in read(tmp_path / "k.safetensors"))[::3] == [
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1"]

@@ -88,8 +88,10 @@ def _from_kohya(adapter: Adapter) -> dict[str, tuple[str, str]]:
         raise FormatError(f"{adapter.path}: diffusers' kohya name map gives no module for "
                           f"{', '.join(lost[:3])}; the file is of another layout")
     for m in adapter.modules:  # the map must give back the very name it was read from
-        comp, path = out[m.name]
-        if kohya_name(comp, path, m.name[: len(m.name) - len(_tail(m.name))]) != m.name:
+        comp, path = out[m.name]  # (CLIP names may lack text_model_, as transformers >= 5 do)
+        prefix = m.name[: len(m.name) - len(_tail(m.name))]
+        back = kohya_name(comp, path, prefix)
+        if m.name not in (back, back.replace(prefix + "text_model_", prefix, 1)):
             raise FormatError(f"{adapter.path}: {m.name}: diffusers' name map reads it as "
                               f"{comp}.{path}, whose kohya name differs; the module name is "
                               "ambiguous, convert refuses to guess")

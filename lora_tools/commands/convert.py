@@ -52,7 +52,8 @@ TARGETS = ("peft", "kohya", "loralib", "lycoris", "diffusers", "safetensors", "p
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or text.")
 @handle_errors
 def command(source: str, out: str, to: str, **opts: Any) -> None:
-    """Convert an adapter between PEFT, kohya and loralib, or a checkpoint between
+    """Convert an adapter between PEFT, kohya and loralib (diffusion LoRAs: kohya, diffusers'
+    pytorch_lora_weights form and one PEFT folder per component), or a checkpoint between
     .bin/.pt and .safetensors (re-sharded, re-typed). ΔW is kept exactly: what the target
     cannot hold (rsLoRA, fan_in_fan_out, fused qkv) is folded into weights or alpha, and
     the output says so.

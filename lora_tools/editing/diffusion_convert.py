@@ -14,6 +14,7 @@ from pathlib import Path
 from lora_tools.adapters import Adapter, fold
 from lora_tools.adapters.components import check_component
 from lora_tools.adapters.diffusion_names import diffusers_paths, kohya_name, peft_path, te1_prefix
+from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.names import LAYOUT_META
 from lora_tools.adapters.peft_components import FORMAT as PEFT_COMPONENTS
 from lora_tools.adapters.save import FactorModule, factor_modules
@@ -60,6 +61,7 @@ def convert_diffusion(adapter: Adapter, src: str | Path, out: str | Path, to: st
         raise UsageError("--base/--prefix: a diffusion LoRA's names come from diffusers' name "
                          "maps and its components' prefixes; leave them out")
     _set_component(adapter, check_component(component))
+    state(adapter)
     paths = diffusers_paths(adapter)
     notes: list[str] = []
     modules = []
