@@ -6,7 +6,12 @@ weights a LoRA can touch: for Llama-family models (``LlamaModel.modify_tensors``
 rows of ``q_proj`` and ``k_proj`` are permuted per head (``LlamaModel.permute``), so the
 same permutation must be applied to ΔW (equivalently to B's rows). The other supported
 architectures store these weights as Hugging Face does (Phi-3 keeps its fused
-``qkv_proj``/``gate_up_proj`` as ``attn_qkv``/``ffn_up``).
+``qkv_proj``/``gate_up_proj`` as ``attn_qkv``/``ffn_up``), or transposed to (out, in) (GPT-2's
+Conv1D ``c_attn``/``c_proj``/``c_fc``), which is where ΔW = B@A lands anyway.
+
+kohya-style names (``lora_unet_model_layers_0_self_attn_q_proj``) are flattened HF module
+paths: they are read back against the same table, by their underscore form, and refused
+when they could be more than one GGUF tensor.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any
 
 import torch
 
+from lora_tools.adapters.kohya import strip_prefix
+from lora_tools.adapters.model import LINEAR, Adapter, LoraModule
+from lora_tools.adapters.names import read_layout
 from lora_tools.errors import MatchError, UsageError
 from lora_tools.io.gguf_file import require_gguf
 
@@ -28,6 +36,9 @@ ARCHITECTURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "gemma2": ("GEMMA2", ("Gemma2ForCausalLM",)),
     "gemma3": ("GEMMA3", ("Gemma3ForCausalLM",)),
     "phi3": ("PHI3", ("Phi3ForCausalLM",)),
+    # GPT2Model.modify_tensors transposes HF Conv1D weights (in, out) to (out, in): ΔW lands
+    # as B@A, whatever fan_in_fan_out said of the HF layout.
+    "gpt2": ("GPT2", ("GPT2LMHeadModel",)),
 }
 # Per architecture: GGUF tensor kind -> head-count metadata keys (n_head, n_head for the
 # permutation), as LlamaModel.modify_tensors calls permute(q, n_head, n_head) and
@@ -37,6 +48,7 @@ PERMUTED: dict[str, dict[str, tuple[str, str]]] = {
               "attn_k": ("head_count", "head_count_kv")},
 }
 PEFT_PREFIXES = ("base_model.model.",)
+KOHYA_PEFT_PREFIX = "base_model_model_"
 
 
 @dataclass(frozen=True)
@@ -95,9 +107,13 @@ class NameMap:
         self._map: Any = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, ARCHITECTURES[arch][0]),
                                                   n_blocks)
         self.heads = heads
+        self._flat: dict[str, list[str]] | None = None
 
-    def target(self, module: str) -> Target | None:
-        path = hf_module(module)
+    def target(self, module: str, underscore: bool = False) -> Target | None:
+        """Where ``module`` lands; ``underscore``: a kohya-style flattened name."""
+        path = self.unflatten(module) if underscore else hf_module(module)
+        if path is None:
+            return None
         name = self._map.get_name(path + ".weight", try_suffixes=(".weight",))
         if name is None:
             return None
@@ -110,6 +126,43 @@ class NameMap:
         except KeyError:
             raise MatchError(f"{module}: the q/k permutation needs {self.arch}.attention."
                              f"{keys[1]} in the model's metadata, which is missing") from None
+
+
+    def unflatten(self, module: str) -> str | None:
+        """The HF module path of a kohya-style name, by the gguf table's own names: the
+        exact underscore form, else the one table name it ends with (or that ends with it)."""
+        name = strip_prefix(module).removeprefix(KOHYA_PEFT_PREFIX)
+        if self._flat is None:
+            self._flat = {}
+            for key in self._map.mapping:
+                self._flat.setdefault(key.replace(".", "_"), []).append(key)
+        if name in self._flat:
+            return self._flat[name][0]
+        hits = {self._map.mapping[k][1]: k for u, ks in self._flat.items() for k in ks
+                if name.endswith("_" + u) or u.endswith("_" + name)}
+        if len(hits) > 1:
+            raise MatchError(f"{module}: this kohya-style name could be any of "
+                             f"{', '.join(sorted(hits)[:4])} in a {self.arch} GGUF model; "
+                             "rename the module to its full Hugging Face path")
+        return next(iter(hits.values()), None)
+
+
+def module_target(names: NameMap, a: Adapter, m: LoraModule) -> Target | None:
+    """A kohya-style name is read back by the layout record lora-tools writes into kohya
+    files (the module's dotted path), else against the gguf table's names."""
+    if m.underscore:
+        record = read_layout(a.source.metadata).get(m.name)
+        if record is not None:
+            return names.target(record.module)
+    return names.target(m.name, underscore=m.underscore)
+
+
+def gguf_orientation(m: LoraModule) -> None:
+    """A GGUF weight is always (out, in): the converter transposes the HF Conv1D layout
+    (GPT-2) and ggml multiplies by (out, in) rows, so ΔW = B@A lands untransposed whatever
+    the HF layer stored (PEFT's fan_in_fan_out, loralib's square-weight default)."""
+    if m.type == "lora" and m.kind == LINEAR:
+        m.fan_in_fan_out, m.orientation_source = False, "GGUF layout (out, in)"
 
 
 def heads_from_gguf(value: Any, arch: str) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""``convert --to gguf``: a PEFT LoRA as a llama.cpp LoRA adapter (``llama-cli --lora``).
+"""``convert --to gguf``: a PEFT, kohya or loralib LoRA as a llama.cpp LoRA adapter (``llama-cli --lora``).
 
 The layout is the one llama.cpp's ``convert_lora_to_gguf.py`` writes: metadata
 ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``; per adapted
@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from lora_tools.adapters import Adapter, load_adapter, require_alpha
-from lora_tools.adapters.gguf_names import NameMap, arch_of_hf, heads_from_gguf, heads_from_hf
+from lora_tools.adapters.gguf_names import (
+    NameMap,
+    arch_of_hf,
+    gguf_orientation,
+    heads_from_gguf,
+    heads_from_hf,
+    module_target,
+)
 from lora_tools.adapters.model import EMBEDDING, LINEAR
 from lora_tools.adapters.options import AdapterOptions
 from lora_tools.errors import MatchError, UsageError
@@ -52,7 +59,8 @@ def base_names(base: str | Path | None) -> NameMap:
         raise UsageError(f"{base}: neither a GGUF file nor a model folder with a readable "
                          "config.json") from None
     arch = arch_of_hf(list(cfg.get("architectures") or []))
-    return NameMap(arch, int(cfg.get("num_hidden_layers", 0)), heads_from_hf(cfg))
+    blocks = cfg.get("num_hidden_layers", cfg.get("n_layer", 0))  # GPT-2 says n_layer
+    return NameMap(arch, int(blocks), heads_from_hf(cfg))
 
 
 def convert_to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None,
@@ -106,14 +114,20 @@ def _pairs(adapter: Adapter, names: NameMap, alpha: float
     out: list[tuple[str, torch.Tensor, torch.Tensor, bool]] = []
     left = set(adapter.source.keys())
     for m in adapter.modules:
-        target = names.target(m.name)
+        target = module_target(names, adapter, m)
         if target is None:
             raise MatchError(f"{adapter.path}: {m.name} has no {names.arch} GGUF tensor name; "
                              "llama.cpp cannot apply it")
-        if m.kind not in (LINEAR, EMBEDDING) or m.fan_in_fan_out or m.magnitude_key \
+        if m.kind not in (LINEAR, EMBEDDING) or m.type != "lora" or m.magnitude_key \
                 or m.bias_key:
             raise UsageError(f"{adapter.path}: {m.name}: only plain LoRA on linear and "
                              "embedding layers goes into a llama.cpp adapter")
+        if m.enable_lora and m.a_shape[0] != m.b_shape[1]:
+            raise UsageError(f"{adapter.path}: {m.name}: a fused loralib MergedLinear "
+                             "(--enable-lora) has no llama.cpp adapter form (one B for all of "
+                             "q, k, v); merge it into the GGUF model instead (lora-tools merge "
+                             "model.gguf ADAPTER --enable-lora ...)")
+        gguf_orientation(m)
         a, b = (t.to(torch.float32) for t in load_factors(adapter, m))
         left -= {m.a_key, m.b_key}
         ratio = m.scale / (alpha / m.rank)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lora_tools.adapters.fit import fit
-from lora_tools.adapters.gguf_names import NameMap, Target, heads_from_gguf
+from lora_tools.adapters.gguf_names import NameMap, Target, gguf_orientation, heads_from_gguf, module_target
 from lora_tools.adapters.model import EMBEDDING, LINEAR, Adapter, LoraModule
 from lora_tools.errors import MatchError, UsageError
 from lora_tools.io.gguf_file import GGUFCheckpoint, can_quantize, fits_type
@@ -58,13 +58,12 @@ def plan_merge(base: GGUFCheckpoint, adapters: list[Adapter], weights: list[floa
     for a, w in zip(adapters, weights):
         _refuse_extras(a)
         for m in a.modules:
-            target = names.target(m.name)
+            target = module_target(names, a, m)
             if target is None or target.tensor not in base:
                 plan.unmatched.append(f"{a.path}: {m.name}")
                 continue
+            gguf_orientation(m)
             problem = fit(m, base.info(target.tensor).shape)
-            if problem is None and m.fan_in_fan_out and m.kind == LINEAR:
-                problem = "stored transposed (fan_in_fan_out), which llama.cpp models never are"
             if problem:
                 problems.append(f"{a.path}: {m.name} -> {target.tensor}: {problem}")
                 continue
