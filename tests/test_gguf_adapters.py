@@ -182,3 +182,57 @@ def test_loralib_gpt2_merged_linear_bitwise_equal_to_loralib(tmp_path: Path) -> 
     out = gguf_bytes(tmp_path / "out.gguf")
     assert len(want) == 4 and all(out[k] == want[k] for k in want)
     assert sum(out[k] != before[k] for k in out) == 4
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {t.name: torch.from_numpy(t.data.copy()).float() for t in gguf.GGUFReader(path).tensors}
+
+
+def test_convert_kohya_to_gguf_equals_peft_export(tmp_path: Path) -> None:
+    from lora_tools import convert
+
+    model = tiny_llama_fp32()
+    base = write_tiny_gguf(model, tmp_path / "base.gguf")
+    peft_adapter(model, tmp_path / "peft", target_modules=["q_proj", "k_proj", "down_proj"])
+    kohya = _peft_as_kohya(tmp_path / "peft", tmp_path / "kohya.safetensors", "full")
+    convert(tmp_path / "peft", tmp_path / "p.gguf", to="gguf", base=base)
+    summary = convert(kohya, tmp_path / "k.gguf", to="gguf", base=base)
+    assert summary.source_format == "kohya" and summary.converted == 6
+    want, got = _tensors(tmp_path / "p.gguf"), _tensors(tmp_path / "k.gguf")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    alpha = gguf.GGUFReader(tmp_path / "k.gguf").fields["adapter.lora.alpha"].contents()
+    assert alpha == 8.0
+
+
+def test_convert_loralib_to_gguf_gives_loralib_deltas(tmp_path: Path) -> None:
+    from lora_tools import convert
+
+    base, adapter, _ = _loralib_llama(tmp_path)
+    convert(adapter, tmp_path / "l.gguf", to="gguf", base=base, opts=AdapterOptions(alpha=16))
+    ts = _tensors(tmp_path / "l.gguf")
+    sd = torch.load(adapter, weights_only=True)
+    for hf, perm in (("model.layers.1.self_attn.k_proj", True), ("model.layers.0.mlp.down_proj", False)):
+        from gguf_helpers import gguf_name, to_gguf_space
+
+        name = gguf_name(hf + ".weight")
+        delta = 16 / 4 * (sd[hf + ".lora_B"] @ sd[hf + ".lora_A"])  # loralib's merge: (B@A)·α/r
+        want = to_gguf_space(hf + ".weight", delta) if perm else delta
+        got = 16 / 4 * (ts[name + ".lora_b"] @ ts[name + ".lora_a"])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_convert_merged_linear_to_gguf_refused(tmp_path: Path) -> None:
+    import loralib as lora
+
+    _, tmap = _gpt2(tmp_path)
+    fused = lora.MergedLinear(64, 192, r=4, lora_alpha=8, enable_lora=[True, False, True])
+    sd = {"transformer.h.0.attn.c_attn." + k: v for k, v in fused.state_dict().items()
+          if k.startswith("lora_")}
+    path = tmp_path / "lora.pt"
+    torch.save(sd, path)
+    from lora_tools import convert
+
+    with pytest.raises(UsageError, match="c_attn: a fused loralib MergedLinear.*merge it into"):
+        convert(path, tmp_path / "l.gguf", to="gguf", base=tmp_path / "gpt2.gguf",
+                opts=AdapterOptions(alpha=8, enable_lora=(True, False, True)))
+    assert not (tmp_path / "l.gguf").exists()

@@ -93,8 +93,8 @@ def test_needs_base_and_refuses_unknown_arch(tmp_path: Path) -> None:
                                    "-o", str(tmp_path / "ad.gguf")])
     assert res.exit_code != 0 and "needs --base" in res.output
     (tmp_path / "cfg").mkdir()
-    (tmp_path / "cfg" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    (tmp_path / "cfg" / "config.json").write_text('{"architectures": ["BloomForCausalLM"]}')
     res = CliRunner().invoke(cli, ["convert", str(tmp_path / "ad"), "--to", "gguf", "--base",
                                    str(tmp_path / "cfg"), "-o", str(tmp_path / "ad.gguf")])
-    assert res.exit_code != 0 and "GPT2LMHeadModel is not supported" in res.output
+    assert res.exit_code != 0 and "BloomForCausalLM is not supported" in res.output
     assert not (tmp_path / "ad.gguf").exists()

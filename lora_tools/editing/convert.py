@@ -89,9 +89,9 @@ def _to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None,
     from lora_tools.editing.gguf_export import convert_to_gguf
 
     t0 = time.perf_counter()
-    n, notes, written = convert_to_gguf(src, out, base=base, opts=opts or AdapterOptions(),
-                                        dtype=dtype, force=force)
-    return ConvertSummary(str(src), str(out), "gguf", "peft", n, notes,
+    n, notes, written, fmt = convert_to_gguf(src, out, base=base, opts=opts or AdapterOptions(),
+                                             dtype=dtype, force=force)
+    return ConvertSummary(str(src), str(out), "gguf", fmt, n, notes,
                           bytes_written=written, seconds=round(time.perf_counter() - t0, 3))
 
 

@@ -65,8 +65,8 @@ def base_names(base: str | Path | None) -> NameMap:
 
 def convert_to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None,
                     opts: AdapterOptions, dtype: torch.dtype | None = None,
-                    force: bool = False) -> tuple[int, list[str], int]:
-    """Write the adapter at ``out``; (modules written, notes, bytes written)."""
+                    force: bool = False) -> tuple[int, list[str], int, str]:
+    """Write the adapter at ``out``; (modules written, notes, bytes written, source format)."""
     names = base_names(base)
     adapter = load_adapter(src, alpha=opts.alpha, enable_lora=opts.enable_lora,
                            fan_in_fan_out=opts.fan_in_fan_out)
@@ -90,7 +90,7 @@ def convert_to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None
         for name, a, b, _ in pairs:
             w.write(name + ".lora_a", quantize(a.numpy(), qtype_of(out_type)))
             w.write(name + ".lora_b", quantize(b.numpy(), qtype_of(out_type)))
-    return len(pairs), notes, w.bytes_written
+    return len(pairs), notes, w.bytes_written, adapter.format
 
 
 def _vt(name: str) -> Any:
@@ -112,7 +112,7 @@ def _pairs(adapter: Adapter, names: NameMap, alpha: float
            ) -> list[tuple[str, torch.Tensor, torch.Tensor, bool]]:
     """(GGUF weight name, lora_a, lora_b, scale folded) per module, in the converter's layout."""
     out: list[tuple[str, torch.Tensor, torch.Tensor, bool]] = []
-    left = set(adapter.source.keys())
+    left = set(adapter.source.keys()) - set(adapter.ignored)  # e.g. loralib's model tensors
     for m in adapter.modules:
         target = module_target(names, adapter, m)
         if target is None:
@@ -129,7 +129,7 @@ def _pairs(adapter: Adapter, names: NameMap, alpha: float
                              "model.gguf ADAPTER --enable-lora ...)")
         gguf_orientation(m)
         a, b = (t.to(torch.float32) for t in load_factors(adapter, m))
-        left -= {m.a_key, m.b_key}
+        left -= {m.a_key, m.b_key, m.alpha_key}  # kohya's alpha: in adapter.lora.alpha or b
         ratio = m.scale / (alpha / m.rank)
         folded = ratio != 1.0
         if folded:
