@@ -50,6 +50,20 @@ def test_bitwise_equal_to_peft_in_gguf_space(tmp_path: Path) -> None:
     assert all(".attn_" in k or ".ffn_" in k for k in changed)
 
 
+def test_row_blocks_on_threads_bitwise_equal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    """Blocks of 5 rows (uneven, crossing head boundaries of the q/k permutation) on 3
+    worker threads give gguf's quantize of PEFT's whole merged tensor, byte for byte."""
+    from lora_tools.merging import gguf_kernel
+
+    monkeypatch.setattr(gguf_kernel, "BLOCK_VALUES", 5 * 96)
+    monkeypatch.setattr(gguf_kernel, "PEER_THREADS", 3)
+    base, merged = _setup(tmp_path)
+    merge_gguf(base, [tmp_path / "adapter"], tmp_path / "out.gguf")
+    out, want = gguf_bytes(tmp_path / "out.gguf"), expected_gguf(merged)
+    assert not [k for k in want if out[k] != want[k]]
+
+
 def test_types_metadata_and_provenance_kept(tmp_path: Path) -> None:
     base, _ = _setup(tmp_path, targets=["q_proj", "v_proj"])
     merge_gguf(base, [tmp_path / "adapter"], tmp_path / "out.gguf")
@@ -122,13 +136,13 @@ def test_unmatched_and_unsupported_arch(tmp_path: Path) -> None:
     peft_adapter(model, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
     with pytest.raises(UsageError, match="lm_head.weight: DoRA, lora_bias, saved whole"):
         merge_gguf(base, [tmp_path / "adapter"], tmp_path / "out.gguf")  # saved lm_head copy
-    w = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    w = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "bloom")
     w.add_block_count(2)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UsageError, match="'gpt2' is not supported"):
+    with pytest.raises(UsageError, match="'bloom' is not supported"):
         merge_gguf(tmp_path / "gpt2.gguf", [tmp_path / "adapter"], tmp_path / "o.gguf")
     assert not (tmp_path / "o.gguf").exists()
 

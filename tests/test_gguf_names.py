@@ -62,7 +62,18 @@ def test_permutation_is_the_converters_and_kv_heads_used() -> None:
 
 
 def test_unsupported_named() -> None:
-    with pytest.raises(UsageError, match="GPT2LMHeadModel is not supported"):
-        arch_of_hf(["GPT2LMHeadModel"])
+    with pytest.raises(UsageError, match="BloomForCausalLM is not supported"):
+        arch_of_hf(["BloomForCausalLM"])
     with pytest.raises(UsageError, match="'falcon' is not supported"):
         NameMap("falcon", 2, {})
+
+
+def test_gpt2_and_kohya_names() -> None:
+    assert arch_of_hf(["GPT2LMHeadModel"]) == "gpt2"
+    g = NameMap("gpt2", 2, {})
+    assert g.target("transformer.h.1.attn.c_attn") == g.target("lora_unet_h_1_attn_c_attn", True)
+    assert g.target("lora_unet_transformer_h_0_mlp_c_proj", True).tensor == "blk.0.ffn_down.weight"
+    m = NameMap("llama", 2, {"head_count": 4, "head_count_kv": 2})
+    t = m.target("lora_te_base_model_model_model_layers_1_self_attn_k_proj", True)
+    assert t is not None and (t.tensor, t.heads) == ("blk.1.attn_k.weight", (4, 2))
+    assert m.target("lora_unet_model_layers_0_self_attn_nothing", True) is None

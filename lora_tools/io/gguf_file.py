@@ -180,19 +180,28 @@ class GGUFCheckpoint(Checkpoint):
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor as floats: F32/F16/BF16 as stored, quantized types dequantized to fp32."""
-        t = self._tensors[name]
-        shape = self._infos[name].shape
-        kind = t.tensor_type.name
-        if kind in ("F32", "F16"):
-            return torch.from_numpy(np.array(t.data)).reshape(shape)
-        if kind == "BF16":
-            raw = np.array(t.data).view(np.int16)
-            return torch.from_numpy(raw).view(torch.bfloat16).reshape(shape)
-        return torch.from_numpy(dequantize(t.data, t.tensor_type)).reshape(shape)
+        return self._floats(name, np.asarray(self._tensors[name].data), self._infos[name].shape)
 
     def get_f32(self, name: str) -> torch.Tensor:
         """The tensor's exact values in fp32 (every GGUF float/quant value fits fp32)."""
         return self.get(name).to(torch.float32)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (first PyTorch dimension) in fp32, read and dequantized
+        alone: the stored array's leading dimension is that one (``ne`` reversed)."""
+        shape = (stop - start, *self._infos[name].shape[1:])
+        data = self._tensors[name].data
+        rows = np.asarray(data[start:stop]) if data.ndim > 1 else np.asarray(data)
+        return self._floats(name, rows, shape).to(torch.float32)
+
+    def _floats(self, name: str, data: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        qtype = self._tensors[name].tensor_type
+        kind = qtype.name
+        if kind in ("F32", "F16"):
+            return torch.from_numpy(np.array(data)).reshape(shape)
+        if kind == "BF16":
+            return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16).reshape(shape)
+        return torch.from_numpy(dequantize(data, qtype)).reshape(shape)
 
     def raw(self, name: str) -> memoryview:
         return memoryview(np.ascontiguousarray(self._tensors[name].data).view(np.uint8).data)

@@ -21,14 +21,13 @@ from lora_tools.adapters.interpretation import state
 from lora_tools.adapters.mapping import Match, MatchReport
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.errors import MatchError, UsageError
-from lora_tools.io.gguf_file import GGUFCheckpoint, can_quantize, open_gguf, qtype_of, quantize, require_gguf
+from lora_tools.io.gguf_file import GGUFCheckpoint, can_quantize, open_gguf, qtype_of, require_gguf
 from lora_tools.io.gguf_file import type_nbytes as nbytes_in
 from lora_tools.io.gguf_out import KV, GGUFOutput, GGUFTensorSpec
-from lora_tools.math.finite import check_finite
 from lora_tools.merging import provenance
-from lora_tools.merging.gguf_plan import FALLBACK_TYPES, GGUFPlan, Term, plan_merge
+from lora_tools.merging.gguf_kernel import merged_tensor
+from lora_tools.merging.gguf_plan import FALLBACK_TYPES, GGUFPlan, plan_merge
 from lora_tools.merging.summary import MergeSummary, check_history
-from lora_tools.modules.lora import load_factors, module_delta
 from lora_tools.version import __version__
 
 
@@ -111,21 +110,6 @@ def _spec(base: GGUFCheckpoint, name: str, plan: GGUFPlan) -> GGUFTensorSpec:
     kind = plan.out_types.get(name, base.types[name])
     nbytes = nbytes_in(kind, shape) if name in plan.out_types else base.nbytes_of(name)
     return GGUFTensorSpec(name, shape, kind, nbytes)
-
-
-def merged_tensor(base: GGUFCheckpoint, name: str, terms: list[Term], out_type: str
-                  ) -> np.ndarray:
-    """``W + Σ wᵢ·T(ΔWᵢ)`` in fp32, quantized to ``out_type`` by the gguf package."""
-    w = base.get_f32(name)
-    acc = w.clone()
-    for t in terms:
-        a, b = load_factors(t.adapter, t.module)
-        delta = module_delta(t.module, a, b, t.module.scale * t.weight, tuple(w.shape))
-        acc += t.target.transform(delta)
-    if not bool(torch.isfinite(acc.sum())):
-        check_finite(w, f"base tensor {name}")
-        check_finite(acc, f"merged tensor {name}")
-    return quantize(acc.numpy(), qtype_of(out_type))
 
 
 def _kvs(base: GGUFCheckpoint, records: list[dict[str, Any]]) -> list[KV]:
