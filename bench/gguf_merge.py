@@ -7,6 +7,14 @@ on q, k, v, o, gate, up, down of every layer. Each row runs in a fresh process; 
 is the child's ``ru_maxrss``.
 
     python bench/gguf_merge.py --layers 4
+    python bench/gguf_merge.py --layers 1 --kernel      # per-tensor paths, same process
+    python bench/gguf_merge.py --layers 1 --llama-cpp /work/llama-build/build/bin
+
+``--kernel`` times, for each adapted tensor of one block, the former whole-tensor path
+(dequantize all, clone, whole ΔW, permute, quantize all) against the row-block kernel on
+1 thread and on torch's thread count, and checks the three give the same bytes.
+``--llama-cpp`` also runs llama.cpp's ``llama-export-lora`` on the same base with the
+adapter converted by ``lora-tools convert --to gguf`` (time, peak RSS, output types).
 """
 
 from __future__ import annotations
@@ -88,11 +96,79 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t0, peak
 
 
+def _whole(base, name, terms, out_type):  # type: ignore[no-untyped-def]
+    """The merge path before row blocks (kept here as the baseline)."""
+    from lora_tools.io.gguf_file import qtype_of, quantize
+    from lora_tools.modules.lora import load_factors, module_delta
+
+    w = base.get_f32(name)
+    acc = w.clone()
+    for t in terms:
+        a, b = load_factors(t.adapter, t.module)
+        acc += t.target.transform(module_delta(t.module, a, b, t.module.scale * t.weight,
+                                               tuple(w.shape)))
+    return quantize(acc.numpy(), qtype_of(out_type))
+
+
+def kernel(base_path: Path, ad: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from lora_tools.adapters.options import AdapterOptions, open_adapters
+    from lora_tools.engine.blocks import PEER_THREADS
+    from lora_tools.io.gguf_file import open_gguf
+    from lora_tools.merging.gguf_kernel import merged_tensor
+    from lora_tools.merging.gguf_plan import plan_merge
+
+    base = open_gguf(base_path)
+    plan = plan_merge(base, open_adapters([ad], AdapterOptions()), [1.0], None)
+    totals = [0.0, 0.0, 0.0]
+    for name, terms in plan.terms.items():
+        kind = plan.out_types[name]
+        outs = []
+        for i, (fn, workers) in enumerate(((_whole, None), (merged_tensor, 1),
+                                           (merged_tensor, None))):
+            args = (base, name, terms, kind) + ((workers,) if workers else ())
+            best = float("inf")
+            for _ in range(2):  # the best of two: the machine is shared
+                t0 = time.perf_counter()
+                out = np.ascontiguousarray(fn(*args)).tobytes()
+                best = min(best, time.perf_counter() - t0)
+            outs.append(out)
+            totals[i] += best
+        assert outs[0] == outs[1] == outs[2], name
+    print(f"{len(plan.terms)} adapted tensors, identical bytes on all three paths")
+    print(f"whole tensor (before)   {totals[0]:6.1f} s")
+    print(f"row blocks, 1 thread    {totals[1]:6.1f} s  ({totals[0] / totals[1]:.2f}x)")
+    print(f"row blocks, {PEER_THREADS} threads   {totals[2]:6.1f} s  ({totals[0] / totals[2]:.2f}x)")
+
+
+def export_lora(tool: Path, base: Path, ad: Path) -> None:
+    import gguf
+
+    adapter = WORK / "adapter.gguf"
+    subprocess.run([sys.executable, "-m", "lora_tools", "convert", str(ad), "--to", "gguf",
+                    "--base", str(base), "-o", str(adapter), "--force"], check=True,
+                   stdout=subprocess.DEVNULL)
+    out = WORK / "export-lora.gguf"
+    t, peak = run([str(tool / "llama-export-lora"), "-m", str(base), "--lora", str(adapter),
+                   "-o", str(out)])
+    kinds: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(out).tensors:
+        kinds[tensor.tensor_type.name] = kinds.get(tensor.tensor_type.name, 0) + 1
+    print(f"llama export-lora  {t:6.1f} s  peak RSS {peak:.0f} MB (max of children so far)  "
+          f"output {out.stat().st_size / 1e6:.0f} MB, types {kinds}")
+    out.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--kernel", action="store_true")
+    ap.add_argument("--llama-cpp", type=Path, metavar="BIN_DIR")
     args = ap.parse_args()
     base, ad = build(args.layers)
+    if args.kernel:
+        kernel(base, ad)
+        return
     out = WORK / "merged.gguf"
     print(f"base {base.stat().st_size / 1e6:.0f} MB, {args.layers} layers")
     t, _ = run(["cp", str(base), str(out)])
@@ -100,8 +176,11 @@ def main() -> None:
     out.unlink()
     t, peak = run([sys.executable, "-m", "lora_tools", "merge", str(base), str(ad), "-o",
                    str(out), "--force"])
-    print(f"lora-tools merge   {t:6.1f} s  peak RSS {peak:.0f} MB")
+    print(f"lora-tools merge   {t:6.1f} s  peak RSS {peak:.0f} MB  output "
+          f"{out.stat().st_size / 1e6:.0f} MB")
     out.unlink()
+    if args.llama_cpp:
+        export_lora(args.llama_cpp, base, ad)
 
 
 if __name__ == "__main__":

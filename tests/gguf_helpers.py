@@ -89,8 +89,11 @@ def q6_k_blocks(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 def write_tiny_gguf(model, path: Path, *, split_max_tensors: int = 0,  # type: ignore[no-untyped-def]
-                    types: dict[str, str] | None = None) -> Path:
-    """Write ``model`` as GGUF and set its weights to exactly the stored values."""
+                    types: dict[str, str] | None = None, no_vocab: bool = False) -> Path:
+    """Write ``model`` as GGUF and set its weights to exactly the stored values.
+
+    ``no_vocab``: llama.cpp's tokenizer-less form (``tokenizer.ggml.model = none``), so
+    llama.cpp itself can load the file and run token ids through it."""
     import gguf
 
     w = gguf.GGUFWriter(path, "llama", split_max_tensors=split_max_tensors)
@@ -104,7 +107,12 @@ def write_tiny_gguf(model, path: Path, *, split_max_tensors: int = 0,  # type: i
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    if no_vocab:
+        w.add_tokenizer_model("none")
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+    else:
+        w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
     with torch.no_grad():
         for hf_name, p in model.state_dict().items():
             name = gguf_name(hf_name)

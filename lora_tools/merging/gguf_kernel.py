@@ -83,10 +83,13 @@ def merged_tensor(base: GGUFCheckpoint, name: str, terms: list[Term], out_type: 
         return quantize(acc.numpy(), qtype)
 
     n = min(len(blocks), workers or PEER_THREADS)
-    if n <= 1:
-        return _gather(map(one, blocks), blocks, n_rows)
-    with threads(1), ThreadPoolExecutor(n) as pool:  # the blocks are the parallelism
-        return _gather(pool.map(one, blocks), blocks, n_rows)
+    # Cache-sized blocks run faster on one intra-op thread each (engine/blocks.py): the
+    # blocks are the parallelism.
+    with threads(1):
+        if n <= 1:
+            return _gather(map(one, blocks), blocks, n_rows)
+        with ThreadPoolExecutor(n) as pool:
+            return _gather(pool.map(one, blocks), blocks, n_rows)
 
 
 def _gather(parts: Iterator[np.ndarray], blocks: list[tuple[int, int]], n_rows: int
