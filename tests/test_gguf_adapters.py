@@ -53,6 +53,9 @@ def test_kohya_names_bitwise_equal_to_peft(tmp_path: Path, style: str) -> None:
     assert summary.changed == 14
     assert not [k for k in want if out[k] != want[k]]
     assert sum(out[k] != before[k] for k in out) == 14
+    from lora_tools.merging.verify import verify
+
+    assert verify(tmp_path / "out.gguf", base, [kohya]).ok
 
 
 def test_kohya_written_by_lora_tools_uses_its_layout_record(tmp_path: Path) -> None:
@@ -182,6 +185,10 @@ def test_loralib_gpt2_merged_linear_bitwise_equal_to_loralib(tmp_path: Path) -> 
     out = gguf_bytes(tmp_path / "out.gguf")
     assert len(want) == 4 and all(out[k] == want[k] for k in want)
     assert sum(out[k] != before[k] for k in out) == 4
+    from lora_tools.merging.verify import verify
+
+    assert verify(tmp_path / "out.gguf", tmp_path / "gpt2.gguf", [adapter],
+                  opts=AdapterOptions(alpha=8, enable_lora=(True, False, True))).ok
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
