@@ -76,7 +76,7 @@ def test_llamacpp_logits_of_our_merge_match_peft(tmp_path: Path) -> None:
     merge_gguf(base, [tmp_path / "adapter"], tmp_path / "out.gguf")
     want, got = _hf_logits(merged), _llama_logits(tmp_path / "out.gguf")
     assert (want - before).abs().max() > 0.1  # the adapter moves the logits
-    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # measured: 6e-7
 
 
 def test_export_lora_writes_f16_ours_keeps_types(tmp_path: Path) -> None:
