@@ -59,8 +59,8 @@ def base_names(base: str | Path | None) -> NameMap:
         raise UsageError(f"{base}: neither a GGUF file nor a model folder with a readable "
                          "config.json") from None
     arch = arch_of_hf(list(cfg.get("architectures") or []))
-    blocks = cfg.get("num_hidden_layers", cfg.get("n_layer", 0))  # GPT-2 says n_layer
-    return NameMap(arch, int(blocks), heads_from_hf(cfg))
+    blocks = cfg.get("num_hidden_layers", cfg.get("n_layer"))  # GPT-2 says n_layer
+    return NameMap(arch, blocks if isinstance(blocks, int) else 0, heads_from_hf(cfg))
 
 
 def convert_to_gguf(src: str | Path, out: str | Path, *, base: str | Path | None,
