@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -89,11 +88,17 @@ def build(layers: int) -> tuple[Path, Path]:
     return base, ad
 
 
+# Each command runs under its own small parent, so its peak RSS is its own.
+PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+        "stdout=subprocess.DEVNULL); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return time.perf_counter() - t0, peak
+    out = subprocess.run([sys.executable, "-c", PEAK, *cmd], check=True, capture_output=True,
+                         text=True)
+    return time.perf_counter() - t0, int(out.stdout.split()[-1]) / 1024
 
 
 def _whole(base, name, terms, out_type):  # type: ignore[no-untyped-def]
@@ -154,7 +159,7 @@ def export_lora(tool: Path, base: Path, ad: Path) -> None:
     kinds: dict[str, int] = {}
     for tensor in gguf.GGUFReader(out).tensors:
         kinds[tensor.tensor_type.name] = kinds.get(tensor.tensor_type.name, 0) + 1
-    print(f"llama export-lora  {t:6.1f} s  peak RSS {peak:.0f} MB (max of children so far)  "
+    print(f"llama export-lora  {t:6.1f} s  peak RSS {peak:.0f} MB  "
           f"output {out.stat().st_size / 1e6:.0f} MB, types {kinds}")
     out.unlink()
 
