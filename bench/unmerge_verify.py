@@ -4,6 +4,7 @@
     python bench/unmerge_verify.py speed         # 1B bf16 Llama + rank-16 LoRA (bench/_work)
     python bench/unmerge_verify.py speed --runs 3
     python bench/unmerge_verify.py speed --small  # 12 bf16 2048×5632 tensors (277 MB)
+    python bench/unmerge_verify.py roundtrip     # 1B bf16: merge -> unmerge -> merge
 
 precision: a 1024×1024 weight ~ N(0, 0.02) per dtype and a rank-16 update whose RMS is
 ``rel`` times the weight's; merge, then unmerge with and without ``--check-base``: the share
@@ -13,6 +14,11 @@ error in ulps of the merged value.
 speed: each command in a fresh process (wall, CPU = user + sys, peak RSS): reading every
 tensor of MERGED and BASE once (the floor verify is measured against), ``lora-tools verify``
 and ``lora-tools unmerge``. Inputs are cached under ``bench/_work`` (git-ignored).
+
+roundtrip: on the 1B bf16 Llama and its rank-16 adapter, ``merge`` (M), ``unmerge`` (U,
+proven from M alone, no ``--force``) and ``merge`` of U again (M2), each a fresh process
+(wall, peak RSS); then M2 against M and U against the real base, element by element (bit
+patterns). It fails unless M2 == M bit for bit and unmerge reports 0 unreachable elements.
 """
 
 from __future__ import annotations
@@ -29,7 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORK, build_adapter, build_base, load_average  # noqa: E402
+from common import (  # noqa: E402
+    WORK,
+    build_adapter,
+    build_base,
+    load_average,
+    run_full,
+    settle,
+)
 
 OUT = WORK / "verify"
 _WRAPPER = """
@@ -141,13 +154,66 @@ def speed(runs: int, small: bool) -> None:
         print(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {rss / 2**30:.2f} GiB |")
 
 
+def _differing(a: Path, b: Path) -> tuple[int, int, int]:
+    """(elements, elements whose bits differ, tensors that differ) of two checkpoints
+    with the same tensors, read one tensor at a time."""
+    from lora_tools.io import open_checkpoint
+
+    ca, cb = open_checkpoint(a), open_checkpoint(b)
+    assert sorted(ca.keys()) == sorted(cb.keys()), f"{a} and {b} hold different tensors"
+    n = diff = tensors = 0
+    for name in ca.keys():
+        x, y = ca.get(name), cb.get(name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        bits = x.reshape(-1).view(torch.uint8).reshape(x.numel(), -1)
+        other = y.reshape(-1).view(torch.uint8).reshape(y.numel(), -1)
+        d = int((bits != other).any(dim=1).sum())
+        n, diff, tensors = n + x.numel(), diff + d, tensors + (d > 0)
+    return n, diff, tensors
+
+
+def roundtrip() -> None:
+    base, adapter = build_base(), build_adapter()
+    m, u, m2 = OUT / "rt-merged", OUT / "rt-unmerged", OUT / "rt-remerged"
+    lt = [sys.executable, "-m", "lora_tools"]
+    run = ["--device", "cpu", "--json"]
+    steps = {"merge BASE ADAPTER -> M": [*lt, "merge", str(base), str(adapter), "-o", f"{m}/"],
+             "unmerge M ADAPTER -> U": [*lt, "unmerge", str(m), str(adapter), "-o", f"{u}/"],
+             "merge U ADAPTER -> M2": [*lt, "merge", str(u), str(adapter), "-o", f"{m2}/"]}
+    settle(m, u, m2)
+    print(f"load average before {load_average()}")
+    print("| step | wall | peak RSS | load after |\n|---|---|---|---|")
+    reports = {}
+    for label, argv in steps.items():
+        res = run_full([*argv, *run])
+        reports[label] = json.loads(res["stdout"])
+        print(f"| {label} | {res['wall']:.1f} s | {res['rss'] / 2**30:.2f} GiB | "
+              f"{load_average()} |")
+    ex = reports["unmerge M ADAPTER -> U"]["exactness"]
+    total = ex["total"]
+    n, diff, tensors = _differing(m, m2)
+    nb, diff_b, _ = _differing(base, u)
+    print(f"\nunmerge ({ex['mode']}): {total['exact']}/{total['elements']} adapted elements "
+          f"proven exact ({100 * total['exact_fraction']:.2f} %), max error <= "
+          f"{total['max_ulp']:.3g} ulp, unreachable {total['unreachable']}")
+    print(f"U against the real base: {nb - diff_b}/{nb} elements equal "
+          f"({diff_b} differ; the proof claims at most {total['elements'] - total['exact']})")
+    print(f"M2 against M: {diff} of {n} elements differ, in {tensors} tensors")
+    assert total["unreachable"] == 0, "unmerge reported unreachable elements"
+    assert diff == 0, "merge -> unmerge -> merge is not bit-identical"
+    assert diff_b <= total["elements"] - total["exact"], "an element proven exact is not"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["precision", "speed"])
+    ap.add_argument("what", choices=["precision", "speed", "roundtrip"])
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--small", action="store_true", help="speed on a 277 MB synthetic input")
     args = ap.parse_args()
-    precision() if args.what == "precision" else speed(args.runs, args.small)
+    if args.what == "roundtrip":
+        roundtrip()
+    else:
+        precision() if args.what == "precision" else speed(args.runs, args.small)
 
 
 if __name__ == "__main__":

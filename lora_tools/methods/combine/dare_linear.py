@@ -14,18 +14,13 @@ and ``add_weighted_adapter(combination_type="dare_linear_svd")``.
 
 from __future__ import annotations
 
-import torch
+from lora_tools.methods.combine.base import CombineMethod, truncated_rank
+from lora_tools.methods.combine.dense import dense_method, sum_step, whole
 
-from lora_tools.methods.combine.base import CombineMethod, Options, truncated_rank
-from lora_tools.methods.combine.dense import dense_method, density, drop
-
-
-def merge(stack: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:
-    """stack: (t, m, n) task tensors, weights: (t, 1, 1) -> (m, n)."""
-    dropped = torch.stack([drop(t, density(opts), opts.generator) for t in stack], dim=0)
-    return (dropped * weights).sum(dim=0)
+# The method on a whole stack (t, m, n), weights (t, 1, 1) -> (m, n): the reference.
+merge = whole("drop", sum_step)
 
 
 METHOD = CombineMethod(
     name="dare_linear", summary="DARE: random drop to --density, rescale, sum; SVD to rank R",
-    combine=dense_method(merge), new_rank=truncated_rank, uses_density=True, random=True)
+    combine=dense_method("drop", sum_step), new_rank=truncated_rank, uses_density=True, random=True)

@@ -12,20 +12,15 @@ Source: Yu et al. 2024 (DARE, arXiv:2311.03099) combined with Yadav et al. 2023
 
 from __future__ import annotations
 
-import torch
+from lora_tools.methods.combine.base import CombineMethod, truncated_rank
+from lora_tools.methods.combine.dense import dense_method, ties_step, whole
 
-from lora_tools.methods.combine.base import CombineMethod, Options, truncated_rank
-from lora_tools.methods.combine.dense import dense_method, density, disjoint_mean, drop, elect
-
-
-def merge(stack: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:
-    """stack: (t, m, n) task tensors, weights: (t, 1, 1) -> (m, n)."""
-    dropped = torch.stack([drop(t, density(opts), opts.generator) for t in stack], dim=0)
-    agree = elect(dropped, opts.majority_sign)
-    return disjoint_mean(dropped * weights, agree)
+# The method on a whole stack (t, m, n), weights (t, 1, 1) -> (m, n): the reference.
+merge = whole("drop", ties_step)
 
 
 METHOD = CombineMethod(
     name="dare_ties", summary="DARE drop + TIES sign election and disjoint mean; SVD to rank R",
-    combine=dense_method(merge), new_rank=truncated_rank, uses_density=True, uses_sign=True,
+    combine=dense_method("drop", ties_step), new_rank=truncated_rank,
+    uses_density=True, uses_sign=True,
     random=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from lora_tools.methods.combine.base import Combiner, Options, Term, truncate
+from lora_tools.methods.combine.rows import Step, merged_by_rows
 
 Merge = Callable[[torch.Tensor, torch.Tensor, Options], torch.Tensor]
 
@@ -82,15 +83,38 @@ def weights_like(stack: torch.Tensor, terms: list[Term]) -> torch.Tensor:
     return w.reshape(-1, *([1] * (stack.dim() - 1)))
 
 
-def dense_method(merge: Merge) -> Combiner:
-    """Wrap a ``merge(stack, weights, options) -> (m, n)`` as a combiner that goes back to
+def ties_step(chosen: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:
+    """Elect signs, disjoint mean of the weighted tasks (TIES, DARE-TIES)."""
+    return disjoint_mean(chosen * weights, elect(chosen, opts.majority_sign))
+
+
+def sum_step(chosen: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:
+    """The weighted sum of the tasks (magnitude pruning, DARE-linear)."""
+    return (chosen * weights).sum(dim=0)
+
+
+def whole(select: str, step: Step) -> Merge:
+    """The method on a whole stack (t, m, n) of task tensors: trim or drop each, then
+    ``step``; the reference the row-block path is tested against."""
+
+    def merge(stack: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:
+        d = density(opts)
+        chosen = [trim(t, d) if select == "trim" else drop(t, d, opts.generator) for t in stack]
+        return step(torch.stack(chosen, dim=0), weights, opts)
+
+    return merge
+
+
+def dense_method(select: str, step: Step) -> Combiner:
+    """The combiner: ``step`` over the trimmed (``select="trim"``) or dropped ("drop")
+    task tensors on row blocks (:mod:`~lora_tools.methods.combine.rows`), then back to
     rank k by truncated SVD (randomized unless ``opts.exact_svd``)."""
 
     def combine(terms: list[Term], k: int, out_scale: float, opts: Options
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        stack = torch.stack([t.delta() for t in terms], dim=0)
-        merged = merge(stack, weights_like(stack, terms), opts)
-        del stack
+        w = torch.tensor([t.weight for t in terms], dtype=torch.float32,
+                         device=terms[0].a.device).reshape(-1, 1, 1)
+        merged = merged_by_rows(terms, select, step, w, opts, density(opts))
         return truncate(merged, k, out_scale, exact=opts.exact_svd)
 
     return combine

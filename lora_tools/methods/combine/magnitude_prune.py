@@ -12,18 +12,13 @@ Source: Yadav et al. 2023 (TIES, arXiv:2306.01708), trim step; PEFT
 
 from __future__ import annotations
 
-import torch
+from lora_tools.methods.combine.base import CombineMethod, truncated_rank
+from lora_tools.methods.combine.dense import dense_method, sum_step, whole
 
-from lora_tools.methods.combine.base import CombineMethod, Options, truncated_rank
-from lora_tools.methods.combine.dense import dense_method, density, trim
-
-
-def merge(stack: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:
-    """stack: (t, m, n) task tensors, weights: (t, 1, 1) -> (m, n)."""
-    trimmed = torch.stack([trim(t, density(opts)) for t in stack], dim=0)
-    return (trimmed * weights).sum(dim=0)
+# The method on a whole stack (t, m, n), weights (t, 1, 1) -> (m, n): the reference.
+merge = whole("trim", sum_step)
 
 
 METHOD = CombineMethod(
     name="magnitude_prune", summary="keep the top --density of each ΔW by magnitude, sum; "
-    "SVD to rank R", combine=dense_method(merge), new_rank=truncated_rank, uses_density=True)
+    "SVD to rank R", combine=dense_method("trim", sum_step), new_rank=truncated_rank, uses_density=True)

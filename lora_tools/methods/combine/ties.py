@@ -14,19 +14,14 @@ step order and weighting this follows.
 
 from __future__ import annotations
 
-import torch
+from lora_tools.methods.combine.base import CombineMethod, truncated_rank
+from lora_tools.methods.combine.dense import dense_method, ties_step, whole
 
-from lora_tools.methods.combine.base import CombineMethod, Options, truncated_rank
-from lora_tools.methods.combine.dense import dense_method, density, disjoint_mean, elect, trim
-
-
-def merge(stack: torch.Tensor, weights: torch.Tensor, opts: Options) -> torch.Tensor:
-    """stack: (t, m, n) task tensors, weights: (t, 1, 1) -> (m, n)."""
-    trimmed = torch.stack([trim(t, density(opts)) for t in stack], dim=0)
-    agree = elect(trimmed, opts.majority_sign)
-    return disjoint_mean(trimmed * weights, agree)
+# The method on a whole stack (t, m, n), weights (t, 1, 1) -> (m, n): the reference.
+merge = whole("trim", ties_step)
 
 
 METHOD = CombineMethod(
     name="ties", summary="TIES: trim to --density, elect signs, disjoint mean; SVD to rank R",
-    combine=dense_method(merge), new_rank=truncated_rank, uses_density=True, uses_sign=True)
+    combine=dense_method("trim", ties_step), new_rank=truncated_rank,
+    uses_density=True, uses_sign=True)

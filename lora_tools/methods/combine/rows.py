@@ -1,0 +1,155 @@
+"""The dense methods' element-wise steps on row blocks: no ΔWᵢ is ever held whole.
+
+Every step of TIES, DARE and magnitude pruning acts on one position at a time once two
+things are known per task tensor: trim's threshold (the k-th largest |τ| of the whole
+matrix) and DARE's keep-mask (a serial random stream over the whole matrix). Both are
+settled first, then each cache-sized block of rows is computed from the factors
+(``Bᵢ[rows] @ Aᵢ``, bit-identical to the same rows of the whole product), selected,
+merged and written into the one ``(m, n)`` result the rank-R truncation needs. The result
+equals :func:`whole` (the stacked reference) bit for bit; tested in tests/test_combine_rows.py.
+
+- Threshold: a seeded sample of positions brackets the k-th largest |τ|; one pass over
+  the blocks counts the entries above the bracket and collects those inside it, and the
+  k-th largest is picked among those. The sample only decides the bracket's width: when the
+  counts show it missed, the whole |τ| is taken instead (as the stacked path does).
+- Ties at the threshold are kept in flat (row-major) order up to the count, as
+  :func:`~lora_tools.methods.combine.dense.trim` does, by a running count across blocks.
+- DARE's masks are drawn task by task, block by block, from the module's generator: the
+  same stream as one draw over the whole matrix (``bernoulli(p)`` is ``rand() < p``,
+  drawn serially), kept as bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lora_tools.engine.blocks import CACHE_BLOCK, plan_rows, threads
+from lora_tools.methods.combine.base import Options, Term
+
+Step = Callable[[torch.Tensor, torch.Tensor, Options], torch.Tensor]
+_SAMPLE = 1 << 15  # positions sampled to bracket the threshold
+_SPREAD = 6.0  # bracket half-width in standard deviations of the sample quantile
+_GPU_BLOCK = 1 << 28  # bytes of fp32 rows per block on a GPU (no cache to fit)
+
+
+@dataclass
+class Cut:
+    """trim's decision for one task tensor: keep |τ| > value, and entries equal to it
+    while fewer than ``room`` have been kept (``limited``), else all of them."""
+
+    value: float
+    room: int
+    limited: bool
+    seen: int = 0  # entries equal to ``value`` met so far, in flat order
+
+    def apply(self, d: torch.Tensor) -> torch.Tensor:
+        """trim's ``t * keep`` on one block (zeros when nothing is kept, as trim)."""
+        if self.room == 0 and self.value == float("inf"):
+            return torch.zeros_like(d)
+        return d * self.keep(d.abs()).to(d.dtype)
+
+    def keep(self, mag: torch.Tensor) -> torch.Tensor:
+        keep = mag > self.value
+        tied = mag == self.value
+        if self.limited:
+            count = int(torch.count_nonzero(tied))
+            if count:
+                tied &= tied.reshape(-1).cumsum(0).reshape(tied.shape) + self.seen <= self.room
+            self.seen += count
+        return keep | tied
+
+
+def row_plan(terms: list[Term]) -> list[tuple[int, int]]:
+    m, n = terms[0].b.shape[0], terms[0].a.shape[1]
+    cap = CACHE_BLOCK if terms[0].a.device.type == "cpu" else _GPU_BLOCK
+    return plan_rows(m, 4 * n * (len(terms) + 2), cap)
+
+
+def delta_rows(a32: torch.Tensor, term: Term, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of :meth:`Term.delta` (same operations, same order)."""
+    return (term.b[r0:r1].float() @ a32) * term.scale
+
+
+def merged_by_rows(terms: list[Term], select: str, step: Step, weights: torch.Tensor,
+                   opts: Options, density: float) -> torch.Tensor:
+    """``step(select(ΔW₁…ΔWₜ), weights)`` as an (m, n) fp32 matrix, built row block by row
+    block. ``select``: "trim" or "drop"; weights: (t, 1, 1)."""
+    rows = row_plan(terms)
+    a32 = [t.a.float() for t in terms]
+    m, n = terms[0].b.shape[0], terms[0].a.shape[1]
+    out = torch.empty(m, n, dtype=torch.float32, device=terms[0].a.device)
+    whole = density >= 1  # trim and drop return ΔW unchanged (and draw nothing)
+    with threads(1):  # cache-sized blocks: one thread each beats a team (see engine.blocks)
+        if whole:
+            pass
+        elif select == "trim":
+            cuts = [threshold(x, t, density, rows) for x, t in zip(a32, terms, strict=True)]
+        else:
+            masks = [keep_mask(m, n, density, opts.generator, rows) for _ in terms]
+        for r0, r1 in rows:
+            block = [delta_rows(x, t, r0, r1) for x, t in zip(a32, terms, strict=True)]
+            if whole:
+                chosen = block
+            elif select == "trim":
+                chosen = [c.apply(d) for d, c in zip(block, cuts, strict=True)]
+            else:
+                chosen = [d * mk[r0:r1].to(d.device, d.dtype) / density
+                          for d, mk in zip(block, masks, strict=True)]
+            out[r0:r1] = step(torch.stack(chosen, dim=0), weights, opts)
+    return out
+
+
+def keep_mask(m: int, n: int, density: float, generator: torch.Generator | None,
+              rows: list[tuple[int, int]]) -> torch.Tensor:
+    """DARE's Bernoulli(density) keep-mask for one (m, n) task tensor, on the CPU, drawn
+    block by block in row order: the stream ``drop`` takes in one draw."""
+    mask = torch.empty(m, n, dtype=torch.bool)
+    for r0, r1 in rows:
+        mask[r0:r1] = torch.bernoulli(torch.full((r1 - r0, n), density, dtype=torch.float32),
+                                      generator=generator).bool()
+    return mask
+
+
+def threshold(a32: torch.Tensor, term: Term, density: float,
+              rows: list[tuple[int, int]]) -> Cut:
+    """trim's cut for ``term``'s ΔW: the k-th largest |τ|, k = ⌊density·m·n⌋, and how many
+    entries equal to it are kept (see :func:`~lora_tools.methods.combine.dense.trim`)."""
+    m, n = term.b.shape[0], a32.shape[1]
+    total = m * n
+    k = int(density * total)
+    if k == 0:
+        return Cut(float("inf"), 0, True)  # keeps nothing, as trim's zeros
+    lo, hi = _bracket(a32, term, 1.0 - k / total)
+    above, inside = 0, []
+    for r0, r1 in rows:
+        mag = delta_rows(a32, term, r0, r1).abs()
+        above += int(torch.count_nonzero(mag > hi))
+        inside.append(mag[(mag >= lo) & (mag <= hi)])
+    cand = torch.cat(inside)
+    want = k - above  # the k-th largest overall is the want-th largest inside the bracket
+    if not 0 < want <= cand.numel():  # the sample missed: select over the whole |τ|
+        cand, want, above = torch.cat([delta_rows(a32, term, r0, r1).abs().reshape(-1)
+                                       for r0, r1 in rows]), k, 0
+    value = cand.kthvalue(cand.numel() - want + 1).values
+    strictly = above + int(torch.count_nonzero(cand > value))
+    room = k - strictly
+    tied = int(torch.count_nonzero(cand == value))
+    return Cut(float(value), room, tied > room)
+
+
+def _bracket(a32: torch.Tensor, term: Term, q: float) -> tuple[float, float]:
+    """Values of |τ| below and above its q-quantile with near certainty, from a seeded
+    sample of positions (products in another order than the blocks': the width covers it)."""
+    m, n = term.b.shape[0], a32.shape[1]
+    g = torch.Generator().manual_seed(0)
+    i = torch.randint(m, (_SAMPLE,), generator=g).to(a32.device)
+    j = torch.randint(n, (_SAMPLE,), generator=g).to(a32.device)
+    sample = ((term.b[i].float() * a32[:, j].T).sum(dim=1) * term.scale).abs().sort().values
+    half = _SPREAD * (q * (1 - q) / _SAMPLE) ** 0.5 + 2.0 / _SAMPLE
+    below, over = int((q - half) * _SAMPLE), int((q + half) * _SAMPLE) + 1
+    lo = float(sample[below]) * (1 - 1e-5) if below >= 0 else 0.0
+    hi = float(sample[over]) * (1 + 1e-5) if over < _SAMPLE else float("inf")
+    return lo, hi
