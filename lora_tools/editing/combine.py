@@ -37,6 +37,7 @@ from lora_tools.editing.combine_plan import (
     whole_tensors,
     widest_dtype,
 )
+from lora_tools.engine.blocks import threads
 from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.progress import track
 from lora_tools.errors import UsageError
@@ -188,12 +189,17 @@ def combine_group(g: Group, spec: CombineMethod, k: int, alpha: float, options: 
     out_scale = alpha / k
     if spec.random and seed is not None:
         options = replace(options, generator=module_generator(seed, g.name))
-    a, b = spec.combine(terms, k, out_scale, options)
-    a, b = a.to(dtype), b.to(dtype)
-    check_finite(b, f"combined module {g.name}")
+    # One thread: the work is thin factorizations (QR, SVD of l-column matrices) and
+    # cache-sized blocks, where an OpenMP team costs more than it saves (on a busy
+    # 2-core machine a thin QR took 40x longer with two threads than with one).
+    with threads(1):
+        a, b = spec.combine(terms, k, out_scale, options)
+        a, b = a.to(dtype), b.to(dtype)
+        check_finite(b, f"combined module {g.name}")
+        err = rel_error(terms, a, b, out_scale)
     record = {"module": g.name, "adapters": len(terms),
               "ranks": [mb.module.rank for mb in g.members], "rank": int(a.shape[0]),
-              "rel_error": rel_error(terms, a, b, out_scale)}
+              "rel_error": err}
     a = a.reshape(a.shape[0], *g.in_shape).cpu()
     b = b.reshape(g.out_shape[0], b.shape[1], *g.out_shape[1:]).cpu()
     return FactorModule(g.name, a, b, alpha, g.kind, False, bool(g.fan_in_fan_out)), record

@@ -85,23 +85,26 @@ def top_k_svd(x: torch.Tensor, k: int, *, oversample: int = 16, tol: float = 1e-
     """U (m, k), σ (k,), Vᵀ (k, n) of the best rank-k approximation of a dense ``x`` found by
     seeded randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4).
 
-    Each step costs two (m×n)·(n×l) products, width k + ``oversample``, instead of a full
-    SVD's O(m·n·min(m, n)). It stops when the energy ``Σⱼ≤k σⱼ²`` the subspace holds grows
-    by less than ``tol``·‖x‖²_F in a step (that energy rises towards the optimum, and
+    Each step costs two (m×n)·(n×l) products, width l = k + ``oversample``, instead of a
+    full SVD's O(m·n·min(m, n)): ``Z = xᵀQ`` (so ``Qᵀx = Zᵀ = Rᵀ Q_Zᵀ`` by a thin QR of
+    Z, whose l×l ``R`` gives the singular values and vectors of ``Qᵀx`` for free), then
+    ``Q ← qr(x Q_Z)``. It stops when the energy ``Σⱼ≤k σⱼ²`` the subspace holds grows by
+    less than ``tol``·‖x‖²_F in a step (that energy rises towards the optimum, and
     ‖x − x_k‖²_F = ‖x‖²_F − Σⱼ≤k σⱼ², so a stalled energy means an error near the
     Eckart–Young one; a heuristic, not a bound: callers measure the error they get). The
-    start block is drawn on the CPU from ``seed``: the same input
-    gives the same factors on every device.
+    start block is drawn on the CPU from ``seed``: the same input gives the same factors
+    on every device.
     """
     width = min(k + oversample, *x.shape)
     start = torch.randn(x.shape[1], width, generator=torch.Generator().manual_seed(seed))
     q = torch.linalg.qr(x @ start.to(x.device, x.dtype)).Q
     total, before = float(x.square().sum()), -1.0
-    for _ in range(max_iter):
-        q = torch.linalg.qr(x @ torch.linalg.qr(x.T @ q).Q).Q
-        u, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+    for step in range(max_iter):
+        qz, rz = torch.linalg.qr(x.T @ q)  # xᵀq = Q_Z R: qᵀx = Rᵀ Q_Zᵀ
+        ur, s, vrh = torch.linalg.svd(rz.T)
         energy = float(s[:k].double().square().sum())
-        if energy - before <= tol * total:
+        if energy - before <= tol * total or step == max_iter - 1:
             break
         before = energy
-    return q @ u[:, :k], s[:k], vh[:k]
+        q = torch.linalg.qr(x @ qz).Q
+    return q @ ur[:, :k], s[:k], vrh[:k] @ qz.T
