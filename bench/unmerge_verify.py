@@ -181,6 +181,7 @@ def roundtrip() -> None:
              "unmerge M ADAPTER -> U": [*lt, "unmerge", str(m), str(adapter), "-o", f"{u}/"],
              "merge U ADAPTER -> M2": [*lt, "merge", str(u), str(adapter), "-o", f"{m2}/"]}
     settle(m, u, m2)
+    OUT.mkdir(parents=True, exist_ok=True)
     print(f"load average before {load_average()}")
     print("| step | wall | peak RSS | load after |\n|---|---|---|---|")
     reports = {}

@@ -59,8 +59,15 @@ def _loralib(d: Path) -> dict[str, Path]:
     base = state_dict_file({k: v for k, v in net.state_dict().items() if "lora_" not in k},
                            d / "gpt2.pt")
     torch.save(lora.lora_state_dict(net), d / "gpt2_lora.pt")
+    glue = torch.nn.ModuleDict({"query": lora.Linear(12, 12, r=8, lora_alpha=16),
+                                "value": lora.Linear(12, 12, r=8, lora_alpha=16)})
+    with torch.no_grad():
+        for name, p in glue.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    torch.save(lora.lora_state_dict(glue), d / "roberta_lora.pt")
     return {"gpt2.pt": base, "gpt2_lora.pt": d / "gpt2_lora.pt",
-            "roberta_lora.pt": d / "gpt2_lora.pt", "lora.pt": d / "gpt2_lora.pt"}
+            "roberta_lora.pt": d / "roberta_lora.pt", "lora.pt": d / "gpt2_lora.pt"}
 
 
 def _fp8_folder(d: Path) -> Path:
