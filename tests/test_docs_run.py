@@ -1,5 +1,6 @@
-"""Every whole ``lora-tools ...`` example in README.md and docs/*.md, RUN against a small
-fixture (tests/test_docs_examples.py only parses them).
+"""Every ``lora-tools ...`` example in README.md, docs/*.md and the commands' --help, RUN
+against a small fixture (tests/test_docs_examples.py only parses them): code blocks, help
+examples, and `inline` ones in prose that are whole command lines.
 
 The examples' placeholder paths (``base.safetensors``, ``adapter_dir``, ``llama_dir/``…) are
 replaced by files of one tiny seeded fixture through :data:`INPUTS`; every output
@@ -23,6 +24,7 @@ from click.testing import CliRunner
 from corpus import Evil
 from gguf_helpers import tiny_llama_fp32, write_tiny_gguf
 from helpers import peft_adapter, state_dict_file, tiny_llama
+from lycoris_cases import build
 from test_docs_examples import examples
 
 from lora_tools.cli import cli
@@ -123,18 +125,25 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         **dict.fromkeys(["base.safetensors", "base_orig.safetensors", "real_base.safetensors"],
                         base),
         "base_fp16.safetensors": d / "fp16.safetensors", "pytorch_model.bin": d / "pytorch_model.bin",
-        **dict.fromkeys(["llama_dir/", "model_dir/", "model_dir", "model/", "base_dir/"], folder),
+        **dict.fromkeys(["llama_dir/", "model_dir/", "model_dir", "model/", "base_dir/",
+                         "base/"], folder),
         **dict.fromkeys(["my_peft_adapter/", "adapter_dir", "adapter_dir/", "adapter/", "a/",
                          "style/"], adapter),
         **dict.fromkeys(["b/", "character/"], d / "peft1"), "c/": d / "peft2",
         **dict.fromkeys(["a.safetensors", "style.safetensors", "big.safetensors",
                          "lora.safetensors", "my_lora.safetensors"], kohya),
-        "b.safetensors": d / "kohya1.safetensors",
+        **dict.fromkeys(["b.safetensors", "char.safetensors"], d / "kohya1.safetensors"),
         "merged.safetensors": d / "merged.safetensors", "tuned.safetensors": d / "merged.safetensors",
         "tuned_dir/": d / "tuned", **dict.fromkeys(["merged_dir/", "merged_dir"], d / "merged_ab"),
         "dora_adapter/": d / "dora", "resized_adapter/": d / "resized",
-        "llama_fp8_dir/": _fp8_folder(d), **_gguf(d),
+        "llama_fp8_dir/": _fp8_folder(d), **_gguf(d), **_loha(d),
     }
+
+
+def _loha(d: Path) -> dict[str, Path]:
+    (d / "loha").mkdir()
+    _, _, base, adapter = build(d / "loha", "loha")
+    return {"my_loha.safetensors": adapter, "loha:model/": base}
 
 
 def _gguf(d: Path) -> dict[str, Path]:
@@ -153,13 +162,15 @@ def _gguf(d: Path) -> dict[str, Path]:
 def _context(example: str) -> Callable[[str], str]:
     if ".gguf" in example:
         return lambda word: "gguf:adapter_dir" if word.rstrip("/") == "adapter_dir" else word
+    if "my_loha" in example:  # a LyCORIS LoHa of lycoris_cases' tiny model
+        return lambda word: "loha:model/" if word == "model/" else word
     if example.startswith("lora-tools unmerge merged_dir/ adapter/"):  # merged from adapter/
         return lambda word: "tuned_dir/" if word == "merged_dir/" else word
     return lambda word: word
 
 
 def _argv(example: str, inputs: dict[str, Path], out: Path) -> list[str]:
-    words, pick = shlex.split(example)[1:], _context(example)
+    words, pick = shlex.split(example, comments=True)[1:], _context(example)
     argv = []
     for i, word in enumerate(words):
         if i and words[i - 1] in OUT_OPTIONS:
@@ -175,8 +186,16 @@ def _argv(example: str, inputs: dict[str, Path], out: Path) -> list[str]:
     return argv
 
 
-RUNNABLE = [(where, ex) for where, ex, whole in examples()
-            if whole and not where.endswith("--help")]
+def _complete(example: str) -> bool:
+    """An inline example that is a command line, not a synopsis or a bare command name."""
+    words = example.split()
+    return len(words) > 3 and not any(w.isupper() or "[" in w or "..." in w for w in words)
+
+
+# Each command line once (the README and --help share many), where it first appears.
+RUNNABLE = list({" ".join(shlex.split(ex, comments=True)): (where, ex)
+                 for where, ex, whole in reversed(examples()) if whole or _complete(ex)}.values())
+RUNNABLE.reverse()
 
 
 def test_every_example_is_runnable_or_listed() -> None:
