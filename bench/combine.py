@@ -21,8 +21,8 @@ linear layer of the 1.1B Llama of bench/common.py (16 layers, 112 modules, seeds
 weights 0.6, 0.4: every method's ``combine`` time (median of ``--runs``) and error on the
 whole pair; then every method against PEFT's ``add_weighted_adapter`` with the same method
 in one run, on a part of the pair PEFT finishes in reasonable time (``--peft-modules``
-of layer 0: its ``*_svd`` methods take a full SVD per module, ~40 s for 2048×2048 on one
-core), both tools on the same modules, with the ratio and each one's error against the
+of layer 0, default q_proj: its ``*_svd`` methods take a full SVD per module, ~40 s for
+2048×2048 on one core of the busy machine), both tools on the same modules, with the ratio and each one's error against the
 exact weighted sum.
 
 ``--peft``: also time PEFT's ``add_weighted_adapter`` (``<method>_svd``, same density and
@@ -39,6 +39,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -157,7 +158,7 @@ def ours(paths: list[Path], method: str, opts: dict, runs: int) -> tuple[float, 
     return statistics.median(walls), errs
 
 
-def peft_pair(paths: list[Path], layers: int) -> dict[str, tuple[float, float]]:
+def peft_pair(paths: list[Path], layers: int) -> Iterator[tuple[str, float, float]]:
     """PEFT's add_weighted_adapter per method: (seconds, largest relative error against the
     exact weighted sum of its own get_delta_weight), one thread as ours."""
     from common import llama_config  # type: ignore[import-not-found]
@@ -170,7 +171,6 @@ def peft_pair(paths: list[Path], layers: int) -> dict[str, tuple[float, float]]:
     model.to_empty(device="cpu")
     pm = PeftModel.from_pretrained(model, str(paths[0]), adapter_name="a0")
     pm.load_adapter(str(paths[1]), adapter_name="a1")
-    res = {}
     for method, opts in PAIR_RUNS:
         kw = {"density": opts["density"]} if "density" in opts else {}
         torch.manual_seed(0)
@@ -186,8 +186,7 @@ def peft_pair(paths: list[Path], layers: int) -> dict[str, tuple[float, float]]:
                 got = mod.get_delta_weight("out").double()
                 worst = max(worst, float((got - exact).norm() / exact.norm()))
         pm.delete_adapter("out")
-        res[method] = (wall, worst)
-    return res
+        yield method, wall, worst
 
 
 def pair(runs: int, peft_modules: list[str], whole_pair: bool = True) -> None:
@@ -204,10 +203,8 @@ def pair(runs: int, peft_modules: list[str], whole_pair: bool = True) -> None:
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| method | lora-tools (s) | PEFT (s) | ratio | max rel. error lora-tools | PEFT |"
           "\n|---|---|---|---|---|---|")
-    theirs = peft_pair(part, 1)
-    for method, opts in PAIR_RUNS:
+    for (method, pw, perr), (_, opts) in zip(peft_pair(part, 1), PAIR_RUNS, strict=True):
         wall, errs = ours(part, method, opts, runs)
-        pw, perr = theirs[method]
         print(f"| {method} | {wall:.2f} | {pw:.2f} | {wall / pw:.3f} | {max(errs):.2e} | "
               f"{perr:.2e} |", flush=True)
     print("\n| method | options | time, 112 modules (s) | mean rel. error | max rel. error |"
@@ -233,7 +230,7 @@ def main() -> None:
                     help="the 1B pair: every method, and against PEFT on --peft-modules")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--no-whole", action="store_true", help="--pair: PEFT's part only")
-    ap.add_argument("--peft-modules", default="q_proj,down_proj",
+    ap.add_argument("--peft-modules", default="q_proj",
                     help="modules of layer 0 PEFT's row is measured on")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
