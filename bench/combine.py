@@ -22,8 +22,8 @@ weights 0.6, 0.4: every method's ``combine`` time (median of ``--runs``) and err
 whole pair; then every method against PEFT's ``add_weighted_adapter`` with the same method
 in one run, on a part of the pair PEFT finishes in reasonable time (``--peft-modules``
 of layer 0, default q_proj: its ``*_svd`` methods take a full SVD per module, ~40 s for
-2048×2048 on one core of the busy machine), both tools on the same modules, with the ratio and each one's error against the
-exact weighted sum.
+2048×2048 on one core of the busy machine), both tools on the same modules, with the
+ratio and each one's error against the exact weighted sum.
 
 ``--peft``: also time PEFT's ``add_weighted_adapter`` (``<method>_svd``, same density and
 output rank) on the same three adapters loaded into a Llama of these shapes, for the dense
