@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from corpus import Evil
 from gguf_helpers import tiny_llama_fp32, write_tiny_gguf
 from helpers import peft_adapter, state_dict_file, tiny_llama
-from lycoris_cases import build
+from lycoris_cases import build, build_peft
 from test_docs_examples import examples
 
 from lora_tools.cli import cli
@@ -141,9 +141,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _loha(d: Path) -> dict[str, Path]:
-    (d / "loha").mkdir()
-    _, _, base, adapter = build(d / "loha", "loha")
-    return {"my_loha.safetensors": adapter, "loha:model/": base}
+    """LyCORIS LoHa and LoKr files of lycoris_cases' tiny model (with its base), and a
+    PEFT LoHa folder."""
+    found: dict[str, Path] = {}
+    for algo in ("loha", "lokr"):
+        (d / algo).mkdir()
+        _, _, base, adapter = build(d / algo, algo)
+        found.update({f"my_{algo}.safetensors": adapter, f"{algo}:model/": base})
+    (d / "peft_loha").mkdir()
+    found["peft_loha_dir/"] = build_peft(d / "peft_loha", "loha")[1]
+    return found
 
 
 def _gguf(d: Path) -> dict[str, Path]:
@@ -162,8 +169,9 @@ def _gguf(d: Path) -> dict[str, Path]:
 def _context(example: str) -> Callable[[str], str]:
     if ".gguf" in example:
         return lambda word: "gguf:adapter_dir" if word.rstrip("/") == "adapter_dir" else word
-    if "my_loha" in example:  # a LyCORIS LoHa of lycoris_cases' tiny model
-        return lambda word: "loha:model/" if word == "model/" else word
+    for algo in ("loha", "lokr"):  # LyCORIS files of lycoris_cases' tiny model
+        if f"my_{algo}.safetensors --to" in example:
+            return lambda word, algo=algo: f"{algo}:model/" if word == "model/" else word
     if example.startswith("lora-tools unmerge merged_dir/ adapter/"):  # merged from adapter/
         return lambda word: "tuned_dir/" if word == "merged_dir/" else word
     return lambda word: word
