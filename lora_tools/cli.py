@@ -6,8 +6,11 @@ Commands live in ``lora_tools/commands/<name>.py`` and are imported only when in
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib
 import importlib.util
+import sys
 
 import click
 
@@ -63,6 +66,31 @@ def cli(debug: bool) -> None:
     Formats: .safetensors, .pt/.bin/.pth, Hugging Face model folders (sharded too),
     PEFT adapter folders, loralib state dicts and kohya files.
     """
+    tune_malloc()
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc() -> None:
+    """Keep freed tensor buffers for reuse in this process (glibc only; a no-op elsewhere).
+
+    The engine frees and allocates a tensor-sized buffer per item. glibc's default hands
+    blocks of a few MiB straight back to the kernel (mmap/munmap, or trimming the heap),
+    so each new buffer is page-faulted in again: about 200k faults and a second of system
+    time for a 1 GB merge. Serving blocks up to 32 MiB (glibc's ceiling) from the heap and
+    trimming only past 1 GiB free keeps them; memory in use is still bounded by the
+    pipeline's budget. Done for the CLI process only: a library caller keeps its settings.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+    mallopt(_M_TRIM_THRESHOLD, 2**30)
 
 
 def main() -> None:

@@ -41,4 +41,9 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     if t.element_size() == 1:
         t = t.float()
-    return bool(torch.isfinite(t).all())
+    # One reduction first (NaN/Inf anywhere make the sum non-finite); isfinite's mask
+    # pass only when that sum is not finite, which a finite tensor can also reach by
+    # overflowing. A single-thread sum is several times faster than the mask on the
+    # small factors checked here.
+    total = t.sum(dtype=torch.float32) if t.element_size() < 4 else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())

@@ -6,6 +6,7 @@ from collections.abc import Collection, Sequence
 
 from lora_tools.adapters.mapping import MatchReport
 from lora_tools.adapters.model import Adapter
+from lora_tools.engine.blocks import threads
 from lora_tools.errors import FormatError
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.dtypes import dtype_name
@@ -18,9 +19,10 @@ def check_factors(adapters: Sequence[Adapter], reports: Sequence[MatchReport]) -
     Factors are small next to the base, so reading them once more up front is cheap, and a
     damaged module in the last layer no longer costs a whole written-then-removed output.
     """
-    for adapter, report in zip(adapters, reports, strict=True):
-        for match in report.matches:
-            load_factors(adapter, match.module)
+    with threads(1):  # many small tensors: an OpenMP team costs more than it saves
+        for adapter, report in zip(adapters, reports, strict=True):
+            for match in report.matches:
+                load_factors(adapter, match.module)
 
 
 def check_targets(base: Checkpoint, reports: Sequence[MatchReport],
