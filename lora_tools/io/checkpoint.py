@@ -82,8 +82,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._infos, self.metadata = stf.read_header(path)
 
     def get(self, name: str) -> torch.Tensor:
-        info = self._infos[name]
-        return stf.bytes_to_tensor(stf.read_bytes(info), info.dtype, info.shape)
+        return stf.read_tensor(self._infos[name])
 
     def raw(self, name: str) -> bytearray:
         return stf.read_bytes(self._infos[name])

@@ -144,11 +144,24 @@ def _check_layout(path: Path, infos: dict[str, TensorInfo], data_start: int, siz
 def read_bytes(info: TensorInfo) -> bytearray:
     """Read a tensor's raw little-endian bytes."""
     buf = bytearray(info.nbytes)
-    if info.nbytes == 0:
-        return buf
+    if info.nbytes:
+        _read_into(info, memoryview(buf))
+    return buf
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """A tensor read from its file into a fresh buffer. ``torch.empty``, unlike
+    ``bytearray``, does not zero the memory first: one pass less over every byte read."""
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=info.dtype)
+    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+    _read_into(info, buf.numpy().data.cast("B"))
+    return buf.view(info.dtype).reshape(info.shape)
+
+
+def _read_into(info: TensorInfo, view: memoryview) -> None:
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        view = memoryview(buf)
         done = 0
         while done < info.nbytes:
             got = os.preadv(fd, [view[done:]], info.offset + done)
@@ -157,7 +170,6 @@ def read_bytes(info: TensorInfo) -> bytearray:
             done += got
     finally:
         os.close(fd)
-    return buf
 
 
 def bytes_to_tensor(buf: bytearray | bytes, dtype: torch.dtype,

@@ -30,11 +30,14 @@ from lora_tools.adapters.mapping import MatchReport, resolve
 from lora_tools.adapters.options import AdapterOptions, adapter_weights, open_adapters
 from lora_tools.engine.blocks import threads
 from lora_tools.engine.device import exact, resolve_device
+from lora_tools.engine.pipeline import Pipeline
 from lora_tools.engine.progress import Bar
+from lora_tools.engine.stream import DEFAULT_MAX_MEMORY
 from lora_tools.errors import UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.gguf_file import is_gguf
+from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.merging import provenance
 from lora_tools.merging.coverage import key_use
 from lora_tools.merging.merge import block_plan, build_work
@@ -111,15 +114,30 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     # saves (measured: 2 threads took 1.4× the wall time of 1). fp32 results that depend on
     # the thread count (convs) stay within the fp32 tolerance.
     infos = list(base.infos())
-    with threads(1), Bar(sum(i.nbytes for i in infos), "verify", progress, "B") as bar:
-        for info in infos:
-            rep.failures += checker.check(info, rep)
-            bar.update(info.nbytes)
+    with Bar(sum(i.nbytes for i in infos), "verify", progress, "B") as bar:
+        _check_all(checker, infos, rep, bar)
     for name in merged.keys():
         if name not in base:
             rep.failures.append(Failure(name, "extra", "in MERGED but not in BASE"))
     rep.seconds = round(time.perf_counter() - t0, 3)
     return rep
+
+
+def _check_all(checker: Checker, infos: list[TensorInfo], rep: VerifyReport,
+               bar: Bar) -> None:
+    """Every tensor pair checked in order, the next pair read while one is checked (file
+    reads and torch kernels release the GIL); at most ``DEFAULT_MAX_MEMORY`` in flight."""
+
+    def check(info: TensorInfo, pair: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> list[Failure]:
+        with threads(1):  # torch's thread count is per thread: set in the compute thread
+            return checker.check(info, rep, pair)
+
+    def record(info: TensorInfo, fails: list[Failure]) -> None:
+        rep.failures += fails
+        bar.update(info.nbytes)
+
+    Pipeline(checker.load, check, record, checker.cost, DEFAULT_MAX_MEMORY).run(infos)
 
 
 def _check_key_use(adapters: list[Adapter], reports: list[MatchReport],

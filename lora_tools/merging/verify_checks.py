@@ -64,7 +64,20 @@ class Checker:
         self.dtype, self.tol, self.seed = dtype, tol, seed
         self.swapped = False  # said once
 
-    def check(self, info: TensorInfo, rep: VerifyReport) -> list[Failure]:
+    def load(self, info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(MERGED's, BASE's) tensor of ``info``'s name, read ahead of its check."""
+        if info.name not in self.merged:
+            return None
+        return self.merged.get(info.name), self.base.get(info.name)
+
+    def cost(self, info: TensorInfo) -> int:
+        """Bytes a check holds: both tensors, and for an adapted one its fp32 work."""
+        numel = info.nbytes // max(1, info.dtype.itemsize)
+        return 2 * info.nbytes + (16 * numel if info.name in self.work else 0)
+
+    def check(self, info: TensorInfo, rep: VerifyReport,
+              pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Failure]:
+        """The checks of one BASE tensor; ``pair``: what :meth:`load` read for it."""
         name = info.name
         rep.tensors += 1
         if name not in self.merged:
@@ -82,14 +95,14 @@ class Checker:
                                                           "merge changed it)")))
         if fails:
             return fails
+        m, b = pair if pair is not None else (self.merged.get(name), self.base.get(name))
         if name in self.work:
-            return self._adapted(name, rep)
+            return self._adapted(name, m, b, rep)
         rep.untouched += 1
-        return self._untouched(name, want)
+        return self._untouched(name, m, b, want)
 
-    def _untouched(self, name: str, want: torch.dtype) -> list[Failure]:
-        m = self.merged.get(name)
-        b = self.base.get(name)
+    def _untouched(self, name: str, m: torch.Tensor, b: torch.Tensor, want: torch.dtype
+                   ) -> list[Failure]:
         fails = _nonfinite(name, m)
         if b.dtype != want:
             b = b.to(want)
@@ -103,8 +116,8 @@ class Checker:
                                  worst))
         return fails
 
-    def _adapted(self, name: str, rep: VerifyReport) -> list[Failure]:
-        m, w = self.merged.get(name), self.base.get(name)
+    def _adapted(self, name: str, m: torch.Tensor, w: torch.Tensor, rep: VerifyReport
+                 ) -> list[Failure]:
         expected = self.work[name](name, w, torch.float32).cpu()
         tol = default_tolerance(m.dtype) if self.tol is None else self.tol
         worst, over, idx, differ = ulp_scan(m, expected, w, tol)
