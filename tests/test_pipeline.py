@@ -26,7 +26,7 @@ from lora_tools.merging.merge import merge
 
 
 def _run(n: int, overlap: bool, cap: int = 100, cost: int = 10,
-         fail: str | None = None) -> tuple[list[int], Pipeline[int]]:
+         fail: str | None = None, workers: int = 1) -> tuple[list[int], Pipeline[int]]:
     out: list[int] = []
 
     def read(i: int) -> int:
@@ -45,15 +45,16 @@ def _run(n: int, overlap: bool, cap: int = 100, cost: int = 10,
             raise RuntimeError("write failed")
         out.append(y)
 
-    pipe: Pipeline[int] = Pipeline(read, compute, write, lambda i: cost, cap)
+    pipe: Pipeline[int] = Pipeline(read, compute, write, lambda i: cost, cap, workers=workers)
     pipe.run(range(n), overlap)
     return out, pipe
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_pipeline_keeps_order(overlap: bool) -> None:
-    out, _ = _run(40, overlap)
+@pytest.mark.parametrize("overlap,workers", [(True, 1), (False, 1), (True, 3)])
+def test_pipeline_keeps_order(overlap: bool, workers: int) -> None:
+    out, pipe = _run(40, overlap, workers=workers)
     assert out == [i * 10 + 1 for i in range(40)]
+    assert pipe.budget.used == 0
 
 
 def test_pipeline_budget_bounds_bytes_in_flight() -> None:
@@ -64,12 +65,14 @@ def test_pipeline_budget_bounds_bytes_in_flight() -> None:
     assert pipe.budget.peak == 25
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("stage,exc", [("read", OSError), ("compute", ValueError),
                                        ("write", RuntimeError)])
-def test_pipeline_error_in_any_stage_reaches_the_caller(stage: str, exc: type) -> None:
+def test_pipeline_error_in_any_stage_reaches_the_caller(stage: str, exc: type,
+                                                        workers: int) -> None:
     before = threading.active_count()
     with pytest.raises(exc):
-        _run(20, True, fail=stage)
+        _run(20, True, fail=stage, workers=workers)
     time.sleep(0.3)
     assert threading.active_count() == before  # no stage thread left behind
 
@@ -112,11 +115,16 @@ def test_row_blocks_equal_one_shot_and_peft(tmp_path: Path, dtype: torch.dtype) 
                     device="cpu", max_memory=200_000)
     serial = merge(base, [tmp_path / "adapter"], tmp_path / "serial.pt", device="cpu",
                    max_memory=200_000, overlap=False)
+    # --threads 3: blocks of several tensors computed side by side, the same bits
+    merge(base, [tmp_path / "adapter"], tmp_path / "threads.safetensors", device="cpu",
+          max_memory=200_000, threads=3)
     assert whole.blocks == 0 and blocked.blocks > 10 and serial.blocks == blocked.blocks
-    one, two, three = (read(tmp_path / f) for f in
-                       ("whole.safetensors", "blocked.safetensors", "serial.pt"))
+    one, two, three, four = (read(tmp_path / f) for f in
+                             ("whole.safetensors", "blocked.safetensors", "serial.pt",
+                              "threads.safetensors"))
     for key, value in ref.items():
         assert torch.equal(two[key], one[key]) and torch.equal(three[key], one[key]), key
+        assert torch.equal(four[key], one[key]), key
         # A bf16 embedding merged whole already differs from PEFT (rounding of PEFT's
         # embedding path, outside this engine); every other tensor must equal PEFT's.
         if not (key == "model.embed_tokens.weight" and dtype == torch.bfloat16):
@@ -232,6 +240,11 @@ def test_cli_max_memory_and_no_overlap(tmp_path: Path) -> None:
     r2 = runner.invoke(cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "b.pt"),
                              "--device", "cpu", "--max-memory", "100KB", "--no-overlap",
                              "--json"])
+    r3 = runner.invoke(cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "t.pt"),
+                             "--device", "cpu", "--threads", "1", "-q"])
+    assert r3.exit_code == 0, r3.output
+    serial = read(tmp_path / "t.pt")
+    assert all(torch.equal(v, serial[k]) for k, v in read(tmp_path / "a.pt").items())
     assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
     assert '"blocks": 0' in r1.output and '"blocks": 0' not in r2.output
     one, two = read(tmp_path / "a.pt"), read(tmp_path / "b.pt")

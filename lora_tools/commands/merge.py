@@ -52,6 +52,10 @@ from lora_tools.commands.merge_shared import describe_merge, library_kwargs
 @click.option("--overlap/--no-overlap", default=True, show_default=True,
               help="Overlap reading, computing and writing (off: one step after another, "
                    "for comparison).")
+@click.option("--threads", type=click.IntRange(1, 256), metavar="N",
+              help="Compute threads on the CPU (default: one per core, at most 8): "
+                   "tensors are computed side by side and written in order; the output is "
+                   "the same bits whatever N.")
 @click.option("--gguf-type", metavar="TYPE",
               help="GGUF base: the type to write adapted tensors whose own type the gguf "
                    "package cannot produce (K- and I-quants), e.g. Q8_0, F16, BF16.")
@@ -76,6 +80,8 @@ def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float
     kwargs = library_kwargs(opts)
     if opts["gguf_type"]:
         kwargs["gguf_type"] = opts["gguf_type"]
+    if opts["threads"]:
+        kwargs["threads"] = opts["threads"]
     with stating(opts["quiet"], opts["as_json"]) as said:
         summary = merge(base, list(adapters), out, weights=list(weights), **kwargs)
     warn(summary.warnings, opts["quiet"])

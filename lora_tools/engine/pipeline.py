@@ -62,9 +62,13 @@ class Pipeline(Generic[T]):
 
     def __init__(self, read: Callable[[T], Any], compute: Callable[[T, Any], Any],
                  write: Callable[[T, Any], None], cost: Callable[[T], int], cap: int,
-                 depth: int = 2) -> None:
+                 depth: int = 2, workers: int = 1) -> None:
         self.read, self.compute, self.write, self.cost = read, compute, write, cost
         self.budget = Budget(cap)
+        # Compute threads: items are computed in any order by ``workers`` threads and
+        # written in their own order (the writer holds early results; the budget, held
+        # until an item is written, still bounds them).
+        self.workers = max(1, workers)
         self._stop = threading.Event()
         self._q1: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._q2: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -74,8 +78,9 @@ class Pipeline(Generic[T]):
             for item in items:
                 self.write(item, self.compute(item, self.read(item)))
             return
-        threads = [threading.Thread(target=self._reader, args=(items,), daemon=True),
-                   threading.Thread(target=self._computer, daemon=True)]
+        threads = [threading.Thread(target=self._reader, args=(items,), daemon=True)]
+        threads += [threading.Thread(target=self._computer, daemon=True)
+                    for _ in range(self.workers)]
         for t in threads:
             t.start()
         try:
@@ -105,14 +110,16 @@ class Pipeline(Generic[T]):
 
     def _reader(self, items: Iterable[T]) -> None:
         try:
-            for item in items:
+            for seq, item in enumerate(items):
                 held = self.budget.acquire(self.cost(item))
-                if self._stop.is_set() or not self._put(self._q1, (item, self.read(item), held)):
+                if self._stop.is_set() or not self._put(self._q1,
+                                                        (seq, item, self.read(item), held)):
                     return
         except BaseException as exc:  # handed to the caller's thread, re-raised there
             self._put(self._q1, _Failure(exc))
             return
-        self._put(self._q1, _DONE)
+        for _ in range(self.workers):  # one end mark per compute thread
+            self._put(self._q1, _DONE)
 
     def _computer(self) -> None:
         while True:
@@ -120,24 +127,34 @@ class Pipeline(Generic[T]):
             if got is _DONE or isinstance(got, _Failure):
                 self._put(self._q2, got)
                 return
-            item, payload, held = got
+            seq, item, payload, held = got
             try:
                 result = self.compute(item, payload)
             except BaseException as exc:
                 self._put(self._q2, _Failure(exc))
                 return
             del payload
-            if not self._put(self._q2, (item, result, held)):
+            if not self._put(self._q2, (seq, item, result, held)):
                 return
 
     def _writer(self) -> None:
-        while True:
+        early: dict[int, tuple[Any, Any, int]] = {}  # computed before their turn
+        turn, done = 0, 0
+        while done < self.workers:
             got = self._get(self._q2)
             if got is _DONE:
-                return
+                done += 1
+                continue
             if isinstance(got, _Failure):
                 raise got.exc
-            item, result, held = got
-            self.write(item, result)
-            del result, got
-            self.budget.release(held)
+            seq, item, result, held = got
+            early[seq] = (item, result, held)
+            del got, result
+            while turn in early:
+                item, result, held = early.pop(turn)
+                self.write(item, result)
+                del result
+                self.budget.release(held)
+                turn += 1
+        if early:  # every compute thread ended, yet an item before these never came
+            raise RuntimeError(f"pipeline: item {turn} was never computed")

@@ -10,6 +10,7 @@ whole plan up front, so nothing is buffered beyond the items in flight.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -72,7 +73,7 @@ def out_dtype(src: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
 
 def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn],
            progress: bool = False, *, max_memory: int | None = None, overlap: bool = True,
-           device: torch.device | None = None) -> StreamStats:
+           device: torch.device | None = None, threads: int | None = None) -> StreamStats:
     """Write every tensor of ``base`` through ``writer``, applying ``work[name]`` where given.
 
     A work function gets the name, the base tensor as stored (on ``device``) and the output
@@ -81,6 +82,9 @@ def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn]
     ``blockable`` attribute can be run by row blocks when the tensor is larger than
     ``max_memory`` (default 1 GiB); any other is run whole and named in ``over_cap``.
     ``overlap=False`` runs the same stages one after another (for benchmarks and tests).
+    ``threads``: compute threads on the CPU (default: one per core, at most
+    ``MAX_THREADS``); tensors, or row blocks, are computed side by side and written in
+    order, each result the same bits whatever the count. A GPU runs one.
     """
     stats, t0 = StreamStats(), time.perf_counter()
     mover = mover_for(device or torch.device("cpu"))
@@ -93,7 +97,9 @@ def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn]
     items = list(_plan(base, writer.specs, work, cap, stats))
     bar = _bar(sum(s.nbytes for s in writer.specs), progress)
     stages = _Stages(base, writer, work, mover, stats, bar)
-    pipe = Pipeline(stages.read, stages.compute, stages.write, lambda it: it.cost, cap)
+    workers = compute_threads(threads) if mover.free_bytes() is None else 1
+    pipe = Pipeline(stages.read, stages.compute, stages.write, lambda it: it.cost, cap,
+                    workers=workers)
     try:
         pipe.run(items, overlap)
     finally:
@@ -102,6 +108,16 @@ def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn]
     stats.peak_in_flight = pipe.budget.peak
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+MAX_THREADS = 8
+
+
+def compute_threads(requested: int | None) -> int:
+    """The compute threads to run: as asked, else one per core (at most ``MAX_THREADS``)."""
+    if requested is not None:
+        return max(1, requested)
+    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
 
 
 def item_cost(info: TensorInfo, spec: TensorSpec, mode: str) -> int:

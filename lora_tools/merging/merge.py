@@ -47,6 +47,7 @@ class MergeOptions(TypedDict, total=False):
     dequantize: bool  # an fp8 base: dequantize exactly into the output dtype
     component: str | None  # diffusion: which model BASE is, or the one of a pipeline to merge
     block_weights: str | None  # diffusion: per-block weights (adapters/blocks.py)
+    threads: int | None  # CPU compute threads (default one per core); unmerge runs one
 
 
 @exact
@@ -61,7 +62,8 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                    dequantize: bool = False,
                    restore_from: str | Path | None = None,
                    component: str | None = None,
-                   block_weights: str | None = None) -> MergeSummary:
+                   block_weights: str | None = None,
+                   threads: int | None = None) -> MergeSummary:
     """Stream ``base + sign · Σ wᵢ·ΔWᵢ`` into ``out`` (merge: sign +1, unmerge: -1).
 
     Beyond plain LoRA (``beyond_plan``): DoRA, lora_bias, modules_to_save, trainable
@@ -118,8 +120,9 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                         "config.json yourself (a folder output gets it written)")
     with CheckpointWriter(out, specs, meta, shard_size=shard_size, source_folder=base.folder,
                           force=force, inputs=inputs, config_updates=extra.config) as writer:
+        # An observer (unmerge's proof) collects per-tensor reports in order: one thread.
         stats = stream(base, writer, work, progress, max_memory=max_memory, overlap=overlap,
-                       device=dev)
+                       device=dev, threads=1 if observe is not None else threads)
     warnings.extend(writer.notes)
     warnings.extend(f"{n}: larger than --max-memory but not computable by row blocks "
                     "(conv or fused layer, or a saved whole tensor); computed whole"
