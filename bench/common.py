@@ -37,15 +37,33 @@ print(json.dumps({"rc": proc.returncode, "wall": wall, "rss": rss, "stdout": out
 """
 
 
-def llama_config(layers: int = 16):  # type: ignore[no-untyped-def]
+# Llama-shaped sizes for the scaling bench: (hidden, intermediate, layers); "1b" is BASE.
+SHAPES = {"0.25b": (1024, 2816, 16), "1b": (2048, 5632, 16), "3b": (3072, 8192, 24)}
+
+
+def llama_config(layers: int = 16, hidden: int = 2048,  # type: ignore[no-untyped-def]
+                 intermediate: int = 5632):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=2048, num_hidden_layers=layers, intermediate_size=5632,
-                       vocab_size=32000, num_attention_heads=16, num_key_value_heads=16,
+    return LlamaConfig(hidden_size=hidden, num_hidden_layers=layers,
+                       intermediate_size=intermediate, vocab_size=32000,
+                       num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128,
                        max_position_embeddings=2048, tie_word_embeddings=False)
 
 
-def build_base(folder: Path = BASE, seed: int = 0, layers: int = 16) -> Path:
+def shaped(size: str) -> tuple[Path, Path]:
+    """(base, adapter) of a ``SHAPES`` size, built once and cached under ``WORK``."""
+    hidden, inter, layers = SHAPES[size]
+    if size == "1b":
+        base = build_base()
+        return base, build_adapter(base)
+    shape = {"hidden": hidden, "intermediate": inter, "layers": layers}
+    base = build_base(WORK / f"llama-{size}-bf16", **shape)
+    return base, build_adapter(base, WORK / f"lora-r16-all-linear-{size}", **shape)
+
+
+def build_base(folder: Path = BASE, seed: int = 0, layers: int = 16, hidden: int = 2048,
+               intermediate: int = 5632) -> Path:
     """A ~1.09B-parameter bf16 Llama in two safetensors shards, via ``save_pretrained``
     (``layers``: fewer blocks for a smaller model, ~100 MB each).
 
@@ -58,7 +76,7 @@ def build_base(folder: Path = BASE, seed: int = 0, layers: int = 16) -> Path:
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(layers)).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_config(layers, hidden, intermediate)).to(torch.bfloat16)
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -69,13 +87,14 @@ def build_base(folder: Path = BASE, seed: int = 0, layers: int = 16) -> Path:
                 p.normal_(0.0, 0.02, generator=gen)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), max_shard_size="1200MB")
+    model.save_pretrained(str(tmp), max_shard_size="2GB" if hidden > 2048 else "1200MB")
     tmp.rename(folder)
     return folder
 
 
 def build_adapter(base: Path = BASE, folder: Path = ADAPTER, rank: int = 16,
-                  seed: int = 1, dora: bool = False, layers: int = 16) -> Path:
+                  seed: int = 1, dora: bool = False, layers: int = 16, hidden: int = 2048,
+                  intermediate: int = 5632) -> Path:
     """A rank-16 PEFT LoRA on every linear layer of the blocks, with random non-zero B
     (with ``dora``: use_dora, magnitudes random in [0.5, 1.5))."""
     if (folder / "adapter_config.json").is_file():
@@ -85,7 +104,7 @@ def build_adapter(base: Path = BASE, folder: Path = ADAPTER, rank: int = 16,
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(layers)).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama_config(layers, hidden, intermediate)).to(torch.bfloat16)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0,
                      use_dora=dora)
     pm = get_peft_model(model, cfg)

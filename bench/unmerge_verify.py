@@ -144,15 +144,22 @@ def speed(runs: int, small: bool) -> None:
                                str(OUT / ("unmerged" + merged.suffix)), "--force",
                                "--device", "cpu", "-q"],
     }
-    print(f"load average {load_average()}; median of {runs}")
-    print("| command | wall | CPU | peak RSS |")
-    print("|---|---|---|---|")
-    for label, argv in rows.items():
-        got = [_run(argv) for _ in range(runs)]
-        wall = statistics.median(r["wall"] for r in got)
-        cpu = statistics.median(r["cpu"] for r in got)
-        rss = max(r["rss"] for r in got)
-        print(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {rss / 2**30:.2f} GiB |")
+    print(f"load average before {load_average()}; median of {runs}, rows interleaved")
+    got: dict[str, list[dict[str, float]]] = {label: [] for label in rows}
+    for i in range(runs):  # interleaved (ABBA), so a change of load hits every row
+        for label in list(rows) if i % 2 == 0 else list(rows)[::-1]:
+            got[label].append(_run(rows[label]))
+    print("| command | wall | CPU | peak RSS | wall / merge |")
+    print("|---|---|---|---|---|")
+    merge_wall = statistics.median(r["wall"] for r in got["lora-tools merge"])
+    for label in rows:
+        wall = statistics.median(r["wall"] for r in got[label])
+        cpu = statistics.median(r["cpu"] for r in got[label])
+        rss = max(r["rss"] for r in got[label])
+        print(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {rss / 2**30:.2f} GiB | "
+              f"{wall / merge_wall:.2f}x |")
+    print(f"\ntargets: verify <= 1.5x merge, unmerge (with its proof) <= 2x merge; "
+          f"load average after {load_average()}")
 
 
 def _differing(a: Path, b: Path) -> tuple[int, int, int]:

@@ -1,0 +1,93 @@
+"""Benchmark: merge time per GB and peak RSS across model sizes (0.25B, 1B, 3B Llama shapes).
+
+    python bench/scaling.py                      # 0.25b, 1b, 3b; median of 3
+    python bench/scaling.py --sizes 0.25b 1b --runs 1
+    python bench/scaling.py --peft 3b            # PEFT's merge too, at the sizes named
+
+Per size (bf16 Llama from bench/common.py SHAPES, rank-16 LoRA on every linear layer of the
+blocks), in one interleaved run: `cp -r` + `sync` of the base and `lora-tools merge`, each
+in a fresh process (wall, peak RSS); the merge's engine seconds (`--json`) too. The table
+gives seconds per GB of both, their ratio, and the spread of merge's seconds per GB across
+sizes (target: within 20 %; peak RSS flat: it follows the largest tensor, not the model).
+PEFT is timed only where asked: at 3B it holds the model in RAM (~2.3x its size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import SHAPES, WORK, folder_bytes, load_average, run_full, settle, shaped  # noqa: E402
+from merge import PEFT_SCRIPT  # noqa: E402
+
+
+def rows_for(size: str, out: Path, peft: bool) -> dict[str, list[str]]:
+    base, adapter = shaped(size)
+    rows = {
+        "cp -r + sync": ["sh", "-c", f'cp -r "{base}" "{out}" && sync "{out}"/*'],
+        "lora-tools merge": [sys.executable, "-m", "lora_tools", "merge", str(base),
+                             str(adapter), "-o", str(out), "--json", "--device", "cpu"],
+    }
+    if peft:
+        rows["PEFT merge_and_unload"] = [sys.executable, "-c", PEFT_SCRIPT, str(base),
+                                         str(adapter), str(out)]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--peft", nargs="*", default=[], choices=list(SHAPES),
+                    help="sizes at which PEFT's merge is timed too")
+    args = ap.parse_args()
+    WORK.mkdir(exist_ok=True)
+    out = WORK / "out-scaling"
+    print("building (cached) ...", file=sys.stderr)
+    sizes = {s: folder_bytes(shaped(s)[0]) for s in args.sizes}
+    walls: dict[tuple[str, str], list[float]] = {}
+    rss: dict[tuple[str, str], int] = {}
+    engine: dict[str, list[float]] = {}
+    print(f"load before: {load_average()}", file=sys.stderr)
+    for i in range(args.runs):
+        for size in args.sizes if i % 2 == 0 else args.sizes[::-1]:
+            for label, argv in rows_for(size, out, size in args.peft).items():
+                settle(out)
+                res = run_full(argv)
+                walls.setdefault((size, label), []).append(float(res["wall"]))
+                rss[(size, label)] = max(rss.get((size, label), 0), int(res["rss"]))
+                if label == "lora-tools merge":
+                    engine.setdefault(size, []).append(
+                        float(json.loads(res["stdout"])["seconds"]))
+                print(f"  run {i + 1}: {size:>5} {label:<22} {res['wall']:7.2f} s",
+                      file=sys.stderr)
+    settle(out)
+    print(f"merge scaling, median of {args.runs}; load after: {load_average()}\n")
+    print("| model | GB | cp -r + sync | merge | merge / cp+sync | merge s/GB | "
+          "engine s/GB | merge peak RSS | PEFT |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    per_gb = {}
+    for size in args.sizes:
+        gb = sizes[size] / 1e9
+        cp = statistics.median(walls[(size, "cp -r + sync")])
+        m = statistics.median(walls[(size, "lora-tools merge")])
+        per_gb[size] = m / gb
+        peft = walls.get((size, "PEFT merge_and_unload"))
+        peft_txt = (f"{statistics.median(peft):.2f} s ({m / statistics.median(peft):.2f}x), "
+                    f"{rss[(size, 'PEFT merge_and_unload')] / 2**20:.0f} MiB" if peft else
+                    "not run")
+        print(f"| {size} | {gb:.2f} | {cp:.2f} s | {m:.2f} s | {m / cp:.2f}x | "
+              f"{m / gb:.2f} | {statistics.median(engine[size]) / gb:.2f} | "
+              f"{rss[(size, 'lora-tools merge')] / 2**20:.0f} MiB | {peft_txt} |")
+    lo, hi = min(per_gb.values()), max(per_gb.values())
+    print(f"\nmerge seconds per GB: spread {100 * (hi / lo - 1):.0f} % across sizes "
+          "(whole command; the fixed ~3 s of `import torch` weighs most on the smallest)")
+
+
+if __name__ == "__main__":
+    main()
