@@ -126,7 +126,8 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
 def _check_all(checker: Checker, infos: list[TensorInfo], rep: VerifyReport,
                bar: Bar) -> None:
     """Every tensor pair checked in order, the next pair read while one is checked (file
-    reads and torch kernels release the GIL); at most ``DEFAULT_MAX_MEMORY`` in flight."""
+    reads and torch kernels release the GIL). Half the engine's default budget: one pair
+    checked and the next read, not a queue of them (each holds its fp32 work)."""
 
     def check(info: TensorInfo, pair: tuple[torch.Tensor, torch.Tensor] | None
               ) -> list[Failure]:
@@ -137,7 +138,7 @@ def _check_all(checker: Checker, infos: list[TensorInfo], rep: VerifyReport,
         rep.failures += fails
         bar.update(info.nbytes)
 
-    Pipeline(checker.load, check, record, checker.cost, DEFAULT_MAX_MEMORY).run(infos)
+    Pipeline(checker.load, check, record, checker.cost, DEFAULT_MAX_MEMORY // 2).run(infos)
 
 
 def _check_key_use(adapters: list[Adapter], reports: list[MatchReport],
