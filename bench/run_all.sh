@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
 PY=${PYTHON:-python3}
+# The scripts import lora_tools in-process too: this checkout's, whatever is installed.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 
 section() { printf '\n## %s\n\n' "$1"; }
