@@ -1,9 +1,10 @@
-"""Benchmark: merge with `--threads 1` against the default (one compute thread per core).
+"""Benchmark: merge with `--threads 1` against `--threads N` (N = the cores) and the default.
 
     python bench/threads.py              # 1B fixture, median of 3
     python bench/threads.py --runs 1 --size 0.25b
 
-Both rows in one interleaved run, each a fresh process: wall, CPU (user + sys) and the
+The default is one compute thread per core but one (1 on a 2-core machine). All rows in
+one interleaved run, each a fresh process: wall, CPU (user + sys) and the
 engine's own seconds (`--json`: the streaming part, where the compute runs). The outputs
 of both are compared byte for byte (the thread count must not change a bit).
 """
@@ -30,7 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     base, adapter = shaped(args.size)
-    outs = {"--threads 1": WORK / "out-threads-1", "default": WORK / "out-threads-default"}
+    cores = os.cpu_count() or 1
+    outs = {"--threads 1": WORK / "out-threads-1", f"--threads {cores}": WORK / "out-threads-n"}
     walls: dict[str, list[float]] = {k: [] for k in outs}
     eng: dict[str, list[float]] = {k: [] for k in outs}
     rss: dict[str, int] = {k: 0 for k in outs}
@@ -40,12 +42,12 @@ def main() -> None:
             settle(outs[label])
             argv = [sys.executable, "-m", "lora_tools", "merge", str(base), str(adapter), "-o",
                     str(outs[label]), "--json", "--device", "cpu"]
-            res = run_full(argv + (["--threads", "1"] if label != "default" else []))
+            res = run_full(argv + label.split())
             walls[label].append(float(res["wall"]))
             eng[label].append(float(json.loads(res["stdout"])["seconds"]))
             rss[label] = max(rss[label], int(res["rss"]))
             print(f"  run {i + 1}: {label:<12} {res['wall']:7.2f} s", file=sys.stderr)
-    one, dflt = outs["--threads 1"], outs["default"]
+    one, dflt = outs["--threads 1"], outs[f"--threads {cores}"]
     same = all(filecmp.cmp(p, dflt / p.name, shallow=False)
                for p in one.iterdir() if p.suffix == ".safetensors")
     settle(*outs.values())
@@ -55,9 +57,10 @@ def main() -> None:
     for label in outs:
         print(f"| {label} | {statistics.median(walls[label]):.2f} s | "
               f"{statistics.median(eng[label]):.2f} s | {rss[label] / 2**20:.0f} MiB |")
-    w1, wd = statistics.median(walls["--threads 1"]), statistics.median(walls["default"])
-    e1, ed = statistics.median(eng["--threads 1"]), statistics.median(eng["default"])
-    print(f"\ndefault / --threads 1: wall {wd / w1:.2f}x, engine {ed / e1:.2f}x; "
+    n = f"--threads {cores}"
+    w1, wd = statistics.median(walls["--threads 1"]), statistics.median(walls[n])
+    e1, ed = statistics.median(eng["--threads 1"]), statistics.median(eng[n])
+    print(f"\n{n} / --threads 1: wall {wd / w1:.2f}x, engine {ed / e1:.2f}x; "
           f"outputs byte-identical: {same}")
 
 

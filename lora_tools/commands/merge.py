@@ -53,7 +53,7 @@ from lora_tools.commands.merge_shared import describe_merge, library_kwargs
               help="Overlap reading, computing and writing (off: one step after another, "
                    "for comparison).")
 @click.option("--threads", type=click.IntRange(1, 256), metavar="N",
-              help="Compute threads on the CPU (default: one per core, at most 8): "
+              help="Compute threads on the CPU (default: one per core but one, at most 8): "
                    "tensors are computed side by side and written in order; the output is "
                    "the same bits whatever N.")
 @click.option("--gguf-type", metavar="TYPE",

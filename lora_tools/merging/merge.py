@@ -47,7 +47,7 @@ class MergeOptions(TypedDict, total=False):
     dequantize: bool  # an fp8 base: dequantize exactly into the output dtype
     component: str | None  # diffusion: which model BASE is, or the one of a pipeline to merge
     block_weights: str | None  # diffusion: per-block weights (adapters/blocks.py)
-    threads: int | None  # CPU compute threads (default one per core); unmerge runs one
+    threads: int | None  # CPU compute threads (default one per core but one); unmerge runs one
 
 
 @exact
