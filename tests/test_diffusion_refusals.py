@@ -33,9 +33,12 @@ def _refused(tmp_path: Path, base: dict[str, torch.Tensor], ad: dict[str, torch.
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_kohya_flux_into_diffusers_transformer(tmp_path: Path) -> None:
+def test_kohya_flux_qkv_that_does_not_split(tmp_path: Path) -> None:
+    """A fused qkv whose B (8 rows) is no three equal blocks: diffusers' own split fails,
+    which is said in one line."""
     base = {"transformer_blocks.0.attn.to_q.weight": torch.zeros(8, 8)}
-    _refused(tmp_path, base, _lora(["lora_unet_double_blocks_0_img_attn_qkv"]), "BFL names")
+    _refused(tmp_path, base, _lora(["lora_unet_double_blocks_0_img_attn_qkv"]),
+             "cannot split onto the base's diffusers names")
 
 
 def test_kohya_flux_into_bfl_single_file_merges(tmp_path: Path) -> None:
@@ -47,15 +50,16 @@ def test_kohya_flux_into_bfl_single_file_merges(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("name,words", [
-    ("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", "OpenCLIP"),
-    ("lora_unet_down_blocks_0_attentions_0_proj_in", "LDM names"),
-])
-def test_sdxl_single_file(tmp_path: Path, name: str, words: str) -> None:
+def test_single_file_the_converter_cannot_read(tmp_path: Path) -> None:
+    """An LDM file too partial for diffusers' UNet converter: its failure is named."""
     base = {"model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.zeros(8, 8),
             "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight":
                 torch.zeros(24, 8)}
-    _refused(tmp_path, base, _lora([name]), words)
+    _refused(tmp_path, base, _lora(["lora_unet_down_blocks_0_attentions_0_proj_in"]),
+             "match no tensor")
+    res = CliRunner().invoke(cli, ["merge", str(tmp_path / "base.safetensors"),
+                                   str(tmp_path / "lora.safetensors"), "-o", str(tmp_path / "o")])
+    assert "convert_ldm_unet_checkpoint failed on this file's names" in res.output
 
 
 def test_xlabs_flux(tmp_path: Path) -> None:

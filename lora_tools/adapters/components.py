@@ -161,35 +161,6 @@ def check_scopes(adapter_path: Path, components: set[str | None], base: BaseComp
     return None
 
 
-def layout_refusal(adapter_path: Path, names: list[tuple[str, str | None]],
-                   base: BaseComponents, base_keys: list[str]) -> str | None:
-    """Known layouts whose names cannot be matched exactly yet, refused by name.
-
-    ``names``: (module name, component) of one adapter's modules.
-    """
-    bfl = any("double_blocks" in n or "single_blocks" in n for n, _ in names)
-    if bfl and not any(k.split(".", 1)[0] in ("double_blocks", "single_blocks")
-                       or ".double_blocks." in k for k in base_keys):
-        return (f"{adapter_path}: a Flux LoRA on BFL names (double_blocks/single_blocks, fused "
-                "qkv and linear1) and a base with diffusers names (split to_q/to_k/to_v): "
-                "mapping between them is not supported yet; merge it into the BFL single-file "
-                "checkpoint (as ComfyUI loads it), or load it with diffusers' FluxPipeline."
-                "load_lora_weights and save_lora_weights a diffusers-named file")
-    if not base.how.startswith("single-file"):
-        return None
-    if any(c == TE2 for _, c in names) and any(".resblocks." in k for k in base_keys):
-        return (f"{adapter_path}: text encoder 2 modules (lora_te2_) and an SDXL single file, "
-                "which stores text encoder 2 in OpenCLIP layout (fused in_proj q/k/v): not "
-                "supported yet; merge into the diffusers pipeline folder instead")
-    ldm = any(k.startswith("model.diffusion_model.input_blocks.") for k in base_keys)
-    if ldm and any(c == UNET and ("down_blocks" in n or "up_blocks" in n or "mid_block" in n)
-                   for n, c in names):
-        return (f"{adapter_path}: UNet modules with diffusers names (down_blocks/up_blocks) and "
-                "a single-file checkpoint with LDM names (input_blocks/output_blocks): mapping "
-                "between them is not supported yet; merge into the diffusers pipeline folder")
-    return None
-
-
 def check_convertible(adapter_path: Path, fmt: str, components: set[str | None], to: str) -> None:
     """A diffusion LoRA's components must survive a conversion, or it is refused: PEFT and
     loralib files name no component, and kohya names are re-prefixed by ``--prefix``."""

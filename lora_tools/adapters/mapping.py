@@ -11,11 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from lora_tools.adapters import components as comps_
 from lora_tools.adapters import loralib
+from lora_tools.adapters.base_index import BaseIndex, Rows, Target
 from lora_tools.adapters.components import BaseComponents, base_components, check_scopes
 from lora_tools.adapters.fit import fit
-from lora_tools.adapters.kohya import strip_prefix
 from lora_tools.adapters.model import (
     LINEAR,
     Adapter,
@@ -27,8 +26,20 @@ from lora_tools.io.checkpoint import Checkpoint
 
 @dataclass
 class Match:
+    """A module on a base tensor: base rows ``rows`` (None: all) take rows ``src`` of the
+    module's ΔW (None: all); a fused module split by rows has one Match per part."""
+
     module: LoraModule
     base_key: str
+    rows: Rows | None = None
+    src: Rows | None = None
+
+    @property
+    def label(self) -> str:
+        """The base tensor, and the rows where only some are adapted."""
+        if self.rows is not None:
+            return f"{self.base_key}[{self.rows[0]}:{self.rows[1]}]"
+        return self.base_key
 
 
 @dataclass
@@ -42,67 +53,6 @@ class MatchReport:
     resized: dict[str, tuple[int, ...]] = field(default_factory=dict)  # base key -> new shape
 
 
-class BaseIndex:
-    """Base weight keys indexed by module path (dotted and underscore forms)."""
-
-    def __init__(self, base: Checkpoint, parts: BaseComponents | None = None) -> None:
-        self.base = base
-        self._conv1d: bool | None = None
-        self.parts = parts
-        self._by_last: dict[str, list[tuple[str, str]]] = {}
-        for key in base.keys():
-            # ``x.conv.weight`` is indexed as module ``x`` (loralib ConvLoRA) and as module
-            # ``x.conv`` (a PEFT/kohya module named conv, e.g. diffusers' downsamplers).
-            for suffix in (".conv.weight", ".weight"):
-                if key.endswith(suffix):
-                    path = key[: -len(suffix)]
-                    last = path.rsplit(".", 1)[-1]
-                    self._by_last.setdefault(last, []).append((path, key))
-
-    @property
-    def conv1d(self) -> bool:
-        """Whether the base keeps GPT-2's c_attn/c_proj/c_fc as HF Conv1D layers."""
-        if self._conv1d is None:
-            self._conv1d = loralib.conv1d_base(self.base)
-        return self._conv1d
-
-    def candidates(self, module: LoraModule) -> list[str]:
-        keys = self._candidates(module)
-        parts = self.parts
-        if module.component is None or parts is None or parts.of is None:
-            return keys
-        # Only inside the module's own component: never text encoder 2 onto text encoder 1.
-        want = comps_.target(module.component, parts.present)
-        return [k for k in keys if parts.of(k) == want]
-
-    def _candidates(self, module: LoraModule) -> list[str]:
-        if module.underscore:
-            return self._underscore(strip_prefix(module.name))
-        last = module.name.rsplit(".", 1)[-1]
-        out = []
-        for path, key in self._by_last.get(last, []):
-            if not any(key == path + s for s in module.weight_suffixes):
-                continue
-            if path == module.name:
-                return [key]
-            if path.endswith("." + module.name) or module.name.endswith("." + path):
-                out.append(key)
-        return out
-
-    def _underscore(self, name: str) -> list[str]:
-        out = []
-        for paths in self._by_last.values():
-            for path, key in paths:
-                if key != path + ".weight":
-                    continue
-                u = path.replace(".", "_")
-                if u == name:
-                    return [key]
-                if u.endswith("_" + name):
-                    out.append(key)
-        return out
-
-
 def match_adapter(adapter: Adapter, index: BaseIndex, resize_vocab: bool = False
                   ) -> MatchReport:
     report = MatchReport()
@@ -110,14 +60,19 @@ def match_adapter(adapter: Adapter, index: BaseIndex, resize_vocab: bool = False
     _match_token_rows(adapter, index, report)
     squares: dict[str, list[str]] = {}
     for m in adapter.modules:
-        keys = index.candidates(m)
-        if not keys:
+        targets = index.locate(m)
+        if not targets:
             report.unmatched.append(m.name)
             continue
-        if len(keys) > 1:
+        if len(targets) > 1 and not all(t.src for t in targets):
+            keys = [t.key for t in targets]
             report.misfits.append(f"{m.name}: matches several base tensors "
                                   f"({', '.join(keys[:3])}); the base holds more than one model")
             continue
+        if targets[0].rows is not None or targets[0].src is not None:
+            _match_parts(m, targets, report)
+            continue
+        keys = [targets[0].key]
         if m.param != "weight":  # a diff of the layer's bias (LyCORIS diff_b / b_norm)
             keys = [keys[0].removesuffix("weight") + m.param]
             if keys[0] not in index.base:
@@ -143,18 +98,49 @@ def match_adapter(adapter: Adapter, index: BaseIndex, resize_vocab: bool = False
     return report
 
 
+def _match_parts(m: LoraModule, targets: list[Target], report: MatchReport) -> None:
+    """A module on rows of a fused base tensor, or a fused module cut into row blocks:
+    plain linear LoRA only, in its (out, in) orientation, each part fitting its rows."""
+    where = ", ".join(Match(m, t.key, t.rows).label for t in targets)
+    if m.type != "lora" or m.magnitude_key or m.bias_key or m.init or m.param != "weight" \
+            or m.enable_lora or len(m.a_shape) != 2:
+        report.misfits.append(f"{m.name} -> {where}: only plain LoRA linear modules are "
+                              "merged onto row blocks of a fused tensor (not DoRA, lora_bias, "
+                              "conv, LoHa/LoKr or fused loralib layers)")
+        return
+    for t in targets:
+        rows = t.src or (0, m.b_shape[0])
+        want = (rows[1] - rows[0], m.a_shape[1])
+        if tuple(t.shape) != want or rows[1] > m.b_shape[0]:
+            report.misfits.append(f"{m.name} -> {where}: base shape {list(t.shape)}, adapter "
+                                  f"gives {list(want)} (out, in)")
+            return
+    m.fan_in_fan_out, m.orientation_source = False, m.orientation_source or "shapes"
+    report.matches.extend(Match(m, t.key, t.rows, t.src) for t in targets)
+
+
 def _one_module_per_tensor(report: MatchReport) -> None:
     """Two modules of one adapter on one base tensor would add its update twice (PEFT keys
-    with and without ``base_model.model.``, kohya ``lora_unet_X`` and ``lora_te_X``)."""
-    first: dict[str, Match] = {}
+    with and without ``base_model.model.``, kohya ``lora_unet_X`` and ``lora_te_X``);
+    modules on disjoint row blocks of one fused tensor are not."""
+    first: dict[str, list[Match]] = {}
     for mt in list(report.matches):
-        seen = first.setdefault(mt.base_key, mt)
-        if seen is not mt:
+        same = first.setdefault(mt.base_key, [])
+        seen = next((o for o in same if _overlap(o, mt)), None)
+        same.append(mt)
+        if seen is not None:
+            same.remove(mt)
             report.matches.remove(mt)
             report.misfits.append(
                 f"{seen.module.a_key} and {mt.module.a_key} both map to base tensor "
-                f"{mt.base_key}: one update would be applied twice; remove one of the two "
+                f"{mt.label}: one update would be applied twice; remove one of the two "
                 "modules (or give each its own base model)")
+
+
+def _overlap(a: Match, b: Match) -> bool:
+    if a.rows is None or b.rows is None:
+        return True
+    return a.rows[0] < b.rows[1] and b.rows[0] < a.rows[1]
 
 
 def _square_default(m: LoraModule, shape: tuple[int, ...], index: BaseIndex,
@@ -225,10 +211,6 @@ def scope_base(adapters: list[Adapter], base: Checkpoint, component: str | None 
     notes = []
     for a in adapters:
         comps = {m.component for m in a.modules}
-        refused = comps_.layout_refusal(a.path, [(m.name, m.component) for m in a.modules],
-                                        parts, base.keys())
-        if refused:
-            raise MatchError(refused)
         taken = check_scopes(a.path, comps, parts, base.path)
         if taken:
             notes.append(taken)
@@ -248,6 +230,7 @@ def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = F
     parts, warnings = scope_base(adapters, base, component)
     index = BaseIndex(base, parts)
     reports = [match_adapter(a, index, resize_vocab) for a in adapters]
+    warnings.extend(f"{base.path}: names mapped by diffusers' {how}" for how in index.maps)
     problems: list[str] = []
     for a, r in zip(adapters, reports):
         problems += [f"{a.path}: {line}" for line in group_failures(r.misfits)]
@@ -262,6 +245,8 @@ def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = F
         hints = []
         if shapes or unmatched:
             hints.append("check that the adapter was trained for this base model")
+        if unmatched and index.maps:
+            hints.append("names were mapped by diffusers' " + "; ".join(index.maps))
         # Skipping helps only when the unmatched modules are all that is wrong and some
         # modules do match.
         if (unmatched and not allow_unmatched and not any(r.misfits for r in reports)

@@ -104,8 +104,9 @@ class DeltaSum:
         # added to in place below.
         acc = w.to(self.device, torch.float32, copy=True)
         for (_, match, weight), f in zip(self.terms, factors):
-            acc += module_delta(match.module, f, match.module.scale * weight, tuple(w.shape),
-                                rows=(start, stop))
+            placed = placed_delta(match, f, match.module.scale * weight, tuple(w.shape), start)
+            if placed is not None:
+                acc[placed[0]:placed[0] + placed[1].shape[0]] += placed[1]
         if sync:
             self._check(acc, w, name)
         else:
@@ -129,9 +130,17 @@ class DeltaSum:
         acc = src.to(self.device, torch.float32, copy=True)
         terms: list[torch.Tensor] = []
         for (_, match, weight), f in zip(self.terms, factors):
-            delta = module_delta(match.module, f, match.module.scale * weight, tuple(w.shape))
-            acc += delta
+            placed = placed_delta(match, f, match.module.scale * weight, tuple(w.shape), 0,
+                                  whole=True)
+            if placed is None:
+                continue
+            at, delta = placed
+            acc[at:at + delta.shape[0]] += delta
             if self.observe is not None:
+                if tuple(delta.shape) != tuple(w.shape):  # a row block: the rest adds 0
+                    delta = torch.zeros(w.shape, dtype=delta.dtype,
+                                        device=delta.device).index_add_(
+                        0, torch.arange(at, at + delta.shape[0], device=delta.device), delta)
                 terms.append(delta)
         self._check(acc, src, name)
         result = acc.to(out)
@@ -155,3 +164,23 @@ class DeltaSum:
         if not bool(torch.isfinite(acc.sum())):
             check_finite(src, f"base tensor {name}")
             check_result(acc, src, name)  # factors are checked finite: an fp32 overflow
+
+
+def placed_delta(match: Match, f: tuple[torch.Tensor, ...], factor: float,
+                 shape: tuple[int, ...], start: int, whole: bool = False
+                 ) -> tuple[int, torch.Tensor] | None:
+    """The part of ``match``'s ΔW that falls in base rows ``[start, start + shape[0])``, and
+    where in that block it goes; None when none does. A match on rows ``[d0, d1)`` of a fused
+    tensor (or taking rows ``src`` of a fused module) adds only there: the other rows get
+    nothing, so they come out as the base's own values."""
+    if match.rows is None and match.src is None:
+        rows = None if whole else (start, start + shape[0])  # conv deltas come only whole
+        return 0, module_delta(match.module, f, factor, shape, rows=rows)
+    s0, s1 = match.src or (0, match.module.b_shape[0])
+    d0, d1 = match.rows or (0, s1 - s0)
+    lo, hi = max(start, d0), min(start + shape[0], d1)
+    if lo >= hi:
+        return None
+    m0 = s0 + lo - d0
+    d = module_delta(match.module, f, factor, (hi - lo, *shape[1:]), rows=(m0, m0 + hi - lo))
+    return lo - start, d

@@ -1,0 +1,125 @@
+"""SDXL / SD2 single files (LDM UNet, CLIP-L in HF layout, OpenCLIP with fused q/k/v).
+
+The base is a tiny SDXL pipeline written as one file in SGM names (tests/single_files.py,
+checked by diffusers' own converters); the LoRA is written by diffusers'
+``convert_state_dict_to_kohya`` (kohya: what A1111/ComfyUI load) or ``save_lora_weights``.
+Truth: diffusers ``load_lora_weights`` + ``fuse_lora`` on the pipeline folder, written in
+the single file's layout by the same builders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusion_models import TE_TARGETS, add_lora, save_pipeline, state_of, tiny_sdxl
+from helpers import read, state_dict_file
+from single_files import check_back, ldm_unet, open_clip
+
+from lora_tools.merging.merge import merge
+
+pytestmark = pytest.mark.slow
+TE1, TE2 = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+TE2_TARGETS = ("q_proj", "v_proj", "out_proj", "fc1", "fc2")  # k_proj left: its rows stay
+
+
+def single(unet: dict, te1: dict, te2: dict) -> dict[str, torch.Tensor]:
+    return {**ldm_unet(unet, 2, 1), **{TE1 + k: v for k, v in te1.items()},
+            **open_clip(te2, TE2)}
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders import single_file_utils as sfu
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    d = tmp_path_factory.mktemp("sdxl_single")
+    pipe = tiny_sdxl()
+    save_pipeline(pipe, d / "pipe")
+    parts = {"unet": state_of(pipe.unet), "te1": state_of(pipe.text_encoder),
+             "te2": state_of(pipe.text_encoder_2)}
+    sf = single(parts["unet"], parts["te1"], parts["te2"])
+    stub = SimpleNamespace(config=SimpleNamespace(hidden_size=32))
+    check_back(sf, parts["te2"], lambda c: sfu.convert_open_clip_checkpoint(stub, c, prefix=TE2))
+    check_back(sf, parts["unet"], lambda c: sfu.convert_ldm_unet_checkpoint(
+        c, {"layers_per_block": 1, "addition_embed_type": "text_time"}))
+    lora = {}
+    for i, (name, targets) in enumerate((("unet", ("to_q", "to_k", "to_v", "to_out.0")),
+                                         ("text_encoder", TE_TARGETS),
+                                         ("text_encoder_2", TE2_TARGETS))):
+        model = add_lora(getattr(pipe, name), 4, 8.0, seed=20 + i, targets=targets)
+        lora.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(model).items()})
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(d / "peft"), **{f"{c}_lora_layers": {k[len(c) + 1:]: v for k, v in lora.items()
+                                                  if k.startswith(c + ".")}
+                            for c in ("unet", "text_encoder", "text_encoder_2")})
+    kohya = convert_state_dict_to_kohya(lora)
+    for key in kohya:  # distinct alphas per model: a module on the wrong model shows
+        if key.endswith(".alpha"):
+            kohya[key] = torch.tensor(2.0 if "lora_te2_" in key else 6.0)
+    files = {"single": state_dict_file(sf, d / "sdxl.safetensors"),
+             "kohya": state_dict_file(kohya, d / "k.safetensors"), "pipe": d / "pipe",
+             "peft": d / "peft" / "pytorch_lora_weights.safetensors"}
+    for name, lora_file in (("truth", files["kohya"]), ("truth_peft", files["peft"])):
+        truth = StableDiffusionXLPipeline.from_pretrained(str(d / "pipe"))
+        truth.load_lora_weights(str(lora_file))
+        truth.fuse_lora()
+        truth.unload_lora_weights()
+        files[name] = state_dict_file(single(state_of(truth.unet), state_of(truth.text_encoder),
+                                             state_of(truth.text_encoder_2)), d / f"{name}.safetensors")
+    return files
+
+
+def test_kohya_sdxl_into_single_file(sdxl: dict[str, Path], tmp_path: Path) -> None:
+    s = merge(sdxl["single"], [sdxl["kohya"]], tmp_path / "o.safetensors")
+    said = "\n".join(s.warnings)
+    for conv in ("convert_ldm_unet_checkpoint", "convert_open_clip_checkpoint",
+                 "convert_ldm_clip_checkpoint"):
+        assert conv in said and "diffusers 0." in said
+    n = sum(k.endswith("lora_down.weight") for k in read(sdxl["kohya"]))
+    assert s.adapters[0]["merged_modules"] == n
+    got, want, base = read(tmp_path / "o.safetensors"), read(sdxl["truth"]), read(sdxl["single"])
+    assert set(got) == set(want)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    fused = TE2 + "transformer.resblocks.0.attn.in_proj_weight"
+    h = got[fused].shape[0] // 3
+    assert torch.equal(got[fused][h:2 * h], base[fused][h:2 * h])  # k rows: no LoRA, same bits
+    assert not torch.equal(got[fused][:h], base[fused][:h])
+    mlp = TE2 + "transformer.resblocks.1.mlp."
+    for k in (mlp + "c_fc.weight", mlp + "c_proj.weight",
+              "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"):
+        assert not torch.equal(got[k], base[k]), k
+    changed = sum(not torch.equal(got[k], base[k]) for k in got)
+    untouched = [k for k in got if "conv" in k or "norm" in k or "ln_" in k]
+    assert all(torch.equal(got[k], base[k]) for k in untouched) and changed > 0
+
+
+def test_row_blocks_equal_the_split_merge(sdxl: dict[str, Path], tmp_path: Path) -> None:
+    """Each row block of the fused in_proj_weight is bit for bit what lora-tools writes into
+    the separate q_proj/v_proj of the pipeline folder (itself diffusers' fused weights)."""
+    merge(sdxl["single"], [sdxl["kohya"]], tmp_path / "o.safetensors")
+    merge(sdxl["pipe"], [sdxl["kohya"]], tmp_path / "pipe")
+    got = read(tmp_path / "o.safetensors")
+    split = read(tmp_path / "pipe" / "text_encoder_2" / "model.safetensors")
+    for n in range(2):
+        fused = got[TE2 + f"transformer.resblocks.{n}.attn.in_proj_weight"]
+        h = fused.shape[0] // 3
+        for j, p in enumerate("qkv"):
+            assert torch.equal(fused[j * h:(j + 1) * h],
+                               split[f"text_model.encoder.layers.{n}.self_attn.{p}_proj.weight"])
+
+
+def test_diffusers_save_into_single_file(sdxl: dict[str, Path], tmp_path: Path) -> None:
+    """A diffusers PEFT-style save (unet./text_encoder./text_encoder_2., no metadata: alpha =
+    rank) into the same file; truth: that file loaded and fused by diffusers."""
+    s = merge(sdxl["single"], [sdxl["peft"]], tmp_path / "o.safetensors")
+    assert s.adapters[0]["merged_modules"] == sum(
+        k.endswith("lora_A.weight") for k in read(sdxl["peft"]))
+    got, want = read(tmp_path / "o.safetensors"), read(sdxl["truth_peft"])
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
