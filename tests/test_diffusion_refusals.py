@@ -51,7 +51,7 @@ def test_kohya_flux_into_bfl_single_file_merges(tmp_path: Path) -> None:
 
 
 def test_single_file_the_converter_cannot_read(tmp_path: Path) -> None:
-    """An LDM file too partial for diffusers' UNet converter: its failure is named."""
+    """An LDM file too partial for diffusers' UNet converter: what it mapped is said."""
     base = {"model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.zeros(8, 8),
             "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight":
                 torch.zeros(24, 8)}
@@ -59,7 +59,8 @@ def test_single_file_the_converter_cannot_read(tmp_path: Path) -> None:
              "match no tensor")
     res = CliRunner().invoke(cli, ["merge", str(tmp_path / "base.safetensors"),
                                    str(tmp_path / "lora.safetensors"), "-o", str(tmp_path / "o")])
-    assert "convert_ldm_unet_checkpoint failed on this file's names" in res.output
+    assert "convert_ldm_unet_checkpoint (layers_per_block 2, diffusers" in res.output
+    assert "(0 weights)" in res.output
 
 
 def test_xlabs_flux(tmp_path: Path) -> None:

@@ -48,13 +48,12 @@ class NameMap:
 
     def add(self, found: dict[str, Place], of: Callable[[str], str | None] | None,
             how: str) -> None:
-        n = 0
+        n = fused = 0
         for name, place in found.items():
             if name.endswith(".weight"):
                 comp = of(place.key) if of is not None else None
                 self.places.setdefault(comp, {})[name[: -len(".weight")]] = place
-                n += 1
-        fused = sum(not p.whole for d in self.places.values() for p in d.values())
+                n, fused = n + 1, fused + (not place.whole)
         self.how.append(f"{how} ({n} weights{f', {fused} on row blocks' if fused else ''})")
 
 
@@ -135,7 +134,7 @@ def _scaled_rows(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     rows: dict[str, int] = {}
     for k, s in shapes.items():
         if k.endswith((".linear1.weight", ".linear1.bias")):
-            w = shapes.get(k.removesuffix("bias") + "weight")
+            w = shapes.get(k.rsplit(".", 1)[0] + ".weight")
             h = w[1] if w and len(w) == 2 else 0
             if h and s[0] == (3 + FLUX_MLP_RATIO) * h and h != FLUX_INNER:
                 rows[k] = (3 + FLUX_MLP_RATIO) * FLUX_INNER
@@ -157,7 +156,7 @@ def _flux(sfu: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Place]:
                       lambda k: rows.get(k, shapes[k][0]))
     for name, p in list(found.items()):
         if p.key in rows:
-            h = shapes[p.key.removesuffix("bias") + "weight"][1]
+            h = shapes[p.key.rsplit(".", 1)[0] + ".weight"][1]
             found[name] = Place(p.key, p.start * h // FLUX_INNER, p.stop * h // FLUX_INNER,
                                 shapes[p.key][0])
     return found

@@ -99,7 +99,7 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     work.update(extra.work)
     records = [provenance.adapter_record(a, w, op) for a, w in zip(adapters, weights)]
     for rec, a, r in zip(records, adapters, reports):
-        rec["merged_modules"] = len(r.matches)
+        rec["merged_modules"] = len({id(m.module) for m in r.matches})
         if per_block is not None:
             rec["block_weights"] = block_table(a, r, per_block)
         rec.update(extra.records.get(a.sha256, {}))
