@@ -114,6 +114,38 @@ def test_row_blocks_equal_the_split_merge(sdxl: dict[str, Path], tmp_path: Path)
                                split[f"text_model.encoder.layers.{n}.self_attn.{p}_proj.weight"])
 
 
+def test_verify_checks_row_blocks(sdxl: dict[str, Path], tmp_path: Path) -> None:
+    """verify passes the merge, and fails one whose untouched k rows moved by one ulp."""
+    from lora_tools.merging.verify import verify
+
+    merge(sdxl["single"], [sdxl["kohya"]], tmp_path / "o.safetensors")
+    assert verify(tmp_path / "o.safetensors", sdxl["single"], [sdxl["kohya"]]).ok
+    bad = read(tmp_path / "o.safetensors")
+    fused = TE2 + "transformer.resblocks.0.attn.in_proj_weight"
+    h = bad[fused].shape[0] // 3
+    bad[fused][h] = torch.nextafter(bad[fused][h], torch.tensor(1.0))
+    state_dict_file(bad, tmp_path / "bad.safetensors")
+    rep = verify(tmp_path / "bad.safetensors", sdxl["single"], [sdxl["kohya"]])
+    assert not rep.ok and any(f.name == fused and f.check == "outside" for f in rep.failures)
+
+
+def test_without_diffusers_one_line(sdxl: dict[str, Path], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from click.testing import CliRunner
+
+    from lora_tools.cli import cli
+
+    monkeypatch.setitem(sys.modules, "diffusers.loaders.single_file_utils", None)
+    res = CliRunner().invoke(cli, ["merge", str(sdxl["single"]), str(sdxl["kohya"]), "-o",
+                                   str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 2, res.output
+    (line,) = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert "pip install 'lora-tools[diffusers]'" in line and "single-file" in line
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_diffusers_save_into_single_file(sdxl: dict[str, Path], tmp_path: Path) -> None:
     """A diffusers PEFT-style save (unet./text_encoder./text_encoder_2., no metadata: alpha =
     rank) into the same file; truth: that file loaded and fused by diffusers."""

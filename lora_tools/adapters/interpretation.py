@@ -83,7 +83,11 @@ class Interpretation:
 
 def interpret(adapter: Adapter, report: MatchReport | None = None,
               base: str | None = None) -> Interpretation:
-    targets = {mt.module.name: mt.base_key for mt in report.matches} if report else {}
+    targets: dict[str, str] = {}
+    for mt in report.matches if report else []:  # a fused module split by rows: each part
+        where = f"{mt.label} (rows {mt.src[0]}:{mt.src[1]} of its ΔW)" if mt.src else mt.label
+        targets[mt.module.name] = f"{targets[mt.module.name]}, {where}" \
+            if mt.module.name in targets else where
     components = dict(adapter.components) or _derived_components(adapter)
     modules = [_reading(adapter, m, components, targets.get(m.name)) for m in adapter.modules]
     others = [OtherKey(k, r.kind, r.owner, r.action)

@@ -230,7 +230,9 @@ def resolve(adapters: list[Adapter], base: Checkpoint, allow_unmatched: bool = F
     parts, warnings = scope_base(adapters, base, component)
     index = BaseIndex(base, parts)
     reports = [match_adapter(a, index, resize_vocab) for a in adapters]
-    warnings.extend(f"{base.path}: names mapped by diffusers' {how}" for how in index.maps)
+    for a in adapters:  # said in each adapter's interpretation (and --json)
+        said = [f"names of {base.path.name} mapped by diffusers' {how}" for how in index.maps]
+        a.notes.extend(n for n in said if n not in a.notes)
     problems: list[str] = []
     for a, r in zip(adapters, reports):
         problems += [f"{a.path}: {line}" for line in group_failures(r.misfits)]

@@ -33,6 +33,20 @@ class ProbeTerm:
     a: torch.Tensor
     b: torch.Tensor
     factor: float
+    rows: tuple[int, int] | None = None  # base rows it lands on (a fused tensor's block)
+    src: tuple[int, int] | None = None  # rows of its ΔW it gives (a fused module's part)
+
+
+def placed_apply(t: ProbeTerm, x: torch.Tensor, out_rows: int) -> torch.Tensor:
+    """``ΔW·x`` laid into the base tensor's rows: all of them, or the block it lands on."""
+    y = factor_apply(t, x)
+    if t.rows is None and t.src is None:
+        return y
+    s0, s1 = t.src or (0, y.shape[0])
+    d0, d1 = t.rows or (0, s1 - s0)
+    out = y.new_zeros((out_rows, y.shape[1]))
+    out[d0:d1] = y[s0:s1]
+    return out
 
 
 def applies(shape: tuple[int, ...], terms: list[ProbeTerm]) -> bool:
@@ -94,7 +108,7 @@ def probe(name: str, merged: torch.Tensor, start: torch.Tensor, expected: torch.
     m, w, e = merged[rows], start[rows], expected[rows]
     want = w.to(wd) @ x
     for t in terms:
-        want += factor_apply(t, x)[rows]
+        want += placed_apply(t, x, merged.shape[0])[rows]
     got = m.to(wd) @ x
     norm = float(want.norm()) or 1.0
     rel = float((got - want).norm()) / norm

@@ -34,7 +34,7 @@ def default_tolerance(dtype: torch.dtype) -> float:
 
 @dataclass
 class ProbePlan:
-    """Per adapted base key: (adapter, module, weight) terms, and a saved whole tensor
+    """Per adapted base key: (adapter, match, weight) terms, and a saved whole tensor
     that replaces the base before the deltas (PEFT's saved embeddings), if any."""
 
     terms: dict[str, list[tuple[Adapter, Any, float]]] = field(default_factory=dict)
@@ -48,7 +48,7 @@ def probe_plan(adapters: list[Adapter], reports: list[MatchReport], weights: lis
         for m in r.matches:
             bw = 1.0 if per_block is None else blocks.weight_of(
                 per_block, m.module.component, m.module.name)
-            plan.terms.setdefault(m.base_key, []).append((a, m.module, w * bw))
+            plan.terms.setdefault(m.base_key, []).append((a, m, w * bw))
         for base_key, key in r.replacements.items():
             plan.starts[base_key] = (a, key)
     return plan
@@ -153,11 +153,13 @@ class Checker:
                res: AdaptedCheck) -> list[Failure]:
         terms = []
         plan_terms = self.plan.terms.get(name, [])
-        if any(module.type != "lora" for _, module, _ in plan_terms):
+        if any(match.module.type != "lora" for _, match, _ in plan_terms):
             return []  # LoHa/LoKr/full: no B·A probe; the elementwise check covers them
-        for adapter, module, weight in plan_terms:
+        for adapter, match, weight in plan_terms:
+            module = match.module
             a, b = adapter.factors(module)
-            terms.append(probe_mod.ProbeTerm(module, a, b, module.scale * weight))
+            terms.append(probe_mod.ProbeTerm(module, a, b, module.scale * weight,
+                                             match.rows, match.src))
         if not terms or not probe_mod.applies(tuple(m.shape), terms):
             return []
         if any(t.module.magnitude_key for t in terms):
