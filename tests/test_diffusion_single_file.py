@@ -127,6 +127,13 @@ def test_verify_checks_row_blocks(sdxl: dict[str, Path], tmp_path: Path) -> None
     state_dict_file(bad, tmp_path / "bad.safetensors")
     rep = verify(tmp_path / "bad.safetensors", sdxl["single"], [sdxl["kohya"]])
     assert not rep.ok and any(f.name == fused and f.check == "outside" for f in rep.failures)
+    from lora_tools.merging.unmerge import unmerge
+
+    unmerge(tmp_path / "o.safetensors", [sdxl["kohya"]], tmp_path / "u.safetensors")
+    back, base = read(tmp_path / "u.safetensors"), read(sdxl["single"])
+    for k in back:
+        torch.testing.assert_close(back[k], base[k], rtol=0, atol=1e-6, msg=k)
+    assert torch.equal(back[fused][h:2 * h], base[fused][h:2 * h])
 
 
 def test_without_diffusers_one_line(sdxl: dict[str, Path], tmp_path: Path,
@@ -153,5 +160,26 @@ def test_diffusers_save_into_single_file(sdxl: dict[str, Path], tmp_path: Path) 
     assert s.adapters[0]["merged_modules"] == sum(
         k.endswith("lora_A.weight") for k in read(sdxl["peft"]))
     got, want = read(tmp_path / "o.safetensors"), read(sdxl["truth_peft"])
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_sd2_open_clip_text_encoder(sdxl: dict[str, Path], tmp_path: Path) -> None:
+    """SD2 files keep their one text encoder in OpenCLIP layout (``cond_stage_model.model.``),
+    which kohya names ``lora_te_``: its q/k/v land on row blocks the same way."""
+    sd2 = "cond_stage_model.model."
+
+    def as_sd2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {sd2 + k[len(TE2):] if k.startswith(TE2) else k: v for k, v in sd.items()
+                if not k.startswith(TE1)}
+
+    base = state_dict_file(as_sd2(read(sdxl["single"])), tmp_path / "sd2.safetensors")
+    lora = {k.replace("lora_te2_", "lora_te_"): v for k, v in read(sdxl["kohya"]).items()
+            if not k.startswith("lora_te1_")}
+    ad = state_dict_file(lora, tmp_path / "l.safetensors")
+    s = merge(base, [ad], tmp_path / "o.safetensors")
+    assert f"convert_open_clip_checkpoint ({sd2}*" in "\n".join(s.warnings)
+    got, want = read(tmp_path / "o.safetensors"), as_sd2(read(sdxl["truth"]))
+    assert set(got) == set(want)
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)

@@ -234,6 +234,11 @@ def settle(adapter: Adapter, to: str, base: str | Path | None, opts: AdapterOpti
                              f"from {base}'s, and {to} files cannot hold them; keep PEFT")
         notes.append(f"{len(whole)} whole tensors PEFT saved are equal to the base's: left out")
         whole = {}
+    parts = [m.module.name for m in report.matches if m.rows is not None or m.src is not None]
+    if parts:  # a row block's module path is not the fused tensor's
+        raise UsageError(f"{adapter.path}: {parts[0]} lands on rows of a fused tensor of {base} "
+                         "(a single-file checkpoint); give the diffusers pipeline or component "
+                         "folder as --base to convert")
     return {m.module.name: m.base_key for m in report.matches}, whole
 
 

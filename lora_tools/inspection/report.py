@@ -156,7 +156,10 @@ def _match_base(adapter: Adapter, base: Checkpoint) -> tuple[dict[str, str], lis
         warnings.append(f"{len(report.unmatched)} modules match no tensor of {base.path}: "
                         f"{', '.join(report.unmatched[:5])}"
                         f"{' ...' if len(report.unmatched) > 5 else ''}; is this the right base?")
-    return {mt.module.name: mt.base_key for mt in report.matches}, warnings
+    # a module on rows of a fused tensor (single files) has no base tensor of its own to
+    # compare norms with
+    return {mt.module.name: mt.base_key for mt in report.matches
+            if mt.rows is None and mt.src is None}, warnings
 
 
 def _add_base(s: ModuleStats, base: Checkpoint, key: str) -> None:
