@@ -123,3 +123,47 @@ def test_converter_at_real_width_places_as_scaled() -> None:
         q, f = big.places[None][name], real[p.key][0] // tiny[p.key][0]
         assert (q.key, q.start, q.stop) == (p.key, p.start * f, p.stop * f), name
     assert big.places[None]["single_transformer_blocks.0.proj_mlp"].start == 3 * 3072
+
+
+def xlabs_flux(rank: int = 4) -> dict[str, torch.Tensor]:
+    """Keys as x-flux's DoubleStreamBlockLoraProcessor state dict names them."""
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    for what, rows in (("qkv", 3 * H), ("proj", H)):
+        for stream in "12":
+            stem = f"double_blocks.0.processor.{what}_lora{stream}"
+            out[stem + ".down.weight"] = torch.randn(rank, H, generator=g) * 0.1
+            out[stem + ".up.weight"] = torch.randn(rows, rank, generator=g) * 0.1
+    return out
+
+
+def test_xlabs_into_bfl_file(flux: dict[str, Path], tmp_path: Path) -> None:
+    """x-flux's own forward: qkv(x) + up(down(x)) (no network_alpha, lora_weight 1)."""
+    ad = xlabs_flux()
+    s = merge(flux["bfl"], [state_dict_file(ad, tmp_path / "x.safetensors")],
+              tmp_path / "o.safetensors")
+    assert s.adapters[0]["merged_modules"] == 4
+    got, base = read(tmp_path / "o.safetensors"), read(flux["bfl"])
+    for lora, key in (("qkv_lora1", "img_attn.qkv"), ("proj_lora1", "img_attn.proj"),
+                      ("qkv_lora2", "txt_attn.qkv"), ("proj_lora2", "txt_attn.proj")):
+        up = ad[f"double_blocks.0.processor.{lora}.up.weight"].double()
+        down = ad[f"double_blocks.0.processor.{lora}.down.weight"].double()
+        want = (base[f"double_blocks.0.{key}.weight"].double() + up @ down).float()
+        torch.testing.assert_close(got[f"double_blocks.0.{key}.weight"], want, rtol=0, atol=1e-6)
+
+
+def test_xlabs_into_diffusers_folder(flux: dict[str, Path], tmp_path: Path) -> None:
+    """Truth: diffusers' own XLabs conversion, loaded and fused into the transformer."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    path = state_dict_file(xlabs_flux(), tmp_path / "x.safetensors")
+    truth = FluxTransformer2DModel.from_pretrained(str(flux["folder"]))
+    state = FluxPipeline.lora_state_dict(str(path))
+    FluxPipeline.load_lora_into_transformer(state, None, transformer=truth)
+    truth.fuse_lora()
+    want = {k.replace(".base_layer", ""): v for k, v in state_of(truth).items() if "lora_" not in k}
+    merge(flux["folder"], [path], tmp_path / "o")
+    got = read(tmp_path / "o" / "diffusion_pytorch_model.safetensors")
+    assert set(got) == set(want)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)

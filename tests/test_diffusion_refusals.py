@@ -63,10 +63,11 @@ def test_single_file_the_converter_cannot_read(tmp_path: Path) -> None:
     assert "(0 weights)" in res.output
 
 
-def test_xlabs_flux(tmp_path: Path) -> None:
-    ad = {"double_blocks.0.processor.qkv_lora1.down.weight": torch.zeros(2, 8),
-          "double_blocks.0.processor.qkv_lora1.up.weight": torch.zeros(24, 2)}
-    _refused(tmp_path, {"x.weight": torch.zeros(2, 2)}, ad, "XLabs Flux LoRA")
+def test_xlabs_key_outside_x_flux_layers(tmp_path: Path) -> None:
+    """x-flux has LoRA processors for double blocks only: another XLabs-like key is named."""
+    ad = {"single_blocks.0.processor.qkv_lora.down.weight": torch.zeros(2, 8),
+          "single_blocks.0.processor.qkv_lora.up.weight": torch.zeros(24, 2)}
+    _refused(tmp_path, {"x.weight": torch.zeros(2, 2)}, ad, "no XLabs double-block LoRA key")
 
 
 def test_convert_keeps_components(tmp_path: Path) -> None:

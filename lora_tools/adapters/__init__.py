@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_tools.adapters.accounting import check_accounted
-from lora_tools.adapters.diffusers import is_diffusers_peft, load_diffusers, refuse_known
+from lora_tools.adapters.diffusers import is_diffusers_peft, load_diffusers
 from lora_tools.adapters.diffusers_old import is_old_diffusers, load_old_diffusers
 from lora_tools.adapters.kohya import is_kohya, load_kohya
 from lora_tools.adapters.loralib import RECIPES, is_loralib, load_loralib
@@ -14,6 +14,7 @@ from lora_tools.adapters.model import Adapter, LoraModule, check_float_tensors
 from lora_tools.adapters.peft import CONFIG, is_peft_folder, load_peft
 from lora_tools.adapters.peft_components import component_folders, load_peft_components
 from lora_tools.adapters.unsupported import describe, unsupported_types
+from lora_tools.adapters.xlabs import is_xlabs, load_xlabs
 from lora_tools.errors import FormatError, UsageError
 from lora_tools.io.checkpoint import open_file
 
@@ -83,7 +84,8 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
         return load_old_diffusers(p, source, alpha)
     if is_diffusers_peft(source):
         return load_diffusers(p, source, alpha)
-    refuse_known(p, source)
+    if is_xlabs(source):
+        return load_xlabs(p, source, alpha)
     if any(".lora_A.weight" in k or "lora_embedding_A" in k for k in source.keys()):
         raise FormatError(f"{p}: PEFT-style keys but no {CONFIG} beside the file; put the "
                           "adapter_config.json that PEFT saved next to it")

@@ -132,13 +132,3 @@ def load_diffusers(path: Path, source: Checkpoint, alpha: float | None) -> Adapt
                      f"({len(found)} modules, alphas from {where})")
     return Adapter(path=path, format="diffusers", source=source, modules=modules, notes=notes,
                    weight_files=[path])
-
-
-def refuse_known(path: Path, source: Checkpoint) -> None:
-    """Diffusion LoRA forms that are recognised but not read: named, with the way round."""
-    xlabs = next((k for k in source.keys() if ".processor.qkv_lora" in k
-                  or ".processor.proj_lora" in k), None)
-    if xlabs is not None:
-        raise FormatError(f"{path}: an XLabs Flux LoRA ({xlabs}), which lora-tools does not "
-                          "read yet; load it with diffusers' FluxPipeline.load_lora_weights "
-                          "and write it with save_lora_weights, then use that file")
