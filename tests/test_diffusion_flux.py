@@ -7,6 +7,7 @@ either file; the truth is then diffusers' fused model where diffusers can build 
 own save + load + fuse of a diffusers-named LoRA), and sd-scripts' formula
 W + alpha/r·up@down in fp64 for kohya files. A shape-only test runs the converter at
 Flux's real width and checks that it places every weight as the scaled trace does.
+XLabs files and an SD3 transformer save are here too (the other transformer LoRAs).
 """
 
 from __future__ import annotations
@@ -165,5 +166,38 @@ def test_xlabs_into_diffusers_folder(flux: dict[str, Path], tmp_path: Path) -> N
     merge(flux["folder"], [path], tmp_path / "o")
     got = read(tmp_path / "o" / "diffusion_pytorch_model.safetensors")
     assert set(got) == set(want)
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_sd3_transformer_save(tmp_path: Path) -> None:
+    """SD3: ``StableDiffusion3Pipeline.save_lora_weights`` into an SD3Transformer2DModel
+    folder; truth: diffusers' load + fuse."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    def tiny() -> SD3Transformer2DModel:
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1,
+                                     attention_head_dim=8, num_attention_heads=2,
+                                     joint_attention_dim=32, caption_projection_dim=16,
+                                     pooled_projection_dim=32, out_channels=4)
+
+    tiny().save_pretrained(str(tmp_path / "sd3"))
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj"]
+    lora = add_lora(tiny(), 4, 6.0, targets=tuple(targets))
+    StableDiffusion3Pipeline.save_lora_weights(
+        str(tmp_path / "l"), transformer_lora_layers=get_peft_model_state_dict(lora),
+        transformer_lora_adapter_metadata={"r": 4, "lora_alpha": 6.0, "target_modules": targets})
+    truth = SD3Transformer2DModel.from_pretrained(str(tmp_path / "sd3"))
+    state, meta = StableDiffusion3Pipeline.lora_state_dict(str(tmp_path / "l"),
+                                                           return_lora_metadata=True)
+    StableDiffusion3Pipeline.load_lora_into_transformer(state, transformer=truth, metadata=meta)
+    truth.fuse_lora()
+    want = {k.replace(".base_layer", ""): v for k, v in state_of(truth).items() if "lora_" not in k}
+    s = merge(tmp_path / "sd3", [tmp_path / "l" / "pytorch_lora_weights.safetensors"],
+              tmp_path / "o")
+    assert s.adapters[0]["merged_modules"] == 5
+    got = read(tmp_path / "o" / "diffusion_pytorch_model.safetensors")
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
