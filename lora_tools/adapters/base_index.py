@@ -91,6 +91,7 @@ class BaseIndex:
         self._conv1d: bool | None = None
         self._paths = _Paths(base.keys())
         self._aliases: dict[str | None, tuple[_Paths, dict[str, Place]]] | None = None
+        self._single: bool | None = None  # a single file whose names are not diffusers'
         self.maps: list[str] = []  # which diffusers maps were used, said in the warnings
 
     @property
@@ -120,7 +121,9 @@ class BaseIndex:
         keys = self.candidates(module)
         if keys:
             return [Target(k, tuple(self.base.info(k).shape)) for k in keys]
-        if single_file.needs_map(self.base.keys()):
+        if self._single is None:
+            self._single = single_file.needs_map(self.base.keys())
+        if self._single:
             return self._aliased(module)
         if flux_split.is_bfl(module):
             return self._split(module)

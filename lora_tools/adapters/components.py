@@ -36,6 +36,9 @@ KOHYA_PREFIXES: dict[str, str] = {
 }
 
 # Single-file (LDM/SGM) checkpoints as A1111/ComfyUI load them: key prefix -> component.
+# Kept by hand: diffusers' single-file converters map names within one model (see
+# adapters/single_file.py) but do not say which pipeline component a prefix is (diffusers
+# picks the converter by the class it is asked to load).
 SINGLE_FILE_PREFIXES: dict[str, str] = {
     "model.diffusion_model.": UNET,
     "cond_stage_model.transformer.": TE1,  # SD1: CLIP-L in HF layout

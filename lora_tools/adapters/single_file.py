@@ -28,6 +28,10 @@ from lora_tools.adapters.trace import (
     trace,
 )
 
+# Which converter applies to which part of a file. diffusers keeps these prefixes too
+# (LDM_UNET_KEY, LDM_CLIP_PREFIX_TO_REMOVE, convert_open_clip_checkpoint's prefix), but
+# telling whether a file needs the map at all must not import diffusers: files matched by
+# name merge without it.
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 OPEN_CLIP_PREFIXES = ("cond_stage_model.model.", "conditioner.embedders.1.model.")
