@@ -80,12 +80,12 @@ def _read(p: Path, alpha: float | None, enable_lora: tuple[bool, ...] | None,
         return load_kohya(p, source, alpha)
     if is_loralib(source):
         return load_loralib(p, source, alpha, enable_lora, fan_in_fan_out)
+    if is_xlabs(source):  # before the older diffusers forms: ``qkv_lora.down`` looks like them
+        return load_xlabs(p, source, alpha)
     if is_old_diffusers(source):
         return load_old_diffusers(p, source, alpha)
     if is_diffusers_peft(source):
         return load_diffusers(p, source, alpha)
-    if is_xlabs(source):
-        return load_xlabs(p, source, alpha)
     if any(".lora_A.weight" in k or "lora_embedding_A" in k for k in source.keys()):
         raise FormatError(f"{p}: PEFT-style keys but no {CONFIG} beside the file; put the "
                           "adapter_config.json that PEFT saved next to it")

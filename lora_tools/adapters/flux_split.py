@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 
 from lora_tools.adapters.model import LoraModule
-from lora_tools.adapters.trace import Place, diffusers_module, diffusers_version, placeholders, read_back
+from lora_tools.adapters.trace import (
+    Place,
+    diffusers_module,
+    diffusers_version,
+    one_thread,
+    placeholders,
+    read_back,
+)
 
 CONVERTER = "_convert_kohya_flux_lora_to_diffusers"
 # The converter cuts linear1's B at (3072, 3072, 3072, 12288) (Flux dev/schnell); for a
@@ -39,8 +46,9 @@ def split(module: LoraModule) -> tuple[list[tuple[str, Place]], str]:
     shapes: dict[str, tuple[int, ...]] = {down: (rank,), up: (rows,)}
     ckpt, names = placeholders(shapes, {up: SPLIT_ROWS} if scaled else None, cols=rank)
     sd = dict(ckpt, **{name + ".alpha": torch.tensor(float(rank), dtype=torch.float64)})
-    out = getattr(conv, CONVERTER)(sd)
-    found = read_back(out, names, lambda k: SPLIT_ROWS if scaled and k == up else shapes[k][0])
+    with one_thread():
+        out = getattr(conv, CONVERTER)(sd)
+        found = read_back(out, names, lambda k: SPLIT_ROWS if scaled and k == up else shapes[k][0])
     parts = []
     for key, place in found.items():
         if place.key == up and key.endswith(".lora_B.weight"):

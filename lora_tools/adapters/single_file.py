@@ -23,6 +23,7 @@ from lora_tools.adapters.trace import (
     Place,
     diffusers_module,
     diffusers_version,
+    one_thread,
     placeholders,
     read_back,
     trace,
@@ -155,9 +156,10 @@ def _flux(sfu: Any, shapes: dict[str, tuple[int, ...]]) -> dict[str, Place]:
     placeholder is given the converter's row count and each traced block scaled by h/3072:
     the converter's own layout at that width. Other linear1 shapes are not traced."""
     rows = _scaled_rows(shapes)
-    ckpt, names = placeholders(shapes, rows)
-    found = read_back(sfu.convert_flux_transformer_checkpoint_to_diffusers(ckpt), names,
-                      lambda k: rows.get(k, shapes[k][0]))
+    with one_thread():
+        ckpt, names = placeholders(shapes, rows)
+        found = read_back(sfu.convert_flux_transformer_checkpoint_to_diffusers(ckpt), names,
+                          lambda k: rows.get(k, shapes[k][0]))
     for name, p in list(found.items()):
         if p.key in rows:
             h = shapes[p.key.rsplit(".", 1)[0] + ".weight"][1]

@@ -12,7 +12,8 @@ No weight is read: peak memory is a few bytes per row.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import import_module
 from types import ModuleType
@@ -93,5 +94,18 @@ def read_back(out: dict[str, Any], names: list[str], rows_of: Callable[[str], in
 def trace(convert: Callable[[dict[str, torch.Tensor]], dict[str, Any]],
           shapes: dict[str, tuple[int, ...]]) -> dict[str, Place]:
     """``convert`` run on placeholders of ``shapes``: output name -> source rows."""
-    ckpt, names = placeholders(shapes)
-    return read_back(convert(ckpt), names, lambda k: shapes[k][0] if shapes[k] else 1)
+    with one_thread():
+        ckpt, names = placeholders(shapes)
+        return read_back(convert(ckpt), names, lambda k: shapes[k][0] if shapes[k] else 1)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Hundreds of tiny tensor ops: torch's thread pool costs more than it saves here
+    (a real Flux's 776 keys: 7.0 s with 2 threads, 1.8 s with one, on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
