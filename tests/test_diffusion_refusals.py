@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 from helpers import read, state_dict_file
