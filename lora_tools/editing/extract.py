@@ -10,6 +10,7 @@ biases, embeddings unless asked) are listed and can be saved whole.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.output import check_output, output_kind
 from lora_tools.io.paths import check_not_input
 from lora_tools.math.finite import check_finite
-from lora_tools.math.lowrank import FactorSVD, split
+from lora_tools.math.lowrank import FactorSVD, randomized_svd, residual_norm, split
 from lora_tools.methods.resize_rules import ResizeRule, parse_rule, pick_rank
 
 # Module-path tokens of embedding tables (HF names: embed_tokens, wte, word_embeddings ...).
@@ -185,21 +186,32 @@ def factor_one(name: str, base: torch.Tensor, tuned: torch.Tensor, opts: Extract
                ) -> tuple[FactorModule, dict[str, Any]] | None:
     """Best rank-k factors of one tensor's change and its report line; None if no change."""
     delta = tuned.to(dev, torch.float32) - base.to(dev, torch.float32)
-    check_finite(delta, f"TUNED − BASE for {name}")
-    if not bool(delta.any()):
+    total = _checked_norm(delta, name)
+    if total == 0.0:
         return None  # bytes differ but values do not (-0.0, or only the dtype changed)
     kind = CONV if delta.dim() > 2 else EMBEDDING if _is_embedding(name) else LINEAR
-    module, report = factor_delta(base_module(name), delta, kind, opts, rule)
+    module, report = factor_delta(base_module(name), delta, kind, opts, rule, total)
     figures = {k: v for k, v in report.items() if k not in ("norm", "error")}
     return module, {"name": module.name, "tensor": name, **figures}
 
 
+def _checked_norm(delta: torch.Tensor, name: str) -> float:
+    """‖ΔW‖_F in one pass over ΔW, which also tells NaN/Inf (they propagate into the sum)
+    and "no change" (0); the exact checks run only when the fp32 sum is not conclusive."""
+    norm = float(torch.linalg.vector_norm(delta))
+    if math.isfinite(norm) and (norm > 0.0 or not bool(delta.any())):
+        return norm
+    check_finite(delta, f"TUNED − BASE for {name}")
+    # finite values whose fp32 squares overflowed or underflowed to 0
+    return float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+
+
 def factor_delta(module_name: str, delta: torch.Tensor, kind: str, opts: ExtractOptions,
-                 rule: tuple[ResizeRule, float] | None
+                 rule: tuple[ResizeRule, float] | None, norm: float | None = None
                  ) -> tuple[FactorModule, dict[str, Any]]:
     """Best rank-k factors of one ΔW (shaped like its layer's weight) and their figures:
     rank kept, ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F and the energy Σσ²_kept / Σσ² (also used by
-    ``convert --rank`` for LoHa/LoKr/full modules)."""
+    ``convert --rank`` for LoHa/LoKr/full modules). ``norm``: ‖ΔW‖_F if already known."""
     shape = tuple(delta.shape)
     # M is what B @ A must equal: PEFT's embedding and fan_in_fan_out layers use (B @ A)ᵀ.
     transpose = kind == EMBEDDING or (kind == LINEAR and opts.fan_in_fan_out)
@@ -211,8 +223,8 @@ def factor_delta(module_name: str, delta: torch.Tensor, kind: str, opts: Extract
     scale = alpha / k
     a, b = split(svd, k, scale)
     a, b = a.to(opts.dtype), b.to(opts.dtype)
-    total = float(torch.linalg.vector_norm(mat, dtype=torch.float64))
-    err = float(torch.linalg.vector_norm(mat.double() - (b.double() @ a.double()) * scale))
+    total = norm if norm is not None else float(torch.linalg.vector_norm(mat, dtype=torch.float64))
+    err = residual_norm(mat, b, a, scale)  # of the factors as stored (opts.dtype)
     energy = float((svd.s[:k].double() ** 2).sum()) / total ** 2 if total else 1.0
     if kind == CONV:
         a = a.reshape(k, *shape[1:])
@@ -230,13 +242,8 @@ def truncated_svd(mat: torch.Tensor, opts: ExtractOptions) -> FactorSVD:
     if not opts.randomized:
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         return FactorSVD(u, s, vh)
-    q = min(opts.rank + OVERSAMPLE, *mat.shape)
-    devices = ([mat.device.index if mat.device.index is not None else torch.cuda.current_device()]
-               if mat.device.type == "cuda" else [])
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(opts.seed)
-        u, s, v = torch.svd_lowrank(mat, q=q, niter=opts.niter)
-    return FactorSVD(u, s, v.T)
+    return randomized_svd(mat, opts.rank, oversample=OVERSAMPLE, niter=opts.niter,
+                          seed=opts.seed)
 
 
 def _nothing_to_extract(summary: ExtractSummary) -> LoraToolsError:

@@ -1,0 +1,130 @@
+"""Benchmark: `lora-tools extract --rank 64` against kohya's full-SVD loop and mergekit.
+
+    python bench/extract.py --quick          # 1 block (7 weights), 1 run: minutes
+    python bench/extract.py                  # all 16 blocks of the 1B (112 weights), 3 runs
+    python bench/extract.py --layers 2 --runs 3 --no-factor-rows
+
+The pair (bench/extract_pair.py): the Llama-shaped bf16 base of ``common.build_base`` with
+``--layers`` blocks (16 = the 1B) and its "fine-tune", every linear weight moved by a
+rank-256 ΔW with a slowly decaying spectrum, saved in bf16. Rows, each tool a fresh
+process on the same two HF folders, interleaved run by run so load changes hit all alike:
+  - ``lora-tools extract --randomized`` (seeded randomized subspace iteration) and the
+    exact mode (a full fp32 SVD per weight);
+  - the kohya loop (bench/kohya_extract.py: sd-scripts' per-layer full ``torch.linalg.svd``,
+    quantile clamp, step for step);
+  - ``mergekit-extract-lora`` from its own venv (``--mergekit``; see bench/README.md), told
+    to skip the embeddings and norms that no other tool writes either.
+Then each output's relative Frobenius error against TUNED − BASE (fp32), total and worst
+weight, is read back by an independent reader. Prints markdown rows: median wall, peak
+RSS, error, and each row's time as a ratio to ours (randomized) from the same run.
+Last, unless ``--no-factor-rows``: the resize and inspect rows (bench/resize.py and
+bench/inspect_stats.py with ``--markdown``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BASE, WORK, Timing, build_base, load_average, run_full, settle  # noqa: E402
+from extract_pair import build_tuned, errors  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MERGEKIT = Path("/work/venv-mergekit/bin/mergekit-extract-lora")
+
+
+def tools(base: Path, tuned: Path, rank: int, mergekit: Path | None
+          ) -> dict[str, tuple[list[str], Path]]:
+    """Label -> (argv, output path) of every tool, ours (randomized) first."""
+    py, out = sys.executable, WORK / "extract-out"
+    ours = [py, "-m", "lora_tools", "extract", str(base), str(tuned), "--rank", str(rank),
+            "--device", "cpu", "-q"]
+    rows = {
+        "lora-tools extract --randomized": ([*ours, "-o", str(out / "ours-rand"), "--randomized"],
+                                            out / "ours-rand"),
+        "lora-tools extract (exact SVD)": ([*ours, "-o", str(out / "ours-exact")],
+                                           out / "ours-exact"),
+        "kohya loop (full SVD per layer)": (
+            [py, str(HERE / "kohya_extract.py"), str(base), str(tuned),
+             str(out / "kohya.safetensors"), "--dim", str(rank)], out / "kohya.safetensors"),
+    }
+    if mergekit is not None:
+        rows["mergekit-extract-lora"] = (
+            [str(mergekit), "--model", str(tuned), "--base-model", str(base), "--out-path",
+             str(out / "mergekit"), "--max-rank", str(rank), "-e", "embed_tokens", "-e",
+             "lm_head", "--skip-undecomposable", "--device", "cpu", "--quiet",
+             "--no-write-model-card", "--no-copy-tokenizer"], out / "mergekit")
+    return rows
+
+
+def usable(mergekit: Path) -> Path | None:
+    """The mergekit command if it starts here, else None (with the reason printed)."""
+    if not mergekit.is_file():
+        print(f"mergekit-extract-lora: not installed at {mergekit} (see bench/README.md)")
+        return None
+    done = subprocess.run([str(mergekit), "--help"], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"mergekit-extract-lora does not start: {done.stderr.strip()[-300:]}")
+        return None
+    return mergekit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1 block, 1 run")
+    ap.add_argument("--layers", type=int, help="blocks of the Llama (default 16: the 1B)")
+    ap.add_argument("--runs", type=int, help="runs per tool, median (default 3; 1 quick)")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--mergekit", type=Path, default=MERGEKIT)
+    ap.add_argument("--no-factor-rows", action="store_true",
+                    help="skip the resize and inspect rows")
+    args = ap.parse_args()
+    layers = args.layers or (1 if args.quick else 16)
+    runs = args.runs or (1 if args.quick else 3)
+    base = build_base(BASE if layers == 16 else WORK / f"llama-{layers}l-bf16", layers=layers)
+    tuned = build_tuned(base, base.with_name(base.name + "-ft"))
+    rows = tools(base, tuned, args.rank, usable(args.mergekit))
+    (WORK / "extract-out").mkdir(parents=True, exist_ok=True)
+    print(f"load before: {load_average()}", flush=True)
+    timings = {label: Timing(label) for label in rows}
+    for _ in range(runs):
+        for label, (argv, out) in rows.items():
+            settle(out)
+            res = run_full(argv)
+            timings[label].walls.append(float(res["wall"]))
+            timings[label].rss.append(int(res["rss"]))
+            print(f"  {label}: {res['wall']:.1f} s", flush=True)
+    load_after = load_average()
+    ref = timings["lora-tools extract --randomized"].wall
+    print(f"\nextract rank {args.rank}, {layers} Llama-1B block(s) ({7 * layers} weights, "
+          f"bf16), median of {runs}; load before/after: see above / {load_after}\n")
+    print("| tool | wall (s) | x ours | peak RSS (MB) | rel. error total | worst weight |")
+    print("|---|---|---|---|---|---|")
+    for label, (_, out) in rows.items():
+        total, worst, covered = errors(base, tuned, out)
+        t = timings[label]
+        note = "" if covered == 7 * layers else f" ({covered}/{7 * layers} weights)"
+        print(f"| {label}{note} | {t.wall:.1f} | {t.wall / ref:.1f} | {t.peak / 1e6:.0f} | "
+              f"{total:.5f} | {worst:.5f} |", flush=True)
+    shutil.rmtree(WORK / "extract-out", ignore_errors=True)
+    if not args.no_factor_rows:
+        factor_rows(args.quick)
+
+
+def factor_rows(quick: bool) -> None:
+    """resize and inspect, factor space against a dense ΔW SVD, as markdown rows."""
+    py = sys.executable
+    shape = ["--shape", "2048x5632"] if quick else []
+    subprocess.run([py, str(HERE / "resize.py"), "--markdown", "--runs", "1" if quick else "3",
+                    *shape], check=True)
+    subprocess.run([py, str(HERE / "inspect_stats.py"), "--markdown", "--runs",
+                    "1" if quick else "3"], check=True)
+
+
+if __name__ == "__main__":
+    main()
