@@ -118,12 +118,12 @@ def main() -> None:
 
 def factor_rows(quick: bool) -> None:
     """resize and inspect, factor space against a dense ΔW SVD, as markdown rows."""
-    py = sys.executable
-    shape = ["--shape", "2048x5632"] if quick else []
-    subprocess.run([py, str(HERE / "resize.py"), "--markdown", "--runs", "1" if quick else "3",
-                    *shape], check=True)
-    subprocess.run([py, str(HERE / "inspect_stats.py"), "--markdown", "--runs",
-                    "1" if quick else "3"], check=True)
+    py, runs = sys.executable, "1" if quick else "3"
+    shapes = "2048x5632" if quick else "2048x2048,2048x5632"  # the 1B's module shapes
+    subprocess.run([py, str(HERE / "resize.py"), "--markdown", "--runs", runs, "--shape",
+                    shapes], check=True)
+    subprocess.run([py, str(HERE / "inspect_stats.py"), "--markdown", "--runs", runs,
+                    "--shape", shapes], check=True)
 
 
 if __name__ == "__main__":

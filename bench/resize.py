@@ -9,21 +9,27 @@ approximation of ``s · B @ A``. ``factors`` is what ``lora-tools resize`` runs
 (``lowrank.factor_svd`` + ``split``), O((in + out)·r²); ``full SVD`` forms the out×in
 ΔW and runs ``torch.linalg.svd`` on it. Both use the same dtype and device; their
 singular values are checked to agree before timing.
-Prints the medians and their ratio.
+Prints the medians and their ratio (``--markdown``: as table rows with the load).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from lora_tools.engine.device import resolve_device
 from lora_tools.io.dtypes import parse_dtype
 from lora_tools.math.lowrank import factor_svd, split
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import load_average  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 11008)]  # (out, in): q/o_proj, down_proj
 MORE_SHAPES = [(11008, 4096)]  # up/gate_proj: like down_proj, transposed
@@ -64,16 +70,21 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--full-runs", type=int, help="runs of the slow full SVD (default --runs)")
     ap.add_argument("--all-shapes", action="store_true", help="also time 11008 x 4096")
-    ap.add_argument("--shape", help="time only this OUTxIN shape, e.g. 4096x11008")
+    ap.add_argument("--shape", help="time only these OUTxIN shapes, e.g. 4096x11008,2048x2048")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print one markdown table row per shape (for bench/run_all.sh)")
     args = ap.parse_args()
     dev, dtype = resolve_device(args.device), parse_dtype(args.dtype)
-    print(f"torch {torch.__version__}, {dev}, {dtype}, {torch.get_num_threads()} threads, "
-          f"rank {RANK} -> {KEEP}, median of {args.runs} (full SVD: {args.full_runs or args.runs})")
-    print(f"{'shape (out x in)':>18} {'factors (s)':>12} {'full SVD (s)':>13} {'ratio':>8}")
+    head = (f"torch {torch.__version__}, {dev}, {dtype}, {torch.get_num_threads()} threads, "
+            f"rank {RANK} -> {KEEP}, median of {args.runs} (full SVD: "
+            f"{args.full_runs or args.runs}), load {load_average()}")
+    print(f"resize: {head}" if args.markdown else head)
+    if not args.markdown:
+        print(f"{'shape (out x in)':>18} {'factors (s)':>12} {'full SVD (s)':>13} {'ratio':>8}")
     gen = torch.Generator().manual_seed(0)
     shapes = SHAPES + (MORE_SHAPES if args.all_shapes else [])
     if args.shape:
-        shapes = [(int(args.shape.split("x")[0]), int(args.shape.split("x")[1]))]
+        shapes = [(int(o), int(i)) for o, i in (x.split("x") for x in args.shape.split(","))]
     for out, inn in shapes:
         a = (torch.randn(RANK, inn, generator=gen) / inn ** 0.5).to(dev, dtype)
         b = (torch.randn(out, RANK, generator=gen) / RANK ** 0.5).to(dev, dtype)
@@ -83,8 +94,12 @@ def main() -> None:
         rtol = 1e-9 if dtype == torch.float64 else 1e-4
         if not torch.allclose(s_fast, s_slow, rtol=rtol, atol=rtol * float(s_slow[0])):
             raise SystemExit(f"{out}x{inn}: singular values disagree")
-        print(f"{f'{out} x {inn}':>18} {fast:12.4f} {slow:13.3f} {slow / fast:7.0f}x",
-              flush=True)
+        if args.markdown:
+            print(f"| resize r{RANK}->{KEEP} {out}x{inn}: factor space vs SVD of ΔW | "
+                  f"{fast:.4f} s | {slow:.2f} s | {slow / fast:.0f}x |", flush=True)
+        else:
+            print(f"{f'{out} x {inn}':>18} {fast:12.4f} {slow:13.3f} {slow / fast:7.0f}x",
+                  flush=True)
 
 
 if __name__ == "__main__":
