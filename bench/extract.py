@@ -8,15 +8,17 @@ The pair (bench/extract_pair.py): the Llama-shaped bf16 base of ``common.build_b
 ``--layers`` blocks (16 = the 1B) and its "fine-tune", every linear weight moved by a
 rank-256 ΔW with a slowly decaying spectrum, saved in bf16. Rows, each tool a fresh
 process on the same two HF folders, interleaved run by run so load changes hit all alike:
-  - ``lora-tools extract --randomized`` (seeded randomized subspace iteration) and the
-    exact mode (a full fp32 SVD per weight);
+  - ``lora-tools extract --randomized`` (seeded randomized subspace iteration) and, with
+    ``--exact``, the exact mode (a full fp32 SVD per weight);
   - the kohya loop (bench/kohya_extract.py: sd-scripts' per-layer full ``torch.linalg.svd``,
     quantile clamp, step for step);
   - ``mergekit-extract-lora`` from its own venv (``--mergekit``; see bench/README.md), told
     to skip the embeddings and norms that no other tool writes either.
 Then each output's relative Frobenius error against TUNED − BASE (fp32), total and worst
-weight, is read back by an independent reader. Prints markdown rows: median wall, peak
-RSS, error, and each row's time as a ratio to ours (randomized) from the same run.
+weight, is read back by an independent reader, with the Eckart–Young optimum (from the
+singular values the kohya loop computes anyway). Prints markdown rows: median wall, peak
+RSS, error, each row's time as a ratio to ours (randomized) from the same run, and whether
+the target (>= 5x the kohya loop, error within 1% of the optimum) is met.
 Last, unless ``--no-factor-rows``: the resize and inspect rows (bench/resize.py and
 bench/inspect_stats.py with ``--markdown``).
 """
@@ -24,6 +26,7 @@ bench/inspect_stats.py with ``--markdown``).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -36,23 +39,23 @@ from extract_pair import build_tuned, errors  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MERGEKIT = Path("/work/venv-mergekit/bin/mergekit-extract-lora")
+OURS, KOHYA = "lora-tools extract --randomized", "kohya loop (full SVD per layer)"
+OPTIMUM = "optimum (Eckart–Young, from the kohya loop's σ)"
 
 
-def tools(base: Path, tuned: Path, rank: int, mergekit: Path | None
+def tools(base: Path, tuned: Path, rank: int, mergekit: Path | None, exact: bool
           ) -> dict[str, tuple[list[str], Path]]:
     """Label -> (argv, output path) of every tool, ours (randomized) first."""
     py, out = sys.executable, WORK / "extract-out"
     ours = [py, "-m", "lora_tools", "extract", str(base), str(tuned), "--rank", str(rank),
             "--device", "cpu", "-q"]
-    rows = {
-        "lora-tools extract --randomized": ([*ours, "-o", str(out / "ours-rand"), "--randomized"],
-                                            out / "ours-rand"),
-        "lora-tools extract (exact SVD)": ([*ours, "-o", str(out / "ours-exact")],
-                                           out / "ours-exact"),
-        "kohya loop (full SVD per layer)": (
-            [py, str(HERE / "kohya_extract.py"), str(base), str(tuned),
-             str(out / "kohya.safetensors"), "--dim", str(rank)], out / "kohya.safetensors"),
-    }
+    rows = {OURS: ([*ours, "-o", str(out / "ours-rand"), "--randomized"], out / "ours-rand")}
+    if exact:
+        rows["lora-tools extract (exact SVD)"] = ([*ours, "-o", str(out / "ours-exact")],
+                                                  out / "ours-exact")
+    rows[KOHYA] = ([py, str(HERE / "kohya_extract.py"), str(base), str(tuned),
+                    str(out / "kohya.safetensors"), "--dim", str(rank)],
+                   out / "kohya.safetensors")
     if mergekit is not None:
         rows["mergekit-extract-lora"] = (
             [str(mergekit), "--model", str(tuned), "--base-model", str(base), "--out-path",
@@ -74,12 +77,44 @@ def usable(mergekit: Path) -> Path | None:
     return mergekit
 
 
+def measure(rows: dict[str, tuple[list[str], Path]], runs: int, base: Path, tuned: Path
+            ) -> tuple[dict[str, Timing], dict[str, str], dict[str, tuple[float, float]]]:
+    """Timings (runs interleaved), failures, and the (total, worst) error of each output,
+    read after its first run (plus the Eckart–Young optimum the kohya loop prints)."""
+    timings = {label: Timing(label) for label in rows}
+    failed: dict[str, str] = {}
+    errs: dict[str, tuple[float, float]] = {}
+    for i in range(runs):
+        for label, (argv, out) in rows.items():
+            if label in failed:
+                continue
+            settle(out)
+            try:
+                res = run_full(argv)
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+                failed[label] = str(e)[-300:]
+                print(f"  {label}: FAILED: {failed[label]}", flush=True)
+                continue
+            timings[label].walls.append(float(res["wall"]))
+            timings[label].rss.append(int(res["rss"]))
+            if i == 0:
+                total, worst, covered = errors(base, tuned, out)
+                errs[label] = (total, worst)
+                if label == KOHYA:
+                    opt = json.loads(res["stdout"].strip().splitlines()[-1])
+                    errs[OPTIMUM] = (opt["eckart_young_total"], opt["eckart_young_worst"])
+            print(f"  {label}: {res['wall']:.1f} s, error {errs[label][0]:.5f} "
+                  f"(load {load_average()})", flush=True)
+    return timings, failed, errs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 block, 1 run")
     ap.add_argument("--layers", type=int, help="blocks of the Llama (default 16: the 1B)")
     ap.add_argument("--runs", type=int, help="runs per tool, median (default 3; 1 quick)")
     ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--exact", action="store_true", help="also time our exact (full SVD) mode")
     ap.add_argument("--mergekit", type=Path, default=MERGEKIT)
     ap.add_argument("--no-factor-rows", action="store_true",
                     help="skip the resize and inspect rows")
@@ -88,32 +123,40 @@ def main() -> None:
     runs = args.runs or (1 if args.quick else 3)
     base = build_base(BASE if layers == 16 else WORK / f"llama-{layers}l-bf16", layers=layers)
     tuned = build_tuned(base, base.with_name(base.name + "-ft"))
-    rows = tools(base, tuned, args.rank, usable(args.mergekit))
+    rows = tools(base, tuned, args.rank, usable(args.mergekit), args.exact)
     (WORK / "extract-out").mkdir(parents=True, exist_ok=True)
-    print(f"load before: {load_average()}", flush=True)
-    timings = {label: Timing(label) for label in rows}
-    for _ in range(runs):
-        for label, (argv, out) in rows.items():
-            settle(out)
-            res = run_full(argv)
-            timings[label].walls.append(float(res["wall"]))
-            timings[label].rss.append(int(res["rss"]))
-            print(f"  {label}: {res['wall']:.1f} s", flush=True)
-    load_after = load_average()
-    ref = timings["lora-tools extract --randomized"].wall
-    print(f"\nextract rank {args.rank}, {layers} Llama-1B block(s) ({7 * layers} weights, "
-          f"bf16), median of {runs}; load before/after: see above / {load_after}\n")
-    print("| tool | wall (s) | x ours | peak RSS (MB) | rel. error total | worst weight |")
-    print("|---|---|---|---|---|---|")
-    for label, (_, out) in rows.items():
-        total, worst, covered = errors(base, tuned, out)
-        t = timings[label]
-        note = "" if covered == 7 * layers else f" ({covered}/{7 * layers} weights)"
-        print(f"| {label}{note} | {t.wall:.1f} | {t.wall / ref:.1f} | {t.peak / 1e6:.0f} | "
-              f"{total:.5f} | {worst:.5f} |", flush=True)
+    load_before = load_average()
+    print(f"load before: {load_before}", flush=True)
+    timings, failed, errs = measure(rows, runs, base, tuned)
+    table(timings, failed, errs, args.rank, layers, runs, f"{load_before} / {load_average()}")
     shutil.rmtree(WORK / "extract-out", ignore_errors=True)
     if not args.no_factor_rows:
         factor_rows(args.quick)
+
+
+def table(timings: dict[str, Timing], failed: dict[str, str],
+          errs: dict[str, tuple[float, float]], rank: int, layers: int, runs: int,
+          load: str) -> None:
+    ref = timings[OURS].wall
+    print(f"\nextract rank {rank}, {layers} Llama-1B block(s) ({7 * layers} weights, bf16), "
+          f"median of {runs}, load before/after {load}\n")
+    print("| tool | wall (s) | x ours | peak RSS (MB) | rel. error total | worst weight |")
+    print("|---|---|---|---|---|---|")
+    for label, t in timings.items():
+        if label in failed:
+            print(f"| {label} | failed: {failed[label][-120:]} | | | | |")
+            continue
+        total, worst = errs[label]
+        print(f"| {label} | {t.wall:.1f} | {t.wall / ref:.2f} | {t.peak / 1e6:.0f} | "
+              f"{total:.5f} | {worst:.5f} |")
+    if OPTIMUM in errs:
+        total, worst = errs[OPTIMUM]
+        print(f"| {OPTIMUM} | | | | {total:.5f} | {worst:.5f} |")
+        over = errs[OURS][0] / total - 1
+        speed = timings[KOHYA].wall / ref if KOHYA not in failed else float("nan")
+        print(f"\nours --randomized: {speed:.1f}x faster than the kohya loop; error "
+              f"{100 * over:+.2f}% vs the optimum (target: >= 5x, within 1%: "
+              f"{'met' if speed >= 5 and over <= 0.01 else 'NOT met'})")
 
 
 def factor_rows(quick: bool) -> None:

@@ -13,12 +13,15 @@ module list replaced by the Linear weights of the blocks:
   3. both clamped to ± the ``clamp_quantile`` (0.99) quantile of their concatenated values;
   4. saved as ``lora_up`` = U, ``lora_down`` = Vh, ``alpha`` = rank, in fp32 (no
      ``--save_precision``).
+Added for the bench (no extra SVD): the Eckart–Young optimum of the rank-``dim`` error,
+from the singular values the loop computed anyway, printed as one JSON line.
 A benchmark peer, not part of lora-tools.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,12 +41,14 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def svd_factors(mat: torch.Tensor, rank: int, clamp_quantile: float
+def svd_factors(mat: torch.Tensor, rank: int, clamp_quantile: float, tails: list[tuple[float, float]]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """kohya's per-module step: full SVD, truncate, fold S into U, clamp at the quantile."""
+    """kohya's per-module step: full SVD, truncate, fold S into U, clamp at the quantile.
+    Appends (Σ_{j>rank} σⱼ², Σ σⱼ²) to ``tails``: the Eckart–Young optimum, for the bench."""
     out_dim, in_dim = mat.shape
     rank = min(rank, in_dim, out_dim)
     u, s, vh = torch.linalg.svd(mat)
+    tails.append((float(s[rank:].double().square().sum()), float(s.double().square().sum())))
     u = u[:, :rank] @ torch.diag(s[:rank])
     vh = vh[:rank, :]
     dist = torch.cat([u.flatten(), vh.flatten()])
@@ -64,14 +69,18 @@ def main() -> None:
              for n in org if LINEAR.match(n)}
     del org, tuned
     lora_sd: dict[str, torch.Tensor] = {}
+    tails: list[tuple[float, float]] = []
     with torch.no_grad():
         for lora_name, mat in tqdm(list(diffs.items())):
-            up, down = svd_factors(mat, args.dim, args.clamp_quantile)
+            up, down = svd_factors(mat, args.dim, args.clamp_quantile, tails)
             lora_sd[lora_name + ".lora_up.weight"] = up
             lora_sd[lora_name + ".lora_down.weight"] = down
             lora_sd[lora_name + ".alpha"] = torch.tensor(down.shape[0])
     save_file(lora_sd, str(args.out), metadata={"ss_network_dim": str(args.dim),
                                                 "ss_network_alpha": str(float(args.dim))})
+    total = (sum(t for t, _ in tails) / sum(a for _, a in tails)) ** 0.5
+    worst = max((t / a) ** 0.5 for t, a in tails)
+    print(json.dumps({"eckart_young_total": total, "eckart_young_worst": worst}))
 
 
 if __name__ == "__main__":

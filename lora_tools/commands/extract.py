@@ -23,7 +23,7 @@ from lora_tools.commands.common import POSITIVE, emit, handle_errors, progress_w
               help="Rank per module by a rule, capped at R: sv_ratio:X, sv_fro:X, "
                    "sv_cumulative:X (as in resize).")
 @click.option("--randomized", is_flag=True,
-              help="Randomized SVD (torch.svd_lowrank, seeded) for large matrices.")
+              help="Randomized SVD (seeded subspace iteration) for large matrices.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --randomized.")
 @click.option("--include-embeddings", is_flag=True, help="Factor embedding tables too.")
 @click.option("--fan-in-fan-out", is_flag=True,
