@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # lora_tools, run as a script
 
 from common import WORK, Timing, load_average, run_once  # noqa: E402
 

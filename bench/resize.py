@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from lora_tools.engine.device import resolve_device
-from lora_tools.io.dtypes import parse_dtype
-from lora_tools.math.lowrank import factor_svd, split
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as bench/resize.py
+
+from lora_tools.engine.device import resolve_device  # noqa: E402
+from lora_tools.io.dtypes import parse_dtype  # noqa: E402
+from lora_tools.math.lowrank import factor_svd, split  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
