@@ -42,10 +42,11 @@ def factor_svd(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
                dtype: torch.dtype = torch.float64) -> FactorSVD:
     """Exact SVD of ``scale · B @ A``. A: (r, in), B: (out, r); any device."""
     a2, b2 = flatten_factors(a.to(dtype), b.to(dtype))
-    qb, rb = torch.linalg.qr(b2)  # (out, r), (r, r)
-    qa, ra = torch.linalg.qr(a2.T)  # (in, r), (r, r)
-    core = (rb @ ra.T) * scale
-    uc, s, vhc = torch.linalg.svd(core)
+    with lapack_one_thread(a2.device):  # tall-skinny QRs and an r×r SVD: see there
+        qb, rb = torch.linalg.qr(b2)  # (out, r), (r, r)
+        qa, ra = torch.linalg.qr(a2.T)  # (in, r), (r, r)
+        core = (rb @ ra.T) * scale
+        uc, s, vhc = torch.linalg.svd(core)
     return FactorSVD(qb @ uc, s, vhc @ qa.T)
 
 
@@ -57,9 +58,10 @@ def factor_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
     never formed) and no singular vectors: about half the cost, for statistics.
     """
     a2, b2 = flatten_factors(a.to(dtype), b.to(dtype))
-    rb = torch.linalg.qr(b2, mode="r").R  # (min(out, r), r)
-    ra = torch.linalg.qr(a2.T, mode="r").R  # (min(in, r), r)
-    values: torch.Tensor = torch.linalg.svdvals(rb @ ra.T)
+    with lapack_one_thread(a2.device):
+        rb = torch.linalg.qr(b2, mode="r").R  # (min(out, r), r)
+        ra = torch.linalg.qr(a2.T, mode="r").R  # (min(in, r), r)
+        values: torch.Tensor = torch.linalg.svdvals(rb @ ra.T)
     return values * abs(scale)
 
 
