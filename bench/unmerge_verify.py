@@ -128,6 +128,7 @@ def _small() -> tuple[Path, Path]:
 
 
 def speed(runs: int, small: bool) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)  # merge refuses an output whose parent is missing
     base, adapter = _small() if small else (build_base(), build_adapter())
     merged = OUT / ("merged.safetensors" if small else "merged")
     lt = [sys.executable, "-m", "lora_tools"]
