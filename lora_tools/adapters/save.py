@@ -7,10 +7,13 @@ checkpoint written here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,23 +240,28 @@ def write_peft_folder(tensors: dict[str, torch.Tensor], config: dict[str, Any], 
     """A PEFT folder (adapter_config.json + adapter_model.safetensors), written atomically."""
     safety.clean_stale(out)  # a folder left by a killed run goes, like CheckpointWriter's
     check_output(out, inputs, force)
-    staging = temp_path(out)
-    staging.mkdir(exist_ok=True)
-    try:
-        paths.mark_folder(staging)
+    with staged_folder(out) as staging:
         (staging / CONFIG).write_text(json.dumps(config, indent=2))
         write_tensors(tensors, staging / "adapter_model.safetensors", meta, False, [])
-        if out.exists():
-            import shutil
+    return out
 
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A marked staging folder beside ``out``: renamed onto ``out`` when the block ends
+    normally, removed when it raises, so ``out`` is either whole or untouched."""
+    staging = temp_path(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        paths.mark_folder(staging)
+        yield staging
+        if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staging, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out
 
 
 def factor_modules(adapter: Any) -> list[FactorModule]:

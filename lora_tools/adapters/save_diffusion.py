@@ -9,9 +9,7 @@ written as they are (bytes unchanged); alphas go where each format keeps them.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +17,16 @@ import torch
 
 from lora_tools.adapters.diffusers import METADATA_KEY
 from lora_tools.adapters.model import CONV, LINEAR
-from lora_tools.adapters.save import FactorModule, peft_config, save_adapter, write_tensors
+from lora_tools.adapters.save import (
+    FactorModule,
+    peft_config,
+    save_adapter,
+    staged_folder,
+    write_tensors,
+)
 from lora_tools.errors import UsageError
 from lora_tools.io import paths, safety
-from lora_tools.io.output import check_output, output_kind, temp_path
+from lora_tools.io.output import check_output, output_kind
 from lora_tools.version import __version__
 
 # The LoraConfig fields diffusers' save_lora_weights puts in its metadata that matter here.
@@ -104,20 +108,10 @@ def save_peft_components(modules: list[FactorModule], out: Path, meta: dict[str,
                          "folder per component inside); give a path without a suffix")
     safety.clean_stale(out)
     check_output(out, inputs, force)
-    staging = temp_path(out)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        paths.mark_folder(staging)
+    with staged_folder(out) as staging:
         for comp in comps:
             save_adapter([m for m in modules if m.component == comp], staging / comp, "peft",
                          metadata=meta)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return comps
 
 
