@@ -12,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from lora_tools.errors import FormatError, OutputError, UsageError
+from lora_tools.errors import OutputError, UsageError
 from lora_tools.io import paths, safety
-from lora_tools.io.checkpoint import INDEX_NAMES, METADATA_RECORD, WEIGHT_SUFFIXES
+from lora_tools.io.checkpoint import METADATA_RECORD
+from lora_tools.io.side_files import copy_side_files, read_model_config, side_files, update_config
 from lora_tools.io.torch_zip import TorchZipWriter
 from lora_tools.io.writer import (
     COPY_CHUNK,
@@ -138,7 +138,7 @@ class CheckpointWriter:
         self._signals = contextlib.ExitStack()
 
     def __enter__(self) -> CheckpointWriter:
-        _remove(self.tmp)
+        safety.remove(self.tmp)
         self._signals.enter_context(safety.signals_raise(self.out))
         try:
             self._start()
@@ -166,9 +166,9 @@ class CheckpointWriter:
         self.tmp.mkdir()
         paths.mark_folder(self.tmp)
         if self.source_folder is not None:
-            _copy_side_files(self.source_folder, self.tmp)
+            copy_side_files(self.source_folder, self.tmp)
         if self.config_updates:
-            _update_config(self.tmp / "config.json", self.config_updates)
+            update_config(self.tmp / "config.json", self.config_updates)
         shards = plan_shards(self.specs, self.shard_size)
         n = len(shards)
         stem = weights_stem(self.source_folder)
@@ -242,7 +242,7 @@ class CheckpointWriter:
             old = self.out.with_name(f".{self.out.name}.lora-tools-old-{os.getpid()}")
             os.replace(self.out, old)
             os.replace(self.tmp, self.out)
-            _remove(old)
+            safety.remove(old)
         else:
             os.replace(self.tmp, self.out)
 
@@ -252,7 +252,7 @@ class CheckpointWriter:
                 w.abort()
             except OSError:
                 pass
-        _remove(self.tmp)
+        safety.remove(self.tmp)
         self._signals.close()
 
 
@@ -268,64 +268,3 @@ def _write_failed(out: Path, exc: OSError) -> OutputError:
     return OutputError(f"{out}: writing failed ({exc.strerror or exc}); the partial output "
                        f"was removed and {out.name} was not created: free disk space, raise "
                        "the file size limit, or choose another -o")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-# Weights of other frameworks and runtimes (TensorFlow, Flax, GGUF, ONNX, ...): beside a
-# merged model they would be un-merged weights that a loader may pick up instead.
-FOREIGN_WEIGHTS = (".h5", ".hdf5", ".keras", ".msgpack", ".gguf", ".ggml", ".onnx",
-                   ".onnx_data", ".onnx.data", ".tflite", ".pb", ".ot", ".ckpt", ".npz",
-                   ".mlmodel", ".llamafile")
-
-
-def side_files(src: Path) -> tuple[list[Path], list[Path]]:
-    """(files a folder output copies: config, tokenizer..., weight files of other
-    frameworks that it leaves out)."""
-    copied: list[Path] = []
-    skipped: list[Path] = []
-    for p in sorted(src.iterdir()):
-        if p.name.startswith(".") or p.name in INDEX_NAMES or p.name.endswith(".index.json"):
-            continue
-        if not p.is_file() or p.suffix in WEIGHT_SUFFIXES:
-            continue
-        (skipped if p.name.lower().endswith(FOREIGN_WEIGHTS) else copied).append(p)
-    return copied, skipped
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Copy config, tokenizer and other non-weight files of a model folder."""
-    for p in side_files(src)[0]:
-        shutil.copy2(p, dst / p.name)
-
-
-def _update_config(path: Path, updates: dict[str, object]) -> None:
-    """Apply ``updates`` to a copied config.json (a value of None removes the key)."""
-    cfg = read_model_config(path)
-    for key, value in updates.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    path.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def read_model_config(path: Path) -> dict[str, object]:
-    """A model's config.json as a JSON object ({} when absent); a broken one is refused
-    before anything is written, since the output's copy must be changed."""
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        cfg = exc
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{path}: cannot be read as a JSON object ({str(cfg)[:80]}), and the "
-                          "output's copy must be updated (vocab_size / tie_word_embeddings); "
-                          "restore the model's config.json")
-    return cfg
