@@ -12,8 +12,8 @@ No weight is read: peak memory is a few bytes per row.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib import import_module
 from types import ModuleType
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lora_tools.errors import UsageError
+from lora_tools.math.threads import threads
 
 EXTRA = "pip install 'lora-tools[diffusers]'"
 _COLS = 3  # (source id + 1, row + 1, sentinel): all non-zero, so no block reads as empty
@@ -99,13 +100,7 @@ def trace(convert: Callable[[dict[str, torch.Tensor]], dict[str, Any]],
         return read_back(convert(ckpt), names, lambda k: shapes[k][0] if shapes[k] else 1)
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
+def one_thread() -> AbstractContextManager[None]:
     """Hundreds of tiny tensor ops: torch's thread pool costs more than it saves here
     (a real Flux's 776 keys: 7.0 s with 2 threads, 1.8 s with one, on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+    return threads(1)

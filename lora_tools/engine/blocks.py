@@ -9,10 +9,9 @@ one-shot result bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
+
+from lora_tools.math.threads import threads as threads  # re-exported: row blocks' rule
 
 MIN_ROWS = 64
 CACHE_BLOCK = 512 * 1024  # bytes of fp32 rows computed at a time on the CPU (about L2)
@@ -36,20 +35,3 @@ def plan_rows(n_rows: int, row_cost: int, cap: int) -> list[tuple[int, int]]:
 PEER_THREADS = torch.get_num_threads()
 
 
-@contextmanager
-def threads(n: int = 1) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads, restoring the caller's setting after.
-
-    Cache-sized blocks run faster on one thread: an OpenMP team costs more than it saves
-    there (far more on a busy machine); the pipeline's stages are the parallelism. Whole
-    tensors keep torch's threads, as the peers compute them (conv results depend on the
-    thread count).
-    """
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if before != n:
-            torch.set_num_threads(before)

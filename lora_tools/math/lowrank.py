@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_tools.math.threads import threads
+
 
 @dataclass
 class FactorSVD:
@@ -125,12 +127,8 @@ def lapack_one_thread(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
