@@ -86,6 +86,11 @@ def add_lora(model: Any, rank: int = 4, alpha: float = 8.0, seed: int = 5,
     # What diffusers' add_adapter / load_lora_into_text_encoder do underneath.
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                                        init_lora_weights=False), model)
+    return randomize_lora(model, seed)
+
+
+def randomize_lora(model: Any, seed: int) -> Any:
+    """Seeded random (non-zero) values for every LoRA factor of a PEFT-injected model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusion_models import TE_TARGETS, state_of, tiny_sdxl
+from diffusion_models import TE_TARGETS, randomize_lora, state_of, tiny_sdxl
 from helpers import read, state_dict_file
 from safetensors import safe_open
 
@@ -37,12 +37,7 @@ def _add(model: torch.nn.Module, comp: str, seed: int) -> dict[str, torch.Tensor
     inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
                                        rank_pattern=rp, alpha_pattern=ap,
                                        init_lora_weights=False), model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return get_peft_model_state_dict(model)
+    return get_peft_model_state_dict(randomize_lora(model, seed))
 
 
 def _metadata(comp: str) -> dict[str, object]:
