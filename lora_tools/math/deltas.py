@@ -36,10 +36,10 @@ def linear_delta(a: torch.Tensor, b: torch.Tensor, factor: float,
             a32 = a32[:, start:stop]
         else:
             b32 = b32[start:stop]
-    d = b32 @ a32
+    d = b32 @ a32  # a fresh product: scaled in place, the same values as ``d * factor``
     if fan_in_fan_out:
         d = d.T
-    return d * factor
+    return d.mul_(factor)
 
 
 def embedding_delta(a: torch.Tensor, b: torch.Tensor, factor: float,

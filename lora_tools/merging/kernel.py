@@ -79,9 +79,10 @@ class DeltaSum:
             row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
             with threads(1):
                 for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
-                    result[b0:b1] = self._block(name, w[b0:b1], start + b0, start + b1,
-                                                factors)
-            check_result(result, w, name)  # rounding to bf16 can overflow a finite fp32 sum
+                    result[b0:b1] = self._fused_block(w[b0:b1], start + b0, factors)
+            # One check of the rounded rows: NaN/Inf in the base or an fp32 overflow
+            # reach them, and rounding to bf16 can overflow a finite fp32 sum.
+            check_result(result, w, name)
         if last:
             self._factors.clear()
             self._finish_check(name)
@@ -113,6 +114,26 @@ class DeltaSum:
             ok = torch.isfinite(acc.sum())
             self._finite = ok if self._finite is None else self._finite & ok
         return acc
+
+    def _fused_block(self, w: torch.Tensor, start: int,
+                     factors: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """Rows of plain linear LoRA terms in fp32, in cache: the first term's fresh fp32
+        delta takes the base rows in place (``d + W`` is ``W + d`` bit for bit: IEEE
+        addition commutes), which saves the widened copy of W and a pass over it. The
+        caller checks the rounded rows (no per-block check here)."""
+        acc: torch.Tensor | None = None
+        for (_, match, weight), f in zip(self.terms, factors):
+            placed = placed_delta(match, f, match.module.scale * weight, tuple(w.shape), start)
+            if placed is None:
+                continue
+            at, delta = placed
+            if acc is None and at == 0 and delta.shape == w.shape and w.dtype in _NARROW:
+                acc = delta.add_(w)
+                continue
+            if acc is None:
+                acc = w.to(self.device, torch.float32, copy=True)
+            acc[at:at + delta.shape[0]] += delta
+        return w.to(self.device, torch.float32, copy=True) if acc is None else acc
 
     def _finish_check(self, name: str) -> None:
         """The deferred device check of a tensor run by blocks without host syncs. Its
@@ -164,6 +185,11 @@ class DeltaSum:
         if not bool(torch.isfinite(acc.sum())):
             check_finite(src, f"base tensor {name}")
             check_result(acc, src, name)  # factors are checked finite: an fp32 overflow
+
+
+# Base dtypes that widen exactly to fp32 inside an fp32 add (an fp64 base would be added in
+# fp64 and rounded after, not widened first: it keeps the plain path).
+_NARROW = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def placed_delta(match: Match, f: tuple[torch.Tensor, ...], factor: float,
