@@ -55,6 +55,8 @@ SETUP: dict[str, Path | None] = {"base": BASE, "adapter": ADAPTER, "against": No
 
 def commands(out: Path) -> dict[str, list[str]]:
     base, adapter, against = SETUP["base"], SETUP["adapter"], SETUP["against"]
+    # a fixture linked from another checkout: `cp -r` would copy the link, not the model
+    base = base.resolve() if base is not None else None
     merge = [sys.executable, "-m", "lora_tools", "merge", str(base), str(adapter), "-o",
              str(out), "--json", "--device", "cpu"]
     rows = {
