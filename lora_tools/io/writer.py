@@ -15,7 +15,9 @@ import errno
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -66,17 +68,14 @@ class SafetensorsWriter:
         self._partial = 0  # bytes of the current tensor given so far through write_chunk
         self._fh = open(path, "wb")
         self._fh.write(struct.pack("<Q", len(blob)) + blob)
-        self._flushed = 0  # bytes of the file whose writeback has been started
+        self._flusher = Flusher(self._fh.fileno())
 
     def _writeback(self) -> None:
         """Start the disk writing what was written so far (not waiting for it), so the
         final fsync finds little left: without this the kernel holds dirty pages until its
         background threshold (10% of RAM) or the fsync, and the disk idles meanwhile."""
         self._fh.flush()
-        end = self._fh.tell()
-        if end - self._flushed >= WRITEBACK_STEP:
-            start_writeback(self._fh.fileno(), self._flushed, end - self._flushed)
-            self._flushed = end
+        self._flusher.advance(self._fh.tell())
 
     def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
         expected = self._order[self._next]
@@ -115,10 +114,12 @@ class SafetensorsWriter:
         if self._next != len(self._order):
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
         self._fh.flush()
+        self._flusher.stop()
         os.fsync(self._fh.fileno())
         self._fh.close()
 
     def abort(self) -> None:
+        self._flusher.stop()
         self._fh.close()
 
 
@@ -152,6 +153,40 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+
+
+class Flusher:
+    """Starts writeback of a file's new bytes every ``WRITEBACK_STEP`` from a thread of its
+    own. ``sync_file_range`` waits when the disk's queue is full (1.4 s of a 1B merge's
+    writer thread under load, for 0.2 s of CPU): the writer hands the range over and
+    goes on writing. ``stop`` before the fd is synced or closed."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.started = 0  # bytes of the file whose writeback has been asked for
+        self._jobs: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def advance(self, end: int) -> None:
+        """The file now holds ``end`` bytes: queue their writeback once a step is due."""
+        if end - self.started < WRITEBACK_STEP:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="lora-tools-writeback")
+            self._thread.start()
+        self._jobs.put((self.started, end - self.started))
+        self.started = end
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            start_writeback(self.fd, *job)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
