@@ -71,7 +71,7 @@ def cli(debug: bool) -> None:
 
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def tune_malloc() -> None:
@@ -82,11 +82,7 @@ def tune_malloc() -> None:
     so each new buffer is page-faulted in again: about 200k faults and a second of system
     time for a 1 GB merge. Serving blocks up to 32 MiB (glibc's ceiling) from the heap and
     trimming only past 1 GiB free keeps them; memory in use is still bounded by the
-    pipeline's budget. One arena for all threads: the pipeline's reader allocates what
-    the compute thread frees (and that one what the writer frees), and glibc's
-    per-thread arenas handed those blocks back and faulted them in again (337k minor
-    faults for a 1B merge with overlap, 100k with one arena; its lock is taken a few
-    times per tensor). Done for the CLI process only: a library caller keeps its settings.
+    pipeline's budget. Done for the CLI process only: a library caller keeps its settings.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -96,7 +92,6 @@ def tune_malloc() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
     mallopt(_M_TRIM_THRESHOLD, 2**30)
-    mallopt(_M_ARENA_MAX, 1)
 
 
 def main() -> None:
