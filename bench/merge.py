@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     run_full,
     run_once,
     settle,
+    use_compiled,
 )
 
 PEFT_SCRIPT = """
@@ -156,6 +157,8 @@ def main() -> None:
     print("building (cached) ...", file=sys.stderr)
     base = build_base(SETUP["base"] or BASE, layers=args.layers)
     build_adapter(base, SETUP["adapter"] or ADAPTER, layers=args.layers)
+    use_compiled(Path(__file__).resolve().parent.parent,
+                 *([SETUP["against"]] if SETUP["against"] else []))
     labels = list(commands(WORK / "x"))
     if args.no_peft:
         labels.remove("PEFT merge_and_unload")

@@ -25,7 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import WORK, build_adapter, build_base, load_average, settle  # noqa: E402
+from common import (  # noqa: E402
+    WORK,
+    build_adapter,
+    build_base,
+    load_average,
+    settle,
+    use_compiled,
+)
 
 # Runs inside the child: times every phase of one command, prints the marks as JSON.
 _CHILD = r"""
@@ -115,6 +122,7 @@ def main() -> None:
             "verify": ["verify", str(merged), "--base", str(base), "-a", str(adapter)],
             "unmerge": ["unmerge", str(merged), str(adapter), "-o", str(out)]}[args.cmd]
     argv += ["-q", "--device", "cpu", *args.extra.split()]
+    use_compiled(Path(__file__).resolve().parent.parent)
     print(f"load before: {load_average()}", file=sys.stderr)
     rows = []
     for i in range(args.runs):

@@ -21,7 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHAPES, WORK, load_average, run_full, settle, shaped  # noqa: E402
+from common import (  # noqa: E402
+    SHAPES,
+    WORK,
+    load_average,
+    run_full,
+    settle,
+    shaped,
+    use_compiled,
+)
 
 
 def main() -> None:
@@ -31,6 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     base, adapter = shaped(args.size)
+    use_compiled(Path(__file__).resolve().parent.parent)
     cores = os.cpu_count() or 1
     outs = {"--threads 1": WORK / "out-threads-1", f"--threads {cores}": WORK / "out-threads-n"}
     walls: dict[str, list[float]] = {k: [] for k in outs}
