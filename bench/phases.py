@@ -3,6 +3,7 @@
     python bench/phases.py                    # the 1B fixture of bench/common.py
     python bench/phases.py --layers 8 --runs 3
     python bench/phases.py --cmd verify       # verify MERGED --base BASE -a ADAPTER
+    cd ../other-checkout && python /path/to/bench/phases.py   # that checkout's code, same fixture
 
 Runs ``lora-tools merge`` (or verify/unmerge) through the CLI in this process, with the
 library's phase functions wrapped by timers: interpreter start to ``import torch`` done,
@@ -122,7 +123,7 @@ def main() -> None:
             "verify": ["verify", str(merged), "--base", str(base), "-a", str(adapter)],
             "unmerge": ["unmerge", str(merged), str(adapter), "-o", str(out)]}[args.cmd]
     argv += ["-q", "--device", "cpu", *args.extra.split()]
-    use_compiled(Path(__file__).resolve().parent.parent)
+    use_compiled(Path.cwd())  # the child imports lora_tools from the current directory
     print(f"load before: {load_average()}", file=sys.stderr)
     rows = []
     for i in range(args.runs):
