@@ -63,26 +63,21 @@ class DeltaSum:
         the fp32 temporaries then stay in cache and are reused, instead of being fresh
         out×in allocations whose page faults cost more than the arithmetic.
         """
-        factors = [self._get(i, a, m) for i, (a, m, _) in enumerate(self.terms)]
         if whole and not self._cache_blocks():
-            result = self._whole(name, w, out, factors)
+            result = self._whole(name, w, out, self._all_factors())
         elif self._sync_free():
             # The GPU takes the engine's block in one go (no cache-sized re-cut) and with no
             # host sync: the finite check is reduced on the device, read at the last block.
-            acc = self._block(name, w, start, stop, factors, sync=False)
+            acc = self._block(w, start, self._all_factors())
             result = acc.to(out)
             # a finite fp32 sum can still round past the output dtype's range (bf16)
             assert self._finite is not None
             self._finite &= torch.isfinite(result.sum())
         else:
-            result = torch.empty(w.shape, dtype=out, device=self.device)
-            row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
+            # One intra-op thread for all of it, the factors' and the result's checks too:
+            # an OpenMP team costs more than it saves on this work, far more under load.
             with threads(1):
-                for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
-                    result[b0:b1] = self._fused_block(w[b0:b1], start + b0, factors)
-            # One check of the rounded rows: NaN/Inf in the base or an fp32 overflow
-            # reach them, and rounding to bf16 can overflow a finite fp32 sum.
-            check_result(result, w, name)
+                result = self._cpu_blocks(name, w, start, stop, out)
         if last:
             self._factors.clear()
             self._finish_check(name)
@@ -97,10 +92,10 @@ class DeltaSum:
             and all(m.module.kind == LINEAR and m.module.type == "lora"
                     and not m.module.fan_in_fan_out for _, m, _ in self.terms)
 
-    def _block(self, name: str, w: torch.Tensor, start: int, stop: int,
-               factors: list[tuple[torch.Tensor, ...]], sync: bool = True
+    def _block(self, w: torch.Tensor, start: int, factors: list[tuple[torch.Tensor, ...]]
                ) -> torch.Tensor:
-        """Rows ``[start, stop)`` in fp32, before rounding."""
+        """Rows ``[start, stop)`` in fp32 on the device, before rounding; their finite check
+        is reduced on the device (no host sync)."""
         # copy=True: the base tensor may be the reader's own (a loaded torch file) and is
         # added to in place below.
         acc = w.to(self.device, torch.float32, copy=True)
@@ -108,12 +103,25 @@ class DeltaSum:
             placed = placed_delta(match, f, match.module.scale * weight, tuple(w.shape), start)
             if placed is not None:
                 acc[placed[0]:placed[0] + placed[1].shape[0]] += placed[1]
-        if sync:
-            self._check(acc, w, name)
-        else:
-            ok = torch.isfinite(acc.sum())
-            self._finite = ok if self._finite is None else self._finite & ok
+        ok = torch.isfinite(acc.sum())
+        self._finite = ok if self._finite is None else self._finite & ok
         return acc
+
+    def _all_factors(self) -> list[tuple[torch.Tensor, ...]]:
+        return [self._get(i, a, m) for i, (a, m, _) in enumerate(self.terms)]
+
+    def _cpu_blocks(self, name: str, w: torch.Tensor, start: int, stop: int,
+                    out: torch.dtype) -> torch.Tensor:
+        """Rows ``[start, stop)`` on the CPU by cache-sized blocks, rounded into ``out``."""
+        factors = self._all_factors()
+        result = torch.empty(w.shape, dtype=out, device=self.device)
+        row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
+        for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
+            result[b0:b1] = self._fused_block(w[b0:b1], start + b0, factors)
+        # One check of the rounded rows: NaN/Inf in the base or an fp32 overflow reach
+        # them, and rounding to bf16 can overflow a finite fp32 sum.
+        check_result(result, w, name)
+        return result
 
     def _fused_block(self, w: torch.Tensor, start: int,
                      factors: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -127,7 +135,8 @@ class DeltaSum:
             if placed is None:
                 continue
             at, delta = placed
-            if acc is None and at == 0 and delta.shape == w.shape and w.dtype in _NARROW:
+            if (acc is None and at == 0 and delta.shape == w.shape and w.dtype in _NARROW
+                    and delta.dtype == torch.float32):
                 acc = delta.add_(w)
                 continue
             if acc is None:
@@ -187,8 +196,8 @@ class DeltaSum:
             check_result(acc, src, name)  # factors are checked finite: an fp32 overflow
 
 
-# Base dtypes that widen exactly to fp32 inside an fp32 add (an fp64 base would be added in
-# fp64 and rounded after, not widened first: it keeps the plain path).
+# Base dtypes that widen exactly to fp32 inside an fp32 add (an fp64 base, or an fp64
+# delta, would be added in fp64 and rounded after, not widened first: the plain path).
 _NARROW = (torch.bfloat16, torch.float16, torch.float32)
 
 
