@@ -6,6 +6,7 @@ Commands live in ``lora_tools/commands/<name>.py`` and are imported only when in
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib
@@ -113,8 +114,7 @@ def quick_exit(code: int | str | None) -> None:
         print(code, file=sys.stderr)
         code = 1
     for stream in (sys.stdout, sys.stderr):
-        try:
+        # a closed pipe (``| head``) or stream: what is left unprinted has no reader
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (``| head``): nothing more to say
-            code = code or 0
     os._exit(code or 0)
