@@ -16,7 +16,7 @@ import torch
 
 from lora_tools.adapters.kohya import strip_prefix
 from lora_tools.adapters.model import CONV, EMBEDDING, LINEAR, LORALIB_CONV, MERGED
-from lora_tools.math.lowrank import factor_singular_values
+from lora_tools.math.lowrank import factor_singular_values, lapack_one_thread
 
 
 @dataclass
@@ -100,9 +100,19 @@ def product_factors(a: torch.Tensor, b: torch.Tensor, groups: int
 
 def factor_figures(a: torch.Tensor, b: torch.Tensor, groups: int = 1,
                    device: torch.device | None = None) -> FactorFigures:
-    """Figures of one module from its stored factors, in fp64 on ``device``."""
+    """Figures of one module from its stored factors, in fp64 on ``device``.
+
+    On the CPU the whole module runs on one thread: its fp64 copies, norms, QRs and r×r
+    SVD are each too small for an OpenMP team, whose barriers stall whenever a thread is
+    descheduled (a 224-module rank-64 inspect: 4-5 s on one thread, 13-16 s on two, at
+    load 5 on 2 cores; minutes at load 10+).
+    """
     dev = device or a.device
-    a64, b64 = a.to(dev, torch.float64), b.to(dev, torch.float64)
+    with lapack_one_thread(dev):
+        return _figures(a.to(dev, torch.float64), b.to(dev, torch.float64), groups)
+
+
+def _figures(a64: torch.Tensor, b64: torch.Tensor, groups: int) -> FactorFigures:
     figs = FactorFigures(norm_a=0.0, norm_b=0.0, sv=[], nan=0, inf=0, zero_a=False,
                          zero_b=False)
     # One pass per factor: the fp64 norm of bf16/fp32 values cannot overflow, so it is
