@@ -64,8 +64,8 @@ else
   run bench/merge.py --runs 3
   section "verify and unmerge against merge (1B Llama, median of 3)"
   run bench/unmerge_verify.py speed --runs 3
-  section "scaling: 0.25B, 1B, 3B (median of 3)"
-  run bench/scaling.py --runs 3
+  section "scaling: 0.25B, 1B, 3B (median of 3; PEFT at 3B)"
+  run bench/scaling.py --runs 3 --peft 3b
   section "threads: --threads 1 against the default (1B, median of 3)"
   run bench/threads.py --runs 3
   section "phases of one merge (1B, median of 3)"

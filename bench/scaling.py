@@ -9,7 +9,9 @@ blocks), in one interleaved run: `cp -r` + `sync` of the base and `lora-tools me
 in a fresh process (wall, peak RSS); the merge's engine seconds (`--json`) too. The table
 gives seconds per GB of both, their ratio, and the spread of merge's seconds per GB across
 sizes (target: within 20 %; peak RSS flat: it follows the largest tensor, not the model).
-PEFT is timed only where asked: at 3B it holds the model in RAM (~2.3x its size).
+PEFT is timed only where asked (``bench/run_all.sh`` asks at 3B): it holds the whole
+model in RAM (1.2x its bf16 size at 1B: 2.3 GiB for 1.91 GB), so a size is skipped, with
+the reason in its row, when MemAvailable is below 1.5x the model plus 1 GB.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import SHAPES, WORK, folder_bytes, load_average, run_full, settle, shaped  # noqa: E402
 from merge import PEFT_SCRIPT  # noqa: E402
+
+
+def peft_fits(size_bytes: int) -> tuple[bool, str]:
+    """Whether PEFT's in-memory merge of a model of ``size_bytes`` fits in RAM now."""
+    avail = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+                 if line.startswith("MemAvailable:"))
+    need = 1.5 * size_bytes + 1e9
+    return avail >= need, f"not run: needs ~{need / 1e9:.0f} GB, {avail / 1e9:.0f} GB available"
 
 
 def rows_for(size: str, out: Path, peft: bool) -> dict[str, list[str]]:
@@ -50,13 +60,16 @@ def main() -> None:
     out = WORK / "out-scaling"
     print("building (cached) ...", file=sys.stderr)
     sizes = {s: folder_bytes(shaped(s)[0]) for s in args.sizes}
+    skipped = {s: why for s in args.peft if s in sizes
+               for fits, why in [peft_fits(sizes[s])] if not fits}
+    peft_sizes = set(args.peft) - set(skipped)
     walls: dict[tuple[str, str], list[float]] = {}
     rss: dict[tuple[str, str], int] = {}
     engine: dict[str, list[float]] = {}
     print(f"load before: {load_average()}", file=sys.stderr)
     for i in range(args.runs):
         for size in args.sizes if i % 2 == 0 else args.sizes[::-1]:
-            for label, argv in rows_for(size, out, size in args.peft).items():
+            for label, argv in rows_for(size, out, size in peft_sizes).items():
                 settle(out)
                 res = run_full(argv)
                 walls.setdefault((size, label), []).append(float(res["wall"]))
@@ -80,7 +93,7 @@ def main() -> None:
         peft = walls.get((size, "PEFT merge_and_unload"))
         peft_txt = (f"{statistics.median(peft):.2f} s ({m / statistics.median(peft):.2f}x), "
                     f"{rss[(size, 'PEFT merge_and_unload')] / 2**20:.0f} MiB" if peft else
-                    "not run")
+                    skipped.get(size, "not run"))
         print(f"| {size} | {gb:.2f} | {cp:.2f} s | {m:.2f} s | {m / cp:.2f}x | "
               f"{m / gb:.2f} | {statistics.median(engine[size]) / gb:.2f} | "
               f"{rss[(size, 'lora-tools merge')] / 2**20:.0f} MiB | {peft_txt} |")
