@@ -1,8 +1,9 @@
 """Benchmark: `lora-tools extract --rank 64` against kohya's full-SVD loop and mergekit.
 
-    python bench/extract.py --quick          # 1 block (7 weights), 1 run: minutes
-    python bench/extract.py                  # all 16 blocks of the 1B (112 weights), 3 runs
-    python bench/extract.py --layers 2 --runs 3 --no-factor-rows
+    python bench/extract.py --quick          # 1 block (7 weights), 1 run
+    python bench/extract.py --layers 2       # 2 blocks (14 weights), 1 run: what run_all.sh runs
+    python bench/extract.py --runs 3         # all 16 blocks of the 1B (112 weights): hours
+                                             # on 2 cores (the peers' full SVDs)
 
 The pair (bench/extract_pair.py): the Llama-shaped bf16 base of ``common.build_base`` with
 ``--layers`` blocks (16 = the 1B) and its "fine-tune", every linear weight moved by a
@@ -19,8 +20,12 @@ weight, is read back by an independent reader, with the Eckart–Young optimum (
 singular values the kohya loop computes anyway). Prints markdown rows: median wall, peak
 RSS, error, each row's time as a ratio to ours (randomized) from the same run, and whether
 the target (>= 5x the kohya loop, error within 1% of the optimum) is met.
-Last, unless ``--no-factor-rows``: the resize and inspect rows (bench/resize.py and
-bench/inspect_stats.py with ``--markdown``).
+With ``--factor-rows``: the resize and inspect rows on the 1B's module shapes too
+(bench/resize.py and bench/inspect_stats.py with ``--markdown``; bench/run_all.sh runs
+those two scripts on their own).
+Every tool does the same work per weight whatever the number of blocks (the 32000-row
+embedding and head are unchanged and skipped by all), so a 2-block pair is a subset of the
+1B that all three process identically; times grow with the number of weights.
 """
 
 from __future__ import annotations
@@ -112,16 +117,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 block, 1 run")
     ap.add_argument("--layers", type=int, help="blocks of the Llama (default 16: the 1B)")
-    ap.add_argument("--runs", type=int, help="runs per tool, median (default 3; 1 quick)")
+    ap.add_argument("--runs", type=int, help="runs per tool, median (default 1; 3 at 16 blocks)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--exact", action="store_true", help="also time our exact (full SVD) mode")
     ap.add_argument("--mergekit", type=Path, default=MERGEKIT)
-    ap.add_argument("--no-factor-rows", action="store_true",
-                    help="skip the resize and inspect rows")
+    ap.add_argument("--factor-rows", action="store_true",
+                    help="add the resize and inspect rows on the 1B's module shapes")
     ap.add_argument("--skip", default="", help="peers to leave out: kohya, mergekit (comma-separated)")
     args = ap.parse_args()
     layers = args.layers or (1 if args.quick else 16)
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs or (3 if layers == 16 else 1)
     base = build_base(BASE if layers == 16 else WORK / f"llama-{layers}l-bf16", layers=layers)
     tuned = build_tuned(base, base.with_name(base.name + "-ft"))
     skip = set(args.skip.split(",")) - {""}
@@ -135,7 +140,7 @@ def main() -> None:
     timings, failed, errs = measure(rows, runs, base, tuned)
     table(timings, failed, errs, args.rank, layers, runs, f"{load_before} / {load_average()}")
     shutil.rmtree(WORK / "extract-out", ignore_errors=True)
-    if not args.no_factor_rows:
+    if args.factor_rows:
         factor_rows(args.quick)
 
 

@@ -28,7 +28,13 @@ from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.progress import track
 from lora_tools.errors import UsageError
 from lora_tools.math.deltas import lora_scale
-from lora_tools.math.lowrank import FactorSVD, factor_svd, flatten_factors, split
+from lora_tools.math.lowrank import (
+    FactorSVD,
+    factor_svd,
+    flatten_factors,
+    lapack_one_thread,
+    split,
+)
 from lora_tools.methods.resize_rules import ResizeRule, parse_rule, pick_rank
 from lora_tools.modules.registry import require
 
@@ -87,7 +93,10 @@ def resize(adapter_path: str | Path, out: str | Path, *, rank: int | None = None
     rows, written = [], []
     pairs = zip(adapter.modules, factor_modules(adapter), strict=True)
     for m, fm in track(pairs, "resize", progress, len(adapter.modules), "module"):
-        row, fm = _resize_module(m, fm, plan, dev)
+        # one module's fp64 copies, QRs and small products are too small for an OpenMP
+        # team, whose barriers stall on a busy CPU (see lowrank.lapack_one_thread)
+        with lapack_one_thread(dev):
+            row, fm = _resize_module(m, fm, plan, dev)
         rows.append(row)
         written.append(fm)
     total = _total(rows)
