@@ -10,8 +10,8 @@ in a fresh process (wall, peak RSS); the merge's engine seconds (`--json`) too. 
 gives seconds per GB of both, their ratio, and the spread of merge's seconds per GB across
 sizes (target: within 20 %; peak RSS flat: it follows the largest tensor, not the model).
 PEFT is timed only where asked (``bench/run_all.sh`` asks at 3B): it holds the whole
-model in RAM (1.2x its bf16 size at 1B: 2.3 GiB for 1.91 GB), so a size is skipped, with
-the reason in its row, when MemAvailable is below 1.5x the model plus 1 GB.
+model in RAM (2.3 GiB for the 1.91 GB 1B, 5987 MiB for the 5.83 GB 3B), so a size is
+skipped, with the reason in its row, when MemAvailable is below 1.5x the model plus 1 GB.
 """
 
 from __future__ import annotations
