@@ -61,6 +61,9 @@ def parse_weights(value: str | None) -> list[float] | None:
 @click.option("--exact-svd", is_flag=True,
               help="ties, dare_*, magnitude_prune: go back to rank R by a full SVD of each "
                    "ΔW (slow on large modules) instead of seeded randomized iteration.")
+@click.option("--threads", type=click.IntRange(1, 256), metavar="N",
+              help="Modules computed side by side (default: one per core for ties, dare_* "
+                   "and magnitude_prune on the CPU); the output is the same bits whatever N.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @adapter_options
 @run_options
@@ -93,7 +96,7 @@ def command(adapters: tuple[str, ...], out: str, weights: str | None, **opts: An
             dtype=parse_dtype(opts["dtype"]) if opts["dtype"] else None,
             opts=AdapterOptions(opts["alpha"], parse_enable_lora(opts["enable_lora"]),
                                 opts["fan_in_fan_out"]),
-            device=opts["device"], force=opts["force"],
+            device=opts["device"], force=opts["force"], threads=opts["threads"],
             progress=progress_wanted(opts["quiet"], opts["as_json"]))
     warn(summary.warnings, opts["quiet"])
     emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import time
 import zlib
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -50,6 +54,7 @@ from lora_tools.modules.lora import load_factors
 from lora_tools.modules.registry import require
 
 META_KEY = "lora_tools.editing.combine"
+R = TypeVar("R")
 
 
 @dataclass
@@ -80,10 +85,13 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
             seed: int | None = None, fmt: str = "peft", dtype: torch.dtype | None = None,
             opts: AdapterOptions | None = None, device: str = "auto",
             force: bool = False, progress: bool = False,
-            exact_svd: bool = False) -> CombineSummary:
+            exact_svd: bool = False, threads: int | None = None) -> CombineSummary:
     """Write one adapter at ``out`` whose ΔW estimates ``Σᵢ wᵢ·ΔWᵢ`` by ``method``.
 
     ``exact_svd``: the dense methods truncate by a full SVD instead of the randomized one.
+    ``threads``: modules computed side by side on the CPU (default: one per core, at most
+    8, for the dense methods; one for the others, whose work is too small to share); the
+    output is the same bits whatever the number.
     """
     t0 = time.perf_counter()
     spec = get_method(method)
@@ -106,8 +114,9 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
         seed = secrets.randbits(31)
     dev = resolve_device(device)
     out_dtype = dtype or widest_dtype(groups)
+    workers = module_workers(threads, spec, dev)
     modules, records, alpha = combine_groups(groups, spec, options, seed, dev, out_dtype,
-                                             progress)
+                                             progress, workers)
     inputs = [{"adapter": str(a.path), "format": a.format, "sha256": a.sha256, "weight": w,
                "modules": len(a.modules)} for a, w in zip(adapters, ws, strict=True)]
     meta = {META_KEY: json.dumps({"method": spec.name, "rank": rank, "density": density,
@@ -133,20 +142,52 @@ def method_notes(spec: CombineMethod, exact_svd: bool) -> list[str]:
     return notes
 
 
+def module_workers(requested: int | None, spec: CombineMethod, dev: torch.device) -> int:
+    """Modules in flight at once: as asked, else one per core (at most 8) for the dense
+    methods on the CPU, one otherwise (a GPU, or methods that take milliseconds)."""
+    if requested is not None:
+        return max(1, requested)
+    if dev.type != "cpu" or not spec.uses_density:
+        return 1
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def combine_groups(groups: list[Group], spec: CombineMethod, options: Options,
                    seed: int | None, dev: torch.device, dtype: torch.dtype,
-                   progress: bool = False
+                   progress: bool = False, workers: int = 1
                    ) -> tuple[list[FactorModule], list[dict[str, Any]], float]:
-    """Every module through ``spec``, one at a time; one alpha for all: the largest rank."""
+    """Every module through ``spec``, ``workers`` at a time, results in order; one alpha
+    for all: the largest rank."""
     largest = max(mb.module.rank for g in groups for mb in g.members)
     ranks = {g.name: _new_rank(spec, g, options.rank, largest) for g in groups}
     alpha = float(max(ranks.values()))
+
+    def one(g: Group) -> tuple[FactorModule, dict[str, Any]]:
+        return combine_group(g, spec, ranks[g.name], alpha, options, seed, dev, dtype)
+
     modules, records = [], []
-    for g in track(groups, f"combine ({spec.name})", progress, len(groups), "module"):
-        fm, rec = combine_group(g, spec, ranks[g.name], alpha, options, seed, dev, dtype)
+    for fm, rec in track(in_order(one, groups, workers), f"combine ({spec.name})", progress,
+                         len(groups), "module"):
         modules.append(fm)
         records.append(rec)
     return modules, records, alpha
+
+
+def in_order(fn: Callable[[Group], R], items: list[Group], workers: int) -> Iterator[R]:
+    """``map(fn, items)`` with up to ``workers`` calls running at once (torch releases the
+    GIL in its kernels), at most ``workers + 1`` results held. Every call runs on one
+    intra-op thread, set here once for all (a per-call setting would race)."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with threads(1), ThreadPoolExecutor(workers) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def method_options(spec: CombineMethod, rank: int | None, density: float | None,

@@ -72,17 +72,23 @@ def drop(t: torch.Tensor, density: float, generator: torch.Generator | None) -> 
 
 
 def elect(stack: torch.Tensor, how: str) -> torch.Tensor:
-    """Boolean mask (t, m, n): where each task's sign agrees with the elected sign."""
+    """Float mask (t, m, n): 1 where each task's sign agrees with the elected sign, else 0.
+
+    Float arithmetic only: on the CPU a comparison, a bool mask or ``where`` costs 5-50x a
+    float multiply. The elected sign is ``copysign(1, votes)``: + for votes ≥ 0 except a
+    vote of −0, which a sum only gives where every task is ±0, so no task agrees there
+    with either sign (``sign(0) · ±1`` is ±0, clamped to +0).
+    """
     sign = stack.sign()
     votes = stack.sum(dim=0) if how == "total" else sign.sum(dim=0)
-    majority = torch.where(votes >= 0, 1.0, -1.0).to(stack.dtype)
-    return sign == majority
+    majority = torch.ones_like(votes).copysign_(votes)
+    return (sign * majority).clamp_(min=0).add_(0.0)  # -0 + 0 = +0: a clean 0/1 mask
 
 
 def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
-    """Σᵢ wᵢτ̂ᵢ·[agreeᵢ] / max(1, #agree), entry by entry."""
+    """Σᵢ wᵢτ̂ᵢ·[agreeᵢ] / max(1, #agree), entry by entry (``agree``: a 0/1 float mask)."""
     total = (weighted * agree).sum(dim=0)
-    return total / agree.sum(dim=0).clamp(min=1).to(weighted.dtype)
+    return total / agree.sum(dim=0).clamp_(min=1)
 
 
 def weights_like(stack: torch.Tensor, terms: list[Term]) -> torch.Tensor:
