@@ -16,14 +16,8 @@ For each method: output rank, mean and largest per-module relative Frobenius err
 against ``Σ wᵢ·ΔWᵢ`` (as reported by ``combine``), and the wall time of ``combine``.
 Inputs are cached under ``bench/_work/combine`` (git-ignored).
 
-``--pair``: the 1B case instead: two rank-16 PEFT adapters (alpha 32, bf16) on every
-linear layer of the 1.1B Llama of bench/common.py (16 layers, 112 modules, seeds 1 and 2),
-weights 0.6, 0.4: every method's ``combine`` time (median of ``--runs``) and error on the
-whole pair; then every method against PEFT's ``add_weighted_adapter`` with the same method
-in one run, on a part of the pair PEFT finishes in reasonable time (``--peft-modules``
-of layer 0, default q_proj: its ``*_svd`` methods take a full SVD per module, ~40 s for
-2048×2048 on one core of the busy machine), both tools on the same modules, with the
-ratio and each one's error against the exact weighted sum.
+``--pair``: the 1B pair instead, every method against PEFT's ``add_weighted_adapter`` with
+the same method in one invocation: see bench/combine_pair.py.
 
 ``--peft``: also time PEFT's ``add_weighted_adapter`` (``<method>_svd``, same density and
 output rank) on the same three adapters loaded into a Llama of these shapes, for the dense
@@ -39,7 +33,6 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -114,15 +107,6 @@ def peft_rows(paths: list[Path], hidden: int, layers: int) -> None:
         print(f"| {method}_svd | density={dens} | {max(RANKS)} | {wall:.2f} |")
 
 
-PAIR_WEIGHTS = [0.6, 0.4]
-PAIR_RUNS = [("ties", {"density": 0.2}), ("dare_linear", {"density": 0.5, "seed": 0}),
-             ("dare_ties", {"density": 0.5, "seed": 0}), ("magnitude_prune", {"density": 0.2}),
-             ("cat", {}), ("svd", {}), ("linear", {})]
-PEFT_NAME = {"cat": "cat", "svd": "svd", "linear": "linear", "ties": "ties_svd",
-             "dare_linear": "dare_linear_svd", "dare_ties": "dare_ties_svd",
-             "magnitude_prune": "magnitude_prune_svd"}
-
-
 def subset(src: Path, dst: Path, keep: list[str]) -> Path:
     """A copy of the PEFT adapter ``src`` with only the modules named in ``keep``."""
     import json
@@ -144,79 +128,6 @@ def subset(src: Path, dst: Path, keep: list[str]) -> Path:
     return dst
 
 
-def ours(paths: list[Path], method: str, opts: dict, runs: int) -> tuple[float, list[float]]:
-    """Median wall time of ``combine`` and the per-module relative errors it reports."""
-    walls, errs = [], []
-    for _ in range(runs):
-        out = WORK / "out"
-        shutil.rmtree(out, ignore_errors=True)
-        t = time.perf_counter()
-        s = combine(list(paths), out, weights=PAIR_WEIGHTS, method=method, device="cpu",
-                    **opts)  # type: ignore[arg-type]
-        walls.append(time.perf_counter() - t)
-        errs = [m["rel_error"] for m in s.modules]
-    return statistics.median(walls), errs
-
-
-def peft_pair(paths: list[Path], layers: int) -> Iterator[tuple[str, float, float]]:
-    """PEFT's add_weighted_adapter per method: (seconds, largest relative error against the
-    exact weighted sum of its own get_delta_weight), one thread as ours."""
-    from common import llama_config  # type: ignore[import-not-found]
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(layers))
-    model.to_empty(device="cpu")
-    pm = PeftModel.from_pretrained(model, str(paths[0]), adapter_name="a0")
-    pm.load_adapter(str(paths[1]), adapter_name="a1")
-    for method, opts in PAIR_RUNS:
-        kw = {"density": opts["density"]} if "density" in opts else {}
-        torch.manual_seed(0)
-        t = time.perf_counter()
-        pm.add_weighted_adapter(["a0", "a1"], PAIR_WEIGHTS, "out",
-                                combination_type=PEFT_NAME[method], **kw)
-        wall = time.perf_counter() - t
-        worst = 0.0
-        for mod in pm.modules():
-            if isinstance(mod, LoraLayer) and "out" in mod.lora_A:
-                exact = sum(w * mod.get_delta_weight(a).double()
-                            for w, a in zip(PAIR_WEIGHTS, ("a0", "a1"), strict=True))
-                got = mod.get_delta_weight("out").double()
-                worst = max(worst, float((got - exact).norm() / exact.norm()))
-        pm.delete_adapter("out")
-        yield method, wall, worst
-
-
-def pair(runs: int, peft_modules: list[str], whole_pair: bool = True) -> None:
-    from common import ADAPTER, build_adapter  # type: ignore[import-not-found]
-
-    whole = [build_adapter(), build_adapter(folder=ADAPTER.with_name(ADAPTER.name + "-s2"), seed=2)]
-    small = [build_adapter(folder=WORK / f"r16-1l-s{s}", seed=s, layers=1) for s in (1, 2)]
-    part = [subset(p, WORK / f"r16-1l-s{s}-{'-'.join(peft_modules)}", peft_modules)
-            for s, p in zip((1, 2), small, strict=True)]
-    torch.set_num_threads(1)  # both tools on one thread (combine runs per module on one)
-    print(f"1B pair: rank 16 x 2, weights {PAIR_WEIGHTS}, {runs} run(s), one thread, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print(f"\nlayer 0, {', '.join(peft_modules)}: lora-tools against PEFT add_weighted_adapter, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("| method | lora-tools (s) | PEFT (s) | ratio | max rel. error lora-tools | PEFT |"
-          "\n|---|---|---|---|---|---|")
-    for (method, pw, perr), (_, opts) in zip(peft_pair(part, 1), PAIR_RUNS, strict=True):
-        wall, errs = ours(part, method, opts, runs)
-        print(f"| {method} | {wall:.2f} | {pw:.2f} | {wall / pw:.3f} | {max(errs):.2e} | "
-              f"{perr:.2e} |", flush=True)
-    print("\n| method | options | time, 112 modules (s) | mean rel. error | max rel. error |"
-          "\n|---|---|---|---|---|")
-    for method, opts in PAIR_RUNS if whole_pair else []:
-        wall, errs = ours(whole, method, opts, runs)
-        shown = ", ".join(f"{k}={v}" for k, v in opts.items()) or "-"
-        print(f"| {method} | {shown} | {wall:.1f} | {statistics.mean(errs):.2e} | "
-              f"{max(errs):.2e} |", flush=True)
-    print(f"load average after {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -227,15 +138,19 @@ def main() -> None:
     ap.add_argument("--peft", action="store_true",
                     help="also time PEFT's add_weighted_adapter on the dense methods")
     ap.add_argument("--pair", action="store_true",
-                    help="the 1B pair: every method, and against PEFT on --peft-modules")
-    ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--no-whole", action="store_true", help="--pair: PEFT's part only")
+                    help="the 1B pair: every method against PEFT (bench/combine_pair.py)")
+    ap.add_argument("--runs", type=int, default=3, help="--pair: runs per row (median)")
+    ap.add_argument("--dense-runs", type=int, default=1,
+                    help="--pair: runs of the dense methods on the whole pair")
+    ap.add_argument("--no-whole", action="store_true", help="--pair: the part table only")
     ap.add_argument("--peft-modules", default="q_proj",
                     help="modules of layer 0 PEFT's row is measured on")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if args.pair:
-        pair(args.runs, args.peft_modules.split(","), not args.no_whole)
+        from combine_pair import pair  # type: ignore[import-not-found]
+
+        pair(args.runs, args.dense_runs, args.peft_modules.split(","), not args.no_whole)
         return
     print(f"hidden {args.hidden}, {args.layers} layers, ranks {RANKS}, weights {WEIGHTS}, "
           f"device {args.device}, exact SVD {args.exact_svd}, torch threads {torch.get_num_threads()}, "

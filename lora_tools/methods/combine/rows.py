@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lora_tools.engine.blocks import CACHE_BLOCK, plan_rows, threads
@@ -50,17 +51,15 @@ class Cut:
         """trim's ``t * keep`` on one block, in place (zeros when nothing is kept, as trim)."""
         if self.room == 0 and self.value == float("inf"):
             return d.zero_()
-        # Float arithmetic only where it can (a comparison costs ~5 float ops on the
-        # CPU): side = sign(|d| − v) is −1 below the threshold, 0 on it, +1 above.
-        side = d.abs().sub_(self.value).sign_()
+        strict = False  # keep |d| ≥ value; strict: |d| > value (no room for ties left)
         if self.limited:
-            tied = side.numel() - int(torch.count_nonzero(side))
+            mag = d.abs()
+            tied = int(torch.count_nonzero(mag == self.value))
             if tied and self.seen < self.room < self.seen + tied:  # the count ends here
-                return d.mul_(self.keep(d.abs()).to(d.dtype))
+                return d.mul_(self.keep(mag).to(d.dtype))
             self.seen += tied
-            if self.seen > self.room:  # no room left for this block's tied entries
-                return d.mul_(side.clamp_(min=0))
-        return d.mul_(side.add_(1).clamp_(max=1))  # |d| ≥ v as 0/1
+            strict = self.seen > self.room
+        return keep_(d, self.value, strict)
 
     def keep(self, mag: torch.Tensor) -> torch.Tensor:
         if not self.limited:  # every entry equal to the threshold is kept
@@ -72,6 +71,26 @@ class Cut:
             tied &= tied.reshape(-1).cumsum(0).reshape(tied.shape) + self.seen <= self.room
         self.seen += count
         return keep | tied
+
+
+def keep_(d: torch.Tensor, value: float, strict: bool) -> torch.Tensor:
+    """``d *= (|d| > value if strict else |d| ≥ value)``: trim's ``t * keep``, in place. On
+    the CPU through NumPy, whose comparisons and bool-mask products run 4-10x faster than
+    torch's there (same IEEE products: x·1 and x·0, signed zeros included)."""
+    if d.device.type == "cpu":
+        x, v = d.numpy(), np.float32(value)
+        np.multiply(x, np.abs(x) > v if strict else np.abs(x) >= v, out=x)
+        return d
+    return d.mul_((d.abs() > value if strict else d.abs() >= value).to(d.dtype))
+
+
+def mask_(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``d *= keep`` for a bool mask (DARE's), in place; NumPy on the CPU as :func:`keep_`."""
+    if d.device.type == "cpu":
+        x = d.numpy()
+        np.multiply(x, keep.numpy(), out=x)
+        return d
+    return d.mul_(keep.to(d.device, d.dtype))
 
 
 def row_plan(terms: list[Term]) -> list[tuple[int, int]]:
@@ -147,7 +166,7 @@ def merge_rows(terms: list[Term], select: str, step: Step, weights: torch.Tensor
                 if select == "trim":
                     cuts[i].apply_(st[i])
                 else:
-                    st[i].mul_(masks[i][r0:r1].to(dev, torch.float32)).div_(density)
+                    mask_(st[i], masks[i][r0:r1]).div_(density)
             out[r0:r1] = step(st, weights, opts)
             if y is not None and probe is not None:
                 torch.mm(out[r0:r1], probe, out=y[r0:r1])
@@ -177,10 +196,9 @@ def threshold(deltas: Deltas, i: int, term: Term, density: float,
     lo, hi = _bracket(deltas.a[i], term, 1.0 - k / total)
     above, inside = 0, []
     for r0, r1 in rows:
-        mag = deltas.one(i, r0, r1).abs_()
-        over = mag > hi
-        above += int(torch.count_nonzero(over))
-        inside.append(mag[over.logical_xor_(mag >= lo)])  # lo ≤ |τ| ≤ hi (over ⊂ ≥ lo)
+        n_over, between = _split(deltas.one(i, r0, r1).abs_(), lo, hi)
+        above += n_over
+        inside.append(between)
     cand = torch.cat(inside)
     want = k - above  # the k-th largest overall is the want-th largest inside the bracket
     if not 0 < want <= cand.numel():  # the sample missed: select over the whole |τ|
@@ -191,6 +209,16 @@ def threshold(deltas: Deltas, i: int, term: Term, density: float,
     room = k - strictly
     tied = int(torch.count_nonzero(cand == value))
     return Cut(float(value), room, tied > room)
+
+
+def _split(mag: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """How many entries of ``mag`` exceed ``hi``, and those in ``[lo, hi]`` (NumPy on the
+    CPU: its comparisons and boolean selection run ~5x faster than torch's there)."""
+    if mag.device.type == "cpu":
+        x, lo32, hi32 = mag.numpy(), np.float32(lo), np.float32(hi)
+        return int(np.count_nonzero(x > hi32)), torch.from_numpy(x[(x >= lo32) & (x <= hi32)])
+    over = mag > hi
+    return int(torch.count_nonzero(over)), mag[over.logical_xor_(mag >= lo)]
 
 
 def _bracket(a32: torch.Tensor, term: Term, q: float) -> tuple[float, float]:
