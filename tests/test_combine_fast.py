@@ -12,9 +12,11 @@ from click.testing import CliRunner
 
 from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.cli import cli
+from lora_tools.editing.combine import combine
 from lora_tools.math.deltas import lora_scale
+from lora_tools.math.lowrank import stacked_norm
 from lora_tools.methods.combine import METHODS, Options, Term, dare_ties, magnitude_prune, ties
-from lora_tools.methods.combine.base import FULL_SVD_UP_TO, truncate
+from lora_tools.methods.combine.base import FULL_SVD_UP_TO, OVERSAMPLE, truncate_sketched
 from lora_tools.methods.combine.dense import trim
 
 M, N = FULL_SVD_UP_TO + 44, FULL_SVD_UP_TO + 144  # above the full-SVD cut: the fast path
@@ -50,11 +52,38 @@ def test_randomized_truncation_is_near_the_optimal_one(name: str) -> None:
     assert optimal <= got <= optimal * (1 + 1e-4)
 
 
-def test_truncate_recovers_an_exact_low_rank_matrix() -> None:
+def test_sketched_truncation_recovers_an_exact_low_rank_matrix() -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(M, 6, generator=g) @ torch.randn(6, N, generator=g)
-    a, b = truncate(x, 6, 1.0, exact=False)
+    omega = torch.linalg.qr(torch.randn(N, 6 + OVERSAMPLE, generator=g)).Q
+    a, b = truncate_sketched(x, x @ omega, 6, 1.0)
     assert tail_error(x, a, b, 1.0) < 1e-5
+
+
+def test_error_report_from_r_factors_is_the_svd_norm() -> None:
+    g = torch.Generator().manual_seed(3)
+    pairs = [(torch.randn(4, 50, generator=g), torch.randn(70, 4, generator=g), s)
+             for s in (0.7, -1.3)]
+    dense = sum(s * b.double() @ a.double() for a, b, s in pairs)
+    assert stacked_norm(pairs) == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_modules_side_by_side_give_the_same_file(tmp_path: Path, method: str) -> None:
+    g = torch.Generator().manual_seed(4)
+    ins = []
+    for k in range(2):
+        mods = [FactorModule(f"model.layers.{i}.mlp.down_proj", torch.randn(4, N, generator=g),
+                             torch.randn(M, 4, generator=g) * 0.01, 8.0) for i in range(3)]
+        save_adapter(mods, tmp_path / f"in{k}", "peft")
+        ins.append(tmp_path / f"in{k}")
+    outs = []
+    for workers in (1, 3):
+        out = tmp_path / f"out{workers}"
+        combine(ins, out, weights=[0.6, 0.4], method=method, density=0.3, seed=1,
+                device="cpu", threads=workers)
+        outs.append((out / "adapter_model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
 
 
 def test_trim_keeps_peft_topk_set_and_the_count_on_ties() -> None:

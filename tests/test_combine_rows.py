@@ -82,10 +82,12 @@ def test_nothing_kept_gives_zeros_and_bf16_factors(small_blocks: None) -> None:
     assert same_bits(got, want)
 
 
-def test_dare_masks_drawn_by_blocks_are_the_whole_draw() -> None:
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.77, 1e-3])
+def test_dare_masks_drawn_by_blocks_are_the_whole_draw(density: float) -> None:
     plan = [(0, 64), (64, 150), (150, 300)]
-    mask = rows_mod.keep_mask(300, 33, 0.3, torch.Generator().manual_seed(2), plan)
-    whole = torch.bernoulli(torch.full((300, 33), 0.3), generator=torch.Generator().manual_seed(2))
+    mask = rows_mod.keep_mask(300, 33, density, torch.Generator().manual_seed(2), plan)
+    whole = torch.bernoulli(torch.full((300, 33), density),
+                            generator=torch.Generator().manual_seed(2))
     assert torch.equal(mask, whole.bool())
 
 

@@ -99,37 +99,6 @@ def split(svd: FactorSVD, k: int, scale: float) -> tuple[torch.Tensor, torch.Ten
     return root[:, None] * svd.vh[:k], svd.u[:, :k] * root[None, :]
 
 
-def top_k_svd(x: torch.Tensor, k: int, *, oversample: int = 16, tol: float = 1e-7,
-              max_iter: int = 40, seed: int = 0
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (m, k), σ (k,), Vᵀ (k, n) of the best rank-k approximation of a dense ``x`` found by
-    seeded randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4).
-
-    Each step costs two (m×n)·(n×l) products, width l = k + ``oversample``, instead of a
-    full SVD's O(m·n·min(m, n)): ``Z = xᵀQ`` (so ``Qᵀx = Zᵀ = Rᵀ Q_Zᵀ`` by a thin QR of
-    Z, whose l×l ``R`` gives the singular values and vectors of ``Qᵀx`` for free), then
-    ``Q ← qr(x Q_Z)``. It stops when the energy ``Σⱼ≤k σⱼ²`` the subspace holds grows by
-    less than ``tol``·‖x‖²_F in a step (that energy rises towards the optimum, and
-    ‖x − x_k‖²_F = ‖x‖²_F − Σⱼ≤k σⱼ², so a stalled energy means an error near the
-    Eckart–Young one; a heuristic, not a bound: callers measure the error they get). The
-    start block is drawn on the CPU from ``seed``: the same input gives the same factors
-    on every device.
-    """
-    width = min(k + oversample, *x.shape)
-    start = torch.randn(x.shape[1], width, generator=torch.Generator().manual_seed(seed))
-    q = torch.linalg.qr(x @ start.to(x.device, x.dtype)).Q
-    total, before = float(x.square().sum()), -1.0
-    for step in range(max_iter):
-        qz, rz = torch.linalg.qr(x.T @ q)  # xᵀq = Q_Z R: qᵀx = Rᵀ Q_Zᵀ
-        ur, s, vrh = torch.linalg.svd(rz.T)
-        energy = float(s[:k].double().square().sum())
-        if energy - before <= tol * total or step == max_iter - 1:
-            break
-        before = energy
-        q = torch.linalg.qr(x @ qz).Q
-    return q @ ur[:, :k], s[:k], vrh[:k] @ qz.T
-
-
 @contextmanager
 def lapack_one_thread(device: torch.device) -> Iterator[None]:
     """Run small CPU LAPACK calls (tall-skinny QR, an l×l SVD) on one thread.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_tools.errors import UsageError
-from lora_tools.math.lowrank import sketched_svd, top_k_svd
+from lora_tools.math.lowrank import sketched_svd
 from lora_tools.math.threads import threads
 
 MAJORITY_SIGN = ("total", "frequency")
@@ -103,19 +103,15 @@ def equal_rank(ranks: list[int], dims: tuple[int, int], rank: int | None,
 
 def truncate(target: torch.Tensor, k: int, out_scale: float, exact: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-k factors of a dense ``target`` (m, n): A (k, n), B (m, k), √σ each side.
+    """Best rank-k factors of a dense ``target`` (m, n) by a full thin SVD: A (k, n), B (m, k),
+    √σ each side.
 
-    The dense methods end here, as PEFT's ``*_svd`` combinations and kohya's
-    ``svd_merge_lora.py`` do: a thin SVD (fp32, like theirs) and Eckart–Young truncation.
-    Unless ``exact``, a matrix whose smaller side exceeds :data:`FULL_SVD_UP_TO` goes
-    through seeded randomized subspace iteration instead (``math.lowrank.top_k_svd``): a
-    full SVD of a 2048×5632 module takes ~45 s on two cores, the iteration ~1 s.
+    The dense methods end here on small modules and with ``--exact-svd``, as PEFT's
+    ``*_svd`` combinations and kohya's ``svd_merge_lora.py`` do (fp32, like theirs, and
+    Eckart–Young truncation); larger ones go through :func:`truncate_sketched` (a full SVD
+    of a 2048×5632 module takes ~45 s on two cores). ``exact`` is kept for callers' clarity.
     """
-    target = target.float()
-    if exact or min(target.shape) <= FULL_SVD_UP_TO:
-        u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    else:
-        u, s, vh = top_k_svd(target, k)
+    u, s, vh = torch.linalg.svd(target.float(), full_matrices=False)
     root = (s[:k].double() / out_scale).sqrt()
     return root[:, None] * vh[:k].double(), u[:, :k].double() * root[None, :]
 

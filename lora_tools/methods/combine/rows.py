@@ -176,11 +176,17 @@ def merge_rows(terms: list[Term], select: str, step: Step, weights: torch.Tensor
 def keep_mask(m: int, n: int, density: float, generator: torch.Generator | None,
               rows: list[tuple[int, int]]) -> torch.Tensor:
     """DARE's Bernoulli(density) keep-mask for one (m, n) task tensor, on the CPU, drawn
-    block by block in row order: the stream ``drop`` takes in one draw."""
+    block by block in row order: the stream ``drop`` takes in one draw.
+
+    ``torch.bernoulli`` of a float tensor draws one float uniform per entry, serially, and
+    keeps it below p: ``torch.rand(...) < p`` is the same stream, the same mask bit for bit
+    (tested) at half the cost, the comparison in NumPy (fp32, as bernoulli's).
+    """
     mask = torch.empty(m, n, dtype=torch.bool)
+    p = np.float32(density)
     for r0, r1 in rows:
-        mask[r0:r1] = torch.bernoulli(torch.full((r1 - r0, n), density, dtype=torch.float32),
-                                      generator=generator).bool()
+        u = torch.rand((r1 - r0, n), dtype=torch.float32, generator=generator)
+        np.less(u.numpy(), p, out=mask[r0:r1].numpy())
     return mask
 
 
