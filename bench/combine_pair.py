@@ -133,6 +133,9 @@ def whole_table(base: Path, paths: list[Path], out: Path, runs: int, dense_runs:
             f"{us['rss'] / 2**20:.0f} / —"
         print(f"| {method} | {us['wall']:.2f} | {e2e} | {us['seconds']:.2f} | {alone} | {mem} | "
               f"{us['mean_err']:.2e} / {us['max_err']:.2e} |", flush=True)
+    one = ours_cli(paths, out, "ties", {"density": 0.2, "threads": 1}, dense_runs)
+    print(f"\nties with --threads 1 (modules one after another; the default runs one per "
+          f"core side by side): CLI {one['wall']:.2f} s, combine() {one['seconds']:.2f} s")
     print(f"load average after {load()}")
 
 
@@ -150,7 +153,13 @@ def ours_part(paths: list[Path], out: Path, method: str, opts: dict[str, Any], r
     return statistics.median(walls), max(errs)
 
 
-def peft_part(paths: list[Path], runs: int) -> Iterator[tuple[str, float, float]]:
+def part_runs(method: str, runs: int, dense_runs: int) -> int:
+    """PEFT's SVD methods take ~10-60 s each even on the part: ``dense_runs`` of them."""
+    return runs if PEFT_NAME[method] in PEFT_WHOLE else dense_runs
+
+
+def peft_part(paths: list[Path], runs: int, dense_runs: int
+              ) -> Iterator[tuple[str, float, float]]:
     """PEFT's add_weighted_adapter per method on the part: (method, median seconds, largest
     relative error against the exact weighted sum of its own get_delta_weight)."""
     from common import llama_config
@@ -166,7 +175,7 @@ def peft_part(paths: list[Path], runs: int) -> Iterator[tuple[str, float, float]
     for method, opts in RUNS:
         kw = {"density": opts["density"]} if "density" in opts else {}
         walls = []
-        for _ in range(runs):
+        for _ in range(part_runs(method, runs, dense_runs)):
             torch.manual_seed(0)
             t = time.perf_counter()
             pm.add_weighted_adapter(["a0", "a1"], WEIGHTS, "out",
@@ -183,13 +192,16 @@ def peft_part(paths: list[Path], runs: int) -> Iterator[tuple[str, float, float]
         yield method, statistics.median(walls), worst
 
 
-def part_table(paths: list[Path], out: Path, modules: list[str], runs: int) -> None:
+def part_table(paths: list[Path], out: Path, modules: list[str], runs: int,
+               dense_runs: int) -> None:
     torch.set_num_threads(1)  # both tools on one thread, in this process
     print(f"\nlayer 0, {', '.join(modules)}: combine() against PEFT add_weighted_adapter "
-          f"(adapters in memory), one thread, medians of {runs}, load average {load()}")
+          f"(adapters in memory), one thread, medians of {runs} ({dense_runs} for PEFT's "
+          f"SVD methods), load average {load()}")
     print("| method (PEFT name) | lora-tools (s) | PEFT (s) | ratio | max rel. error "
           "lora-tools | PEFT |\n|---|---|---|---|---|---|")
-    for (method, pw, perr), (_, opts) in zip(peft_part(paths, runs), RUNS, strict=True):
+    for (method, pw, perr), (_, opts) in zip(peft_part(paths, runs, dense_runs), RUNS,
+                                             strict=True):
         wall, err = ours_part(paths, out, method, opts, runs)
         print(f"| {method} ({PEFT_NAME[method]}) | {wall:.3f} | {pw:.3f} | {wall / pw:.3f} | "
               f"{err:.2e} | {perr:.2e} |", flush=True)
@@ -208,7 +220,7 @@ def pair(runs: int, dense_runs: int, peft_modules: list[str], whole: bool = True
             for s, p in zip((1, 2), small, strict=True)]
     print(f"1B pair: rank 16 x 2 on {BASE.name}, weights {WEIGHTS}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, load average {load()}")
-    part_table(part, WORK / "out", peft_modules, runs)
+    part_table(part, WORK / "out", peft_modules, runs, dense_runs)
     if whole:
         whole_table(base, both, WORK / "out-pair", runs, dense_runs)
     sys.stdout.flush()

@@ -60,7 +60,7 @@ def parse_weights(value: str | None) -> list[float] | None:
               help="Factor dtype of the output (fp32, fp16, bf16); default: the widest input.")
 @click.option("--exact-svd", is_flag=True,
               help="ties, dare_*, magnitude_prune: go back to rank R by a full SVD of each "
-                   "ΔW (slow on large modules) instead of seeded randomized iteration.")
+                   "ΔW (slow on large modules) instead of a seeded randomized sketch.")
 @click.option("--threads", type=click.IntRange(1, 256), metavar="N",
               help="Modules computed side by side (default: one per core for ties, dare_* "
                    "and magnitude_prune on the CPU); the output is the same bits whatever N.")

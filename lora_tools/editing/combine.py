@@ -136,9 +136,9 @@ def combine(adapter_paths: list[str | Path], out: str | Path, *,
 def method_notes(spec: CombineMethod, exact_svd: bool) -> list[str]:
     notes = [spec.note] if spec.note else []
     if spec.uses_density and not exact_svd:  # the dense methods: say how rank R was reached
-        notes.append(f"rank R by seeded randomized subspace iteration on modules over "
-                     f"{FULL_SVD_UP_TO} on each side (full SVD below; --exact-svd for all); "
-                     "the errors are measured on the result")
+        notes.append("rank R by a randomized sketch (start: the inputs' row spaces, one "
+                     f"subspace step) on modules over {FULL_SVD_UP_TO} on each side (full SVD "
+                     "below; --exact-svd for all); the errors are measured on the result")
     return notes
 
 
