@@ -73,7 +73,7 @@ else
 fi
 
 section "combine against PEFT add_weighted_adapter (issue 18/19, bench/combine.py)"
-optional bench/combine.py --layers 1 -- --peft
+optional bench/combine.py --layers 1 -- --pair --runs 3 --dense-runs 1
 section "extract against a full-SVD loop and mergekit (bench/extract.py; 2 blocks of the 1B, 14 weights)"
 optional bench/extract.py --runs 1 -- --layers 2 --runs 1
 section "resize in factor space (bench/resize.py)"

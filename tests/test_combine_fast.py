@@ -14,7 +14,7 @@ from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.cli import cli
 from lora_tools.editing.combine import combine
 from lora_tools.math.deltas import lora_scale
-from lora_tools.math.lowrank import stacked_norm
+from lora_tools.math.lowrank import stacked_norms
 from lora_tools.methods.combine import METHODS, Options, Term, dare_ties, magnitude_prune, ties
 from lora_tools.methods.combine.base import FULL_SVD_UP_TO, OVERSAMPLE, truncate_sketched
 from lora_tools.methods.combine.dense import trim
@@ -64,8 +64,10 @@ def test_error_report_from_r_factors_is_the_svd_norm() -> None:
     g = torch.Generator().manual_seed(3)
     pairs = [(torch.randn(4, 50, generator=g), torch.randn(70, 4, generator=g), s)
              for s in (0.7, -1.3)]
-    dense = sum(s * b.double() @ a.double() for a, b, s in pairs)
-    assert stacked_norm(pairs) == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-12)
+    dense = [s * b.double() @ a.double() for a, b, s in pairs]
+    first, both = stacked_norms(pairs, 1)
+    assert first == pytest.approx(float(torch.linalg.matrix_norm(dense[0])), rel=1e-12)
+    assert both == pytest.approx(float(torch.linalg.matrix_norm(dense[0] + dense[1])), rel=1e-12)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])

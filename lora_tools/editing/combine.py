@@ -47,7 +47,7 @@ from lora_tools.engine.progress import track
 from lora_tools.errors import UsageError
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.math.finite import check_finite
-from lora_tools.math.lowrank import stacked_norm
+from lora_tools.math.lowrank import stacked_norms
 from lora_tools.methods.combine import CombineMethod, Options, Term, get_method
 from lora_tools.methods.combine.base import FULL_SVD_UP_TO, MAJORITY_SIGN
 from lora_tools.modules.lora import load_factors
@@ -255,8 +255,8 @@ def _term(mb: Member, dev: torch.device) -> Term:
 def rel_error(terms: list[Term], a: torch.Tensor, b: torch.Tensor, out_scale: float) -> float:
     """‖s_out·B@A − Σᵢ wᵢsᵢ·Bᵢ@Aᵢ‖_F / ‖Σᵢ wᵢsᵢ·Bᵢ@Aᵢ‖_F, from R factors of stacked factors
     (fp64, rank Σrᵢ + k work; the m×n matrices are never formed)."""
-    exact = stacked_norm([(t.a, t.b, t.factor) for t in terms])
-    diff = stacked_norm([(a, b, out_scale)] + [(t.a, t.b, -t.factor) for t in terms])
+    exact, diff = stacked_norms([(t.a, t.b, -t.factor) for t in terms] + [(a, b, out_scale)],
+                                len(terms))
     if exact == 0:
         return 0.0 if diff == 0 else math.inf
     return diff / exact

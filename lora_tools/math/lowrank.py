@@ -75,18 +75,21 @@ def stacked_svd(pairs: list[tuple[torch.Tensor, torch.Tensor, float]],
     return factor_svd(a_cat, b_cat, 1.0, dtype)
 
 
-def stacked_norm(pairs: list[tuple[torch.Tensor, torch.Tensor, float]],
-                 dtype: torch.dtype = torch.float64) -> float:
-    """‖Σ sᵢ · Bᵢ @ Aᵢ‖_F without the m×n matrix: ‖R_B R_Aᵀ‖_F from the R factors of thin
-    QRs of the stacked factors (Q orthonormal; Q never formed, no SVD). Backward stable, so
+def stacked_norms(pairs: list[tuple[torch.Tensor, torch.Tensor, float]], lead: int,
+                  dtype: torch.dtype = torch.float64) -> tuple[float, float]:
+    """(‖Σᵢ<lead sᵢ·Bᵢ@Aᵢ‖_F, ‖Σᵢ sᵢ·Bᵢ@Aᵢ‖_F) without an m×n matrix, from one thin QR of
+    each stacked side: ‖B A‖_F = ‖R_B R_Aᵀ‖_F (Q orthonormal, never formed, no SVD), and
+    the R of a QR's leading columns is the R of those columns alone. Backward stable, so
     the tiny difference an exact method leaves is measured to fp64 precision, which a Gram
     matrix (squaring the condition) would not."""
     a_cat = torch.cat([flatten_factors(a, b)[0].to(dtype) for a, b, _ in pairs], dim=0)
     b_cat = torch.cat([flatten_factors(a, b)[1].to(dtype) * s for a, b, s in pairs], dim=1)
+    width = sum(int(a.shape[0]) for a, _, _ in pairs[:lead])
     with lapack_one_thread(a_cat.device):
         rb = torch.linalg.qr(b_cat, mode="r").R
         ra = torch.linalg.qr(a_cat.T, mode="r").R
-    return float(torch.linalg.matrix_norm(rb @ ra.T))
+    part = torch.linalg.matrix_norm(rb[:, :width] @ ra[:, :width].T)
+    return float(part), float(torch.linalg.matrix_norm(rb @ ra.T))
 
 
 def split(svd: FactorSVD, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
