@@ -19,14 +19,15 @@ from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.math import deltas as ops
 from lora_tools.math.ulp import same_bits, step
 from lora_tools.merging.merge import merge
-from lora_tools.merging.preimage import prove, replay
+from lora_tools.merging.preimage import _interval, _searched, prove, replay
 from lora_tools.merging.unmerge import unmerge
 
 
 def _edge_base(g: torch.Generator, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A base whose merge hits powers of two, near-cancellations, or nothing special."""
+    """A base whose merge hits powers of two, near-cancellations, or nothing special, or
+    a base at or next to zero (±0, the smallest subnormals: two keys for one value)."""
     shape = d.shape
-    kind = torch.randint(0, 3, shape, generator=g)
+    kind = torch.randint(0, 4, shape, generator=g)
     exps = torch.randint(-9, 1, shape, generator=g).double()
     signs = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0).double()
     target = torch.where(kind == 0, signs * 2.0**exps, torch.zeros(shape, dtype=torch.float64))
@@ -39,7 +40,10 @@ def _edge_base(g: torch.Generator, d: torch.Tensor, dtype: torch.dtype) -> torch
         w = torch.where(steps > 0, up, torch.where(steps < 0, down, w))
         steps = steps - steps.sign()
     plain = (torch.randn(shape, generator=g) * 0.05).to(dtype)
-    return torch.where(kind == 2, plain, w)
+    tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+    near0 = (torch.randint(-2, 3, shape, generator=g) * tiny).to(dtype)
+    near0 = torch.where(torch.rand(shape, generator=g) < 0.5, near0, -near0)  # -0 too
+    return torch.where(kind == 2, plain, torch.where(kind == 3, near0, w))
 
 
 def _case(tmp: Path, seed: int, dtype: torch.dtype, pair: bool) -> tuple[Path, list[Path]]:
@@ -112,3 +116,31 @@ def test_proof_matches_an_exhaustive_search(seed: int, pair: bool, wrong: bool,
     far = torch.where(hits, (cands[:, None, None].double() - proof.unmerged.double()).abs(),
                       torch.zeros((), dtype=torch.float64)).amax(0)
     assert bool((far <= proof.bound_abs.double()).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), pair=st.booleans(), wrong=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
+def test_fast_proof_agrees_with_the_full_search(seed: int, pair: bool, wrong: bool,
+                                                dtype: torch.dtype) -> None:
+    """The proof that replays u0 and its neighbours only, searching the rest, against the
+    bisection with its interval run on every element (fp32 too, where no exhaustive
+    search is possible): the same output, "exact" and "unreachable", a bound no looser."""
+    g = torch.Generator().manual_seed(seed)
+    terms = [ops.linear_delta(torch.randn(2, 64, generator=g), torch.randn(48, 2, generator=g),
+                              -0.1) for _ in range(2 if pair else 1)]
+    w = _edge_base(g, -sum(terms), dtype)  # type: ignore[arg-type]
+    m = replay(w, terms, dtype)
+    if wrong:
+        m = torch.where(torch.rand(m.shape, generator=g) < 0.5, step(m, 1), m)
+    acc = m.float()
+    for t in terms:
+        acc = acc + t
+    u = acc.to(dtype)
+    proof = prove(m, terms, u, early_roundings=len(terms))
+    full = _searched(m, terms, u, *_interval(m, terms, u, len(terms)))
+    assert torch.equal(same_bits(proof.unmerged, full.unmerged), torch.ones_like(proof.exact))
+    assert torch.equal(proof.exact, full.exact)
+    assert torch.equal(proof.unreachable, full.unreachable)
+    assert bool((proof.bound_abs.double() <= full.bound_abs.double()).all())
+    assert bool((proof.bound_abs[proof.exact] == 0).all())

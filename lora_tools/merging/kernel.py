@@ -8,8 +8,8 @@ and :mod:`lora_tools.math.deltas` holds the formula of each layout.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -20,11 +20,15 @@ from lora_tools.errors import NumericError
 from lora_tools.math.finite import check_finite, check_result
 from lora_tools.modules.registry import load_factors, module_delta, row_blockable
 
-# (name, input tensor as stored, the terms sign·wᵢ·ΔWᵢ in the order added, rounded output):
-# sees each adapted tensor as it streams by and may return a corrected output (unmerge's
-# preimage search and exactness report). fp32 terms are exactly those added.
-Observer = Callable[[str, torch.Tensor, list[torch.Tensor], torch.Tensor],
-                    torch.Tensor | None]
+
+class Observer(Protocol):
+    """Sees each adapted tensor as it streams by, whole or as row blocks from row ``start``
+    (plain LoRA linears on the CPU go by cache-sized blocks): its input as stored, the
+    terms sign·wᵢ·ΔWᵢ in the order added (fp32 ones exactly those added) and the rounded
+    output; may return a corrected output (unmerge's preimage search and report)."""
+
+    def __call__(self, name: str, w: torch.Tensor, terms: list[torch.Tensor],
+                 result: torch.Tensor, start: int = 0, /) -> torch.Tensor | None: ...
 
 
 @dataclass
@@ -34,8 +38,8 @@ class DeltaSum:
     ``terms`` holds (adapter, match, weight) in the order the deltas are added; the result
     is rounded once to the output dtype and left on ``device`` (the engine moves it).
     ``replace`` names a whole tensor saved in an adapter that PEFT loads over the base
-    before merging; ``observe(name, W, [ΔWᵢ], result)`` sees each whole tensor.
-    Either makes the tensor run whole.
+    before merging; ``observe(name, W, [ΔWᵢ], result, start)`` sees each tensor (whole,
+    or by cache-sized row blocks). Either makes the tensor run whole in the engine.
     """
 
     terms: list[tuple[Adapter, Match, float]]
@@ -88,7 +92,7 @@ class DeltaSum:
         return self.device.type != "cpu"
 
     def _cache_blocks(self) -> bool:
-        return self.device.type == "cpu" and self.replace is None and self.observe is None \
+        return self.device.type == "cpu" and self.replace is None \
             and all(m.module.kind == LINEAR and m.module.type == "lora"
                     and not m.module.fan_in_fan_out for _, m, _ in self.terms)
 
@@ -117,7 +121,9 @@ class DeltaSum:
         result = torch.empty(w.shape, dtype=out, device=self.device)
         row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
         for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
-            result[b0:b1] = self._fused_block(w[b0:b1], start + b0, factors)
+            result[b0:b1] = (self._fused_block(w[b0:b1], start + b0, factors)
+                             if self.observe is None else
+                             self._observed_block(name, w[b0:b1], start + b0, factors, out))
         # One check of the rounded rows: NaN/Inf in the base or an fp32 overflow reach
         # them, and rounding to bf16 can overflow a finite fp32 sum.
         check_result(result, w, name)
@@ -143,6 +149,23 @@ class DeltaSum:
                 acc = w.to(self.device, torch.float32, copy=True)
             acc[at:at + delta.shape[0]] += delta
         return w.to(self.device, torch.float32, copy=True) if acc is None else acc
+
+    def _observed_block(self, name: str, w: torch.Tensor, start: int,
+                        factors: list[tuple[torch.Tensor, ...]], out: torch.dtype
+                        ) -> torch.Tensor:
+        """Rows from ``start`` as :meth:`_fused_block` sums them (``W + d`` is ``d + W``),
+        rounded and shown to the observer with each term over the whole block."""
+        assert self.observe is not None
+        acc = w.to(self.device, torch.float32, copy=True)
+        terms = []
+        for (_, match, weight), f in zip(self.terms, factors):
+            placed = placed_delta(match, f, match.module.scale * weight, tuple(w.shape), start)
+            if placed is not None:
+                acc[placed[0]:placed[0] + placed[1].shape[0]] += placed[1]
+                terms.append(_over(placed, tuple(w.shape)))
+        block = acc.to(out)
+        seen = self.observe(name, w, terms, block, start)
+        return block if seen is None else seen
 
     def _finish_check(self, name: str) -> None:
         """The deferred device check of a tensor run by blocks without host syncs. Its
@@ -219,3 +242,13 @@ def placed_delta(match: Match, f: tuple[torch.Tensor, ...], factor: float,
     m0 = s0 + lo - d0
     d = module_delta(match.module, f, factor, (hi - lo, *shape[1:]), rows=(m0, m0 + hi - lo))
     return lo - start, d
+
+
+def _over(placed: tuple[int, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """A delta placed at row ``at`` as a term over all ``shape``: the other rows add 0."""
+    at, delta = placed
+    if tuple(delta.shape) == shape:
+        return delta
+    full = torch.zeros(shape, dtype=delta.dtype, device=delta.device)
+    full[at:at + delta.shape[0]] = delta
+    return full

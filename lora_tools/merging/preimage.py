@@ -14,6 +14,12 @@ element and without any error analysis:
   interval of reals that could round to ``M`` (shifted by ``−Σ dᵢ``) holds no
   representable number; then no base merges to ``M`` with these adapters.
 
+Cost: one replay of ``u₀`` and one of its two neighbours (both at once, found by integer
+arithmetic on the bit patterns: ``torch.nextafter`` is slow in 16 bits) settle nearly every
+element. Only the rest (a neighbour merges to ``M`` too, ``u₀`` does not, or a zero is near)
+goes on, gathered: two steps out for the bound, and the bisection below with its interval
+for what that leaves (``u₀`` not merging back, zeros, runs longer than three).
+
 When the merge cannot be replayed (whole-tensor work whose total comes as one fp64 term,
 or an output dtype unlike MERGED's), the interval alone decides, widened by the fp32
 roundings the merge made before its last one.
@@ -41,6 +47,8 @@ class Proof:
     exact: torch.Tensor
     unreachable: torch.Tensor
     bound_abs: torch.Tensor
+    # flat indices outside which ``bound_abs`` is 0 and ``unreachable`` false (None: any)
+    loose: torch.Tensor | None = None
 
 
 def replay(base: torch.Tensor, deltas: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -66,9 +74,9 @@ def prove(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor,
     ``early_roundings``: fp32 roundings the merge made before its last one (they widen
     the interval). All tensors have the same shape; ``M`` and ``u`` in their dtypes.
     """
-    lo, hi = _interval(m, deltas, u, early_roundings)
     if replayable(m, deltas, u):
-        return _searched(m, deltas, u, lo, hi)
+        return _fast(m, deltas, u, early_roundings)
+    lo, hi = _interval(m, deltas, u, early_roundings)
     empty = _no_representable(lo, hi, u.dtype)
     # Without a replay: step inwards when round-to-nearest fell just outside.
     wd = lo.dtype
@@ -79,6 +87,74 @@ def prove(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor,
     u64 = u.to(wd)
     exact = (below < lo) & (above > hi) & (lo <= u64) & (u64 <= hi)
     return Proof(u, exact, empty, _bound(u, lo, hi, exact))
+
+
+_INTS = {2: torch.int16, 4: torch.int32}
+
+
+def _key(bits: torch.Tensor) -> torch.Tensor:
+    """Integer keys in the order of the values whose bit patterns are ``bits`` (int16 or
+    int32), consecutive for neighbours, −0 one below +0; applied to keys it gives the bits."""
+    s = 8 * bits.element_size() - 1
+    return bits ^ ((bits >> s) & ((1 << s) - 1))
+
+
+def _merges(keys: torch.Tensor, deltas: list[torch.Tensor], m_bits: torch.Tensor,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Whether the bases with these keys merge to ``M`` (bit for bit); keys may be (k, n)
+    for k candidates per element."""
+    return replay(_key(keys).view(dtype), deltas, dtype).view(m_bits.dtype) == m_bits
+
+
+def _fast(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
+          early_roundings: int) -> Proof:
+    """The replayed proof: ``u₀`` and both neighbours replayed for every element; the few
+    elements that leaves open go on in :func:`_loose`."""
+    shape, dtype = u0.shape, u0.dtype
+    ints = _INTS[u0.element_size()]
+    m, u0 = m.to(dtype).reshape(-1), u0.reshape(-1)
+    deltas = [d.reshape(-1) for d in deltas]
+    mb, k = m.view(ints), _key(u0.view(ints))
+    found = _merges(k, deltas, mb, dtype)
+    side = _merges(k + torch.tensor([[-1], [1]], dtype=ints), deltas, mb, dtype)
+    exact = found & ~(side[0] | side[1])
+    loose = (~exact).nonzero().squeeze(1)
+    u, unreachable = u0, torch.zeros_like(exact)
+    bound = torch.zeros(u0.shape, dtype=torch.float32 if ints == torch.int16
+                        else torch.float64)
+    if loose.numel():
+        u = u0.clone()
+        sub = _loose(m[loose], [d[loose] for d in deltas], u0[loose], k[loose],
+                     found[loose], side[:, loose], early_roundings)
+        u[loose], exact[loose], unreachable[loose], bound[loose] = (
+            sub.unmerged, sub.exact, sub.unreachable, sub.bound_abs.to(bound.dtype))
+    return Proof(u.reshape(shape), exact.reshape(shape), unreachable.reshape(shape),
+                 bound.reshape(shape), loose)
+
+
+def _loose(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor, k: torch.Tensor,
+           found: torch.Tensor, side: torch.Tensor, early_roundings: int) -> Proof:
+    """Elements (1-d) where ``u₀`` or a neighbour does not settle it alone: where ``u₀``
+    merges and no base two steps out on a merging side does, the bases that merge are
+    ``u₀`` and those neighbours (they form a run), and the bound is the gap to them;
+    the rest (``u₀`` not merging, a zero within two steps, longer runs) is searched."""
+    dtype, ints = u0.dtype, k.dtype
+    far = _merges(k + torch.tensor([[-2], [2]], dtype=ints), deltas, m.view(ints), dtype)
+    # ±0 are one value to the search (the interval's), two keys here: leave them to it
+    settled = found & ~(side & far).any(0) & ((k < -3) | (k > 2))
+    steps = _key(k + torch.tensor([[-1], [1]], dtype=ints)).view(dtype)
+    wd = torch.float32 if ints == torch.int16 else torch.float64
+    gap = ((steps.to(wd) - u0.to(wd)).abs() * side).amax(0)
+    proof = Proof(u0.clone(), torch.zeros_like(found), torch.zeros_like(found), gap)
+    hard = (~settled).nonzero().squeeze(1)
+    if hard.numel():
+        mh, uh, dh = m[hard], u0[hard], [d[hard] for d in deltas]
+        lo, hi = _interval(mh, dh, uh, early_roundings)
+        got = _searched(mh, dh, uh, lo, hi)
+        proof.unmerged[hard], proof.exact[hard], proof.unreachable[hard] = (
+            got.unmerged, got.exact, got.unreachable)
+        proof.bound_abs[hard] = got.bound_abs.to(wd)
+    return proof
 
 
 def _searched(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,

@@ -101,27 +101,42 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
                          "the merge computed it, on the CPU; use --device cpu (the default), "
                          "or --check-base BASE to measure against the real base on the GPU")
     base = open_checkpoint(check_base) if check_base is not None else None
-    stats: list[TensorExactness] = []
+    merged = open_checkpoint(merged_path)
+    stats: dict[str, TensorExactness] = {}  # in stream order; blocks of a tensor summed
+    held: dict[str, torch.Tensor] = {}  # --check-base: the base tensor being compared
 
     # fp32 roundings the merge made before its final one: one per extra adapter, plus the
     # fp32 sum itself when the output is 16-bit (they widen the interval of the proof).
     extra = len(adapter_paths) - 1
 
-    def observe(name: str, m: torch.Tensor, terms: list[torch.Tensor], u: torch.Tensor
-                ) -> torch.Tensor:
+    def observe(name: str, m: torch.Tensor, terms: list[torch.Tensor], u: torch.Tensor,
+                start: int = 0, /) -> torch.Tensor:
         m, u = m.cpu(), u.cpu()  # the engine may hand device tensors
         terms = [t.cpu() for t in terms]
         early = extra + (1 if u.element_size() < 4 else 0)
-        # Cache-sized chunks: an OpenMP team costs more than it saves on them.
+        # Cache-sized blocks: an OpenMP team costs more than it saves on them.
         with threads(1):
             stat, fixed = proven_exactness(name, m, terms, u, early)
-            stats.append(stat if base is None else
-                         checked_exactness(name, m, fixed, _base_tensor(base, name, u)))
+            if base is not None:
+                if name not in held:
+                    held.clear()
+                    held[name] = _base_tensor(base, name, tuple(merged.info(name).shape))
+                w = held[name][start:start + u.shape[0]] if u.dim() else held[name]
+                stat = checked_exactness(name, m, fixed, w)
+        stats[name] = stat if name not in stats else _add(stats[name], stat)
         return fixed
 
     summary = apply_adapters(merged_path, adapter_paths, out, sign=-1.0, op="unmerge",
                              observe=observe, restore_from=check_base, **options)
-    return UnmergeSummary(summary, str(check_base) if check_base is not None else None, stats)
+    return UnmergeSummary(summary, str(check_base) if check_base is not None else None,
+                          list(stats.values()))
+
+
+def _add(a: TensorExactness, b: TensorExactness) -> TensorExactness:
+    """Two row blocks of one tensor as one."""
+    return TensorExactness(a.name, a.elements + b.elements, a.exact + b.exact,
+                           max(a.max_ulp, b.max_ulp), max(a.max_abs, b.max_abs),
+                           a.unreachable + b.unreachable)
 
 
 def _unmerge_pipeline(merged_path: str | Path, adapter_paths: list[str | Path],
@@ -145,14 +160,14 @@ def _unmerge_pipeline(merged_path: str | Path, adapter_paths: list[str | Path],
     return UnmergeSummary(total, str(check_base) if check_base is not None else None, tensors)
 
 
-def _base_tensor(base: Checkpoint, name: str, like: torch.Tensor) -> torch.Tensor:
+def _base_tensor(base: Checkpoint, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     if name not in base:
         raise FormatError(f"--check-base {base.path}: has no tensor {name!r}; is it the base "
                           "MERGED was made from?")
-    if tuple(base.info(name).shape) != tuple(like.shape):
+    if tuple(base.info(name).shape) != shape:
         raise FormatError(f"--check-base {base.path}: {name} has shape "
                           f"{list(base.info(name).shape)}, the unmerged tensor "
-                          f"{list(like.shape)}; is it the base MERGED was made from?")
+                          f"{list(shape)}; is it the base MERGED was made from?")
     return base.get(name)
 
 
@@ -179,14 +194,18 @@ def proven_exactness(name: str, m: torch.Tensor, terms: list[torch.Tensor], u: t
         proof = prove(mc, list(tc), uc, early_roundings)
         out[at:at + uc.numel()] = proof.unmerged
         at += uc.numel()
-        res.exact += int(proof.exact.sum())
-        res.unreachable += int(proof.unreachable.sum())
-        res.max_ulp = max(res.max_ulp, _max(proof.bound_abs / ulp(mc, u.dtype)))
-        res.max_abs = max(res.max_abs, _max(proof.bound_abs))
+        res.exact += int(torch.count_nonzero(proof.exact))
+        loose = proof.loose  # where the bound is not 0: index there only
+        b, mm, ur = ((proof.bound_abs, mc, proof.unreachable) if loose is None else
+                     (proof.bound_abs.reshape(-1)[loose], mc.reshape(-1)[loose],
+                      proof.unreachable.reshape(-1)[loose]))
+        res.unreachable += int(torch.count_nonzero(ur))
+        res.max_ulp = max(res.max_ulp, _max(b / ulp(mm, u.dtype)))
+        res.max_abs = max(res.max_abs, _max(b))
     return res, fixed
 
 
-def _chunks(*tensors: torch.Tensor, size: int = 1 << 16) -> Iterator[tuple[torch.Tensor, ...]]:
+def _chunks(*tensors: torch.Tensor, size: int = 1 << 17) -> Iterator[tuple[torch.Tensor, ...]]:
     """Matching flat pieces: the fp64 temporaries stay in cache instead of costing
     several copies of the tensor."""
     flat = [t.reshape(-1) for t in tensors]
