@@ -90,6 +90,7 @@ def prove(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor,
 
 
 _INTS = {2: torch.int16, 4: torch.int32}
+_SIDES = {i: torch.tensor([[-1], [1]], dtype=i) for i in _INTS.values()}  # below, above
 
 
 def _key(bits: torch.Tensor) -> torch.Tensor:
@@ -108,15 +109,69 @@ def _merges(keys: torch.Tensor, deltas: list[torch.Tensor], m_bits: torch.Tensor
 
 def _fast(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
           early_roundings: int) -> Proof:
-    """The replayed proof: ``u₀`` and both neighbours replayed for every element; the few
-    elements that leaves open go on in :func:`_loose`."""
+    """The replayed proof; for 16-bit outputs the elements :func:`_screen` proves exact
+    are settled first and only the rest is replayed."""
     shape, dtype = u0.shape, u0.dtype
-    ints = _INTS[u0.element_size()]
     m, u0 = m.to(dtype).reshape(-1), u0.reshape(-1)
     deltas = [d.reshape(-1) for d in deltas]
+    if u0.element_size() != 2:
+        proof = _replayed(m, deltas, u0, early_roundings)
+    else:
+        exact = _screen(m, deltas, u0)
+        rest = (~exact).nonzero().squeeze(1)
+        proof = Proof(u0, exact, torch.zeros_like(exact),
+                      torch.zeros(u0.shape, dtype=torch.float32), rest)
+        if rest.numel():
+            sub = _replayed(m[rest], [d[rest] for d in deltas], u0[rest], early_roundings)
+            proof.unmerged = u0.clone()
+            proof.unmerged[rest], exact[rest], proof.unreachable[rest] = (
+                sub.unmerged, sub.exact, sub.unreachable)
+            proof.bound_abs[rest] = sub.bound_abs.float()
+    return Proof(proof.unmerged.reshape(shape), proof.exact.reshape(shape),
+                 proof.unreachable.reshape(shape), proof.bound_abs.reshape(shape),
+                 proof.loose)
+
+
+def _screen(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor) -> torch.Tensor:
+    """16-bit outputs (1-d): the elements where ``u₀``'s replayed fp32 sum lies strictly
+    between the midpoints around ``M`` (so it rounds to ``M``) and both neighbours' sums
+    strictly outside them (so they do not): proven exact, by one fp32 comparison per
+    candidate instead of a rounding and a bit comparison. Anything else (a sum on a
+    midpoint, zeros, whose neighbour patterns are NaN here) is left to the replay."""
+    ints = _INTS[2]
+    mf = m.float()
+    if m.dtype == torch.bfloat16:  # half a bf16 step is 0x8000 in fp32's bit pattern
+        bits = mf.view(torch.int32)
+        a, b = (bits + 0x8000).view(torch.float32), (bits - 0x8000).view(torch.float32)
+    else:  # fp16: the midpoints with the neighbours, exact in fp32
+        mb = m.view(ints)
+        a = (mf + (mb + 1).view(m.dtype).float()) * 0.5
+        b = (mf + (mb - 1).view(m.dtype).float()) * 0.5
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)  # NaN (M = ±0) fails every test
+
+    def sum_of(x: torch.Tensor) -> torch.Tensor:  # the merge's fp32 sum, as replay's
+        acc = torch.sub(x, deltas[0])
+        for d in deltas[1:]:
+            acc = acc - d
+        return acc
+
+    s = sum_of(u0)
+    exact = (s > lo) & (s < hi)
+    ub = u0.view(ints)
+    for step_ in (1, -1):  # the magnitude's neighbours; ±0 give NaN, failing the test
+        s = sum_of((ub + step_).view(u0.dtype))
+        exact &= (s < lo) | (s > hi)
+    return exact
+
+
+def _replayed(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
+              early_roundings: int) -> Proof:
+    """The replayed proof (1-d): ``u₀`` and both neighbours replayed for every element;
+    the few elements that leaves open go on in :func:`_loose`."""
+    dtype, ints = u0.dtype, _INTS[u0.element_size()]
     mb, k = m.view(ints), _key(u0.view(ints))
     found = _merges(k, deltas, mb, dtype)
-    side = _merges(k + torch.tensor([[-1], [1]], dtype=ints), deltas, mb, dtype)
+    side = _merges(k + _SIDES[ints], deltas, mb, dtype)
     exact = found & ~(side[0] | side[1])
     loose = (~exact).nonzero().squeeze(1)
     u, unreachable = u0, torch.zeros_like(exact)
@@ -128,8 +183,7 @@ def _fast(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
                      found[loose], side[:, loose], early_roundings)
         u[loose], exact[loose], unreachable[loose], bound[loose] = (
             sub.unmerged, sub.exact, sub.unreachable, sub.bound_abs.to(bound.dtype))
-    return Proof(u.reshape(shape), exact.reshape(shape), unreachable.reshape(shape),
-                 bound.reshape(shape), loose)
+    return Proof(u, exact, unreachable, bound, loose)
 
 
 def _loose(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor, k: torch.Tensor,
@@ -139,14 +193,22 @@ def _loose(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor, k: tor
     ``u₀`` and those neighbours (they form a run), and the bound is the gap to them;
     the rest (``u₀`` not merging, a zero within two steps, longer runs) is searched."""
     dtype, ints = u0.dtype, k.dtype
-    far = _merges(k + torch.tensor([[-2], [2]], dtype=ints), deltas, m.view(ints), dtype)
+    far = _merges(k + _SIDES[ints] * 2, deltas, m.view(ints), dtype)
     # ±0 are one value to the search (the interval's), two keys here: leave them to it
-    settled = found & ~(side & far).any(0) & ((k < -3) | (k > 2))
-    steps = _key(k + torch.tensor([[-1], [1]], dtype=ints)).view(dtype)
+    plain = found & ((k < -3) | (k > 2))
+    long = plain & (side & far).any(0)
+    settled = plain & ~long
+    steps = _key(k + _SIDES[ints]).view(dtype)
     wd = torch.float32 if ints == torch.int16 else torch.float64
     gap = ((steps.to(wd) - u0.to(wd)).abs() * side).amax(0)
     proof = Proof(u0.clone(), torch.zeros_like(found), torch.zeros_like(found), gap)
-    hard = (~settled).nonzero().squeeze(1)
+    at = long.nonzero().squeeze(1)
+    if at.numel():  # a run longer than three: not exact; the interval bounds it
+        mh, uh, dh = m[at], u0[at], [d[at] for d in deltas]
+        lo, hi = _interval(mh, dh, uh, early_roundings)
+        proof.bound_abs[at] = _bound(uh, lo, hi, torch.zeros_like(uh, dtype=torch.bool)
+                                     ).to(wd)
+    hard = (~settled & ~long).nonzero().squeeze(1)
     if hard.numel():
         mh, uh, dh = m[hard], u0[hard], [d[hard] for d in deltas]
         lo, hi = _interval(mh, dh, uh, early_roundings)

@@ -3,7 +3,7 @@ checkpoint in memory (see :mod:`lora_tools.merging.verify` for what is checked a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +18,8 @@ from lora_tools.math.finite import all_finite
 from lora_tools.math.ulp import ulp_error
 from lora_tools.merging import probe as probe_mod
 from lora_tools.merging.coverage import changed_outside
+from lora_tools.merging.kernel import DeltaSum
+from lora_tools.merging.verify_scan import BlockScan
 from lora_tools.merging.verify_report import AdaptedCheck, Failure, VerifyReport
 
 # Default tolerance in ulps by bytes per element. 16-bit: a correctly rounded merge is
@@ -118,13 +120,21 @@ class Checker:
 
     def _adapted(self, name: str, m: torch.Tensor, w: torch.Tensor, rep: VerifyReport
                  ) -> list[Failure]:
-        expected = self.work[name](name, w, torch.float32).cpu()
         tol = default_tolerance(m.dtype) if self.tol is None else self.tol
-        worst, over, idx, differ = ulp_scan(m, expected, w, tol)
+        fn = self.work[name]
+        if isinstance(fn, DeltaSum) and fn.terms and m.shape == w.shape:
+            # compared block by block as the kernel computes them (verify_scan)
+            scan = BlockScan(m, tol)
+            expected = replace(fn, observe=scan)(name, w, torch.float32).cpu()
+            worst, over, idx, differ = scan.scan()
+            moved, at = scan.moved, scan.moved_at
+        else:
+            expected = fn(name, w, torch.float32).cpu()
+            worst, over, idx, differ = ulp_scan(m, expected, w, tol)
+            moved, at = changed_outside(m, w, expected)
         # the engine refuses a non-finite result, so an exact match has none
         fails = _nonfinite(name, m) if differ else []
         res = AdaptedCheck(name, m.numel(), worst, over)
-        moved, at = changed_outside(m, w, expected)
         if moved:
             fails.append(Failure(name, "outside", (
                 f"{moved} elements changed where no adapter module maps (the update there "
