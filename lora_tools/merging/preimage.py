@@ -123,8 +123,9 @@ def _fast(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
         proof = Proof(u0, exact, torch.zeros_like(exact),
                       torch.zeros(u0.shape, dtype=torch.float32), rest)
         if rest.numel():
-            _patch(proof, rest, _proof16(m[rest], [deltas[0][rest]], u0[rest],
-                                         early_roundings))
+            given = u0[rest]
+            _patch(proof, rest, _proof16(m[rest], [deltas[0][rest]], given,
+                                         early_roundings, loose=False), given)
     else:
         proof = _proof16(m, deltas, u0, early_roundings)
     return Proof(proof.unmerged.reshape(shape), proof.exact.reshape(shape),
@@ -132,9 +133,10 @@ def _fast(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
                  proof.loose)
 
 
-def _patch(proof: Proof, at: torch.Tensor, sub: Proof) -> None:
-    """``proof`` (1-d) takes ``sub``'s verdicts at indices ``at``."""
-    if not torch.equal(sub.unmerged, proof.unmerged[at]):
+def _patch(proof: Proof, at: torch.Tensor, sub: Proof, given: torch.Tensor) -> None:
+    """``proof`` (1-d) takes ``sub``'s verdicts at indices ``at``; ``given``: the ``u₀``
+    ``sub`` was run on (a proof hands it back unchanged when it kept every element)."""
+    if sub.unmerged is not given:
         proof.unmerged = proof.unmerged.clone()
         proof.unmerged[at] = sub.unmerged
     proof.exact[at], proof.unreachable[at] = sub.exact, sub.unreachable
@@ -161,10 +163,12 @@ def _quick(m: torch.Tensor, d: torch.Tensor, u0: torch.Tensor) -> torch.Tensor:
 
 
 def _proof16(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
-             early_roundings: int) -> Proof:
-    """16-bit outputs (1-d): :func:`_screen`, then the replay for what it leaves."""
+             early_roundings: int, loose: bool = True) -> Proof:
+    """16-bit outputs (1-d): :func:`_screen`, then the replay for what it leaves
+    (``loose``: index the elements that are not exact, for the report)."""
     exact, settled, longer, bound = _screen(m, deltas, u0)
-    proof = Proof(u0, exact, torch.zeros_like(exact), bound, (~exact).nonzero().squeeze(1))
+    proof = Proof(u0, exact, torch.zeros_like(exact), bound,
+                  (~exact).nonzero().squeeze(1) if loose else None)
     at = longer.nonzero().squeeze(1)
     if at.numel():  # found and not exact: only the bound is open
         mh, uh, dh = m[at], u0[at], [d[at] for d in deltas]
@@ -172,8 +176,9 @@ def _proof16(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
         bound[at] = _bound(uh, lo, hi, torch.zeros_like(uh, dtype=torch.bool)).float()
     rest = (~settled & ~longer).nonzero().squeeze(1)
     if rest.numel():
-        _patch(proof, rest, _replayed(m[rest], [d[rest] for d in deltas], u0[rest],
-                                      early_roundings))
+        given = u0[rest]
+        _patch(proof, rest, _replayed(m[rest], [d[rest] for d in deltas], given,
+                                      early_roundings), given)
     return proof
 
 

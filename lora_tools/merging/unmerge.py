@@ -187,13 +187,10 @@ def proven_exactness(name: str, m: torch.Tensor, terms: list[torch.Tensor], u: t
     """:func:`prove` summed up for one tensor (the bound in ulps of the merged value), and
     the output the preimage search settled on."""
     res = TensorExactness(name, u.numel(), 0, 0.0, 0.0)
-    fixed = torch.empty_like(u)
-    out = fixed.view(-1)
-    at = 0
+    pieces = []
     for mc, uc, *tc in _chunks(m.to(u.dtype), u, *terms):
         proof = prove(mc, list(tc), uc, early_roundings)
-        out[at:at + uc.numel()] = proof.unmerged
-        at += uc.numel()
+        pieces.append(proof.unmerged.reshape(-1))
         res.exact += int(torch.count_nonzero(proof.exact))
         loose = proof.loose  # where the bound is not 0: index there only
         b, mm, ur = ((proof.bound_abs, mc, proof.unreachable) if loose is None else
@@ -202,7 +199,9 @@ def proven_exactness(name: str, m: torch.Tensor, terms: list[torch.Tensor], u: t
         res.unreachable += int(torch.count_nonzero(ur))
         res.max_ulp = max(res.max_ulp, _max(b / ulp(mm, u.dtype)))
         res.max_abs = max(res.max_abs, _max(b))
-    return res, fixed
+    # one piece (a kernel block) is handed back as is; u itself when nothing changed
+    fixed = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else u
+    return res, u if fixed.data_ptr() == u.data_ptr() else fixed.reshape(u.shape)
 
 
 def _chunks(*tensors: torch.Tensor, size: int = 1 << 17) -> Iterator[tuple[torch.Tensor, ...]]:

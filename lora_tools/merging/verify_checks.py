@@ -19,8 +19,8 @@ from lora_tools.math.ulp import ulp_error
 from lora_tools.merging import probe as probe_mod
 from lora_tools.merging.coverage import changed_outside
 from lora_tools.merging.kernel import DeltaSum
-from lora_tools.merging.verify_scan import BlockScan
 from lora_tools.merging.verify_report import AdaptedCheck, Failure, VerifyReport
+from lora_tools.merging.verify_scan import BlockScan
 
 # Default tolerance in ulps by bytes per element. 16-bit: a correctly rounded merge is
 # within 0.5, one that rounded ΔW first (PEFT with 16-bit adapter weights) within 1.
