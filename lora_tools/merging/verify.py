@@ -126,8 +126,9 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
 def _check_all(checker: Checker, infos: list[TensorInfo], rep: VerifyReport,
                bar: Bar) -> None:
     """Every tensor pair checked in order, the next pair read while one is checked (file
-    reads and torch kernels release the GIL). Half the engine's default budget: one pair
-    checked and the next read, not a queue of them (each holds its fp32 work)."""
+    reads and torch kernels release the GIL). The budget is the largest pair's cost (at
+    most half the engine's default): peak memory follows the largest tensor, and small
+    pairs are still read ahead while a large one is checked."""
 
     def check(info: TensorInfo, pair: tuple[torch.Tensor, torch.Tensor] | None
               ) -> list[Failure]:
@@ -138,7 +139,8 @@ def _check_all(checker: Checker, infos: list[TensorInfo], rep: VerifyReport,
         rep.failures += fails
         bar.update(info.nbytes)
 
-    Pipeline(checker.load, check, record, checker.cost, DEFAULT_MAX_MEMORY // 2).run(infos)
+    cap = min(DEFAULT_MAX_MEMORY // 2, max((checker.cost(i) for i in infos), default=1))
+    Pipeline(checker.load, check, record, checker.cost, cap).run(infos)
 
 
 def _check_key_use(adapters: list[Adapter], reports: list[MatchReport],

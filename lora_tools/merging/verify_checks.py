@@ -73,9 +73,12 @@ class Checker:
         return self.merged.get(info.name), self.base.get(info.name)
 
     def cost(self, info: TensorInfo) -> int:
-        """Bytes a check holds: both tensors, and for an adapted one its fp32 work."""
+        """Bytes a check holds: both tensors, and for an adapted one its fp32 work (the
+        result alone where the kernel goes by cache-sized blocks)."""
         numel = info.nbytes // max(1, info.dtype.itemsize)
-        return 2 * info.nbytes + (16 * numel if info.name in self.work else 0)
+        fn = self.work.get(info.name)
+        return 2 * info.nbytes + (0 if fn is None else
+                                  4 * numel if isinstance(fn, DeltaSum) else 16 * numel)
 
     def check(self, info: TensorInfo, rep: VerifyReport,
               pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Failure]:
