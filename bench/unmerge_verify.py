@@ -11,9 +11,11 @@ precision: a 1024×1024 weight ~ N(0, 0.02) per dtype and a rank-16 update whose
 of elements that came back exact (measured, and proven from MERGED alone) and the largest
 error in ulps of the merged value.
 
-speed: each command in a fresh process (wall, CPU = user + sys, peak RSS): reading every
-tensor of MERGED and BASE once (the floor verify is measured against), ``lora-tools verify``
-and ``lora-tools unmerge``. Inputs are cached under ``bench/_work`` (git-ignored).
+speed: each command in a fresh process (wall, CPU = user + sys, peak RSS), rows interleaved
+(ABBA) over ``--runs``, medians: reading every tensor of MERGED and BASE once (the floor
+verify is measured against), ``lora-tools merge`` (the reference of the ratios: verify
+<= 1.5x, unmerge with its proof <= 2x), ``lora-tools verify`` and ``lora-tools unmerge``.
+Inputs are cached under ``bench/_work`` (git-ignored).
 
 roundtrip: on the 1B bf16 Llama and its rank-16 adapter, ``merge`` (M), ``unmerge`` (U,
 proven from M alone, no ``--force``) and ``merge`` of U again (M2), each a fresh process
@@ -150,15 +152,18 @@ def speed(runs: int, small: bool) -> None:
     for i in range(runs):  # interleaved (ABBA), so a change of load hits every row
         for label in list(rows) if i % 2 == 0 else list(rows)[::-1]:
             got[label].append(_run(rows[label]))
-    print("| command | wall | CPU | peak RSS | wall / merge |")
-    print("|---|---|---|---|---|")
+    # CPU time next to wall time: on a loaded machine wall time is partly waiting for a
+    # core, CPU time is the work itself.
+    print("| command | wall | CPU | peak RSS | wall / merge | CPU / merge |")
+    print("|---|---|---|---|---|---|")
     merge_wall = statistics.median(r["wall"] for r in got["lora-tools merge"])
+    merge_cpu = statistics.median(r["cpu"] for r in got["lora-tools merge"])
     for label in rows:
         wall = statistics.median(r["wall"] for r in got[label])
         cpu = statistics.median(r["cpu"] for r in got[label])
         rss = max(r["rss"] for r in got[label])
         print(f"| {label} | {wall:.1f} s | {cpu:.1f} s | {rss / 2**30:.2f} GiB | "
-              f"{wall / merge_wall:.2f}x |")
+              f"{wall / merge_wall:.2f}x | {cpu / merge_cpu:.2f}x |")
     print(f"\ntargets: verify <= 1.5x merge, unmerge (with its proof) <= 2x merge; "
           f"load average after {load_average()}")
 

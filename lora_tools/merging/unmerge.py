@@ -101,7 +101,7 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
                          "the merge computed it, on the CPU; use --device cpu (the default), "
                          "or --check-base BASE to measure against the real base on the GPU")
     base = open_checkpoint(check_base) if check_base is not None else None
-    merged = open_checkpoint(merged_path)
+    merged = open_checkpoint(merged_path) if base is not None else None  # shapes to check
     stats: dict[str, TensorExactness] = {}  # in stream order; blocks of a tensor summed
     held: dict[str, torch.Tensor] = {}  # --check-base: the base tensor being compared
 
@@ -119,6 +119,7 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
             stat, fixed = proven_exactness(name, m, terms, u, early)
             if base is not None:
                 if name not in held:
+                    assert merged is not None
                     held.clear()
                     held[name] = _base_tensor(base, name, tuple(merged.info(name).shape))
                 w = held[name][start:start + u.shape[0]] if u.dim() else held[name]
