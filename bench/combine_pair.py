@@ -79,17 +79,9 @@ def cli_args(method: str, opts: dict[str, Any]) -> list[str]:
 
 def run_whole(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """common.run_full without its cut of the output: the 112-module JSON report is longer."""
-    import subprocess
+    from common import run_full  # type: ignore[import-not-found]
 
-    from common import _WRAPPER  # type: ignore[import-not-found]
-
-    wrapper = _WRAPPER.replace("[-100000:]", "")
-    done = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True,
-                          text=True, check=True, env=env)
-    res: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    if res["rc"] != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed with exit status {res['rc']}")
-    return res
+    return run_full(argv, env, whole=True)  # type: ignore[no-any-return]
 
 
 def ours_cli(paths: list[Path], out: Path, method: str, opts: dict[str, Any], runs: int

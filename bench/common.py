@@ -145,9 +145,12 @@ def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float,
     return float(res["wall"]), int(res["rss"])
 
 
-def run_full(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """``run_once`` plus the command's standard output (``stdout``)."""
-    done = subprocess.run([sys.executable, "-c", _WRAPPER, *argv], capture_output=True,
+def run_full(argv: list[str], env: dict[str, str] | None = None,
+             whole: bool = False) -> dict[str, Any]:
+    """``run_once`` plus the command's standard output (``stdout``: its last 100,000
+    characters, or all of it with ``whole``)."""
+    wrapper = _WRAPPER.replace("[-100000:]", "") if whole else _WRAPPER
+    done = subprocess.run([sys.executable, "-c", wrapper, *argv], capture_output=True,
                           text=True, check=True, env=env)
     res: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     if res["rc"] != 0:

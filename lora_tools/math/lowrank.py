@@ -135,14 +135,7 @@ def randomized_svd(x: torch.Tensor, k: int, *, oversample: int = 10, niter: int 
     """
     width = min(k + oversample, *x.shape)
     start = torch.randn(x.shape[1], width, generator=torch.Generator().manual_seed(seed))
-    q = _orth(x @ start.to(x.device, x.dtype))
-    for _ in range(niter):
-        q = _orth(x @ _orth(x.T @ q))
-    z = x.T @ q  # x ≈ q @ zᵀ
-    with lapack_one_thread(x.device):
-        q2, r = torch.linalg.qr(z)
-        uc, s, vhc = torch.linalg.svd(r.T)
-    return FactorSVD(q @ uc, s, vhc @ q2.T)
+    return FactorSVD(*_subspace_svd(x, x @ start.to(x.device, x.dtype), niter))
 
 
 def sketched_svd(x: torch.Tensor, y: torch.Tensor, k: int, power: int = 1
@@ -156,6 +149,13 @@ def sketched_svd(x: torch.Tensor, y: torch.Tensor, k: int, power: int = 1
     x's leading right singular vectors (the inputs' own row space for a combination of
     low-rank updates) makes one step enough; callers measure the error they get.
     """
+    u, s, vh = _subspace_svd(x, y, power)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def _subspace_svd(x: torch.Tensor, y: torch.Tensor, power: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All l triplets from the sketch ``y = x @ Ω`` after ``power`` subspace steps."""
     q = _orth(y)
     for _ in range(power):
         q = _orth(x @ _orth(x.T @ q))
@@ -163,7 +163,7 @@ def sketched_svd(x: torch.Tensor, y: torch.Tensor, k: int, power: int = 1
     with lapack_one_thread(x.device):
         q2, r = torch.linalg.qr(z)
         uc, s, vhc = torch.linalg.svd(r.T)
-    return q @ uc[:, :k], s[:k], vhc[:k] @ q2.T
+    return q @ uc, s, vhc @ q2.T
 
 
 def residual_norm(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float,
