@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every bench row of issue 19 in one command, markdown on stdout (progress on stderr).
 #
-#   bench/run_all.sh            # full: 1B fixture, medians of 3, PEFT rows (~15 min, 2 cores)
+#   bench/run_all.sh            # full: 1B fixture, medians of 3, PEFT rows (~50 min on 2 quiet cores, ~25 of them the extract peers)
 #   bench/run_all.sh --quick    # smoke run: small models, one run each (~5 min)
 #
 # Run from the repository root, on a quiet machine if the figures are to be published:
