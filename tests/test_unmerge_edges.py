@@ -19,7 +19,8 @@ from lora_tools.adapters.save import FactorModule, save_adapter
 from lora_tools.math import deltas as ops
 from lora_tools.math.ulp import same_bits, step
 from lora_tools.merging.merge import merge
-from lora_tools.merging.preimage import _interval, _searched, prove, replay
+from lora_tools.merging.preimage import _searched, prove, replay
+from lora_tools.merging.preimage_interval import interval
 from lora_tools.merging.unmerge import unmerge
 
 
@@ -138,7 +139,7 @@ def test_fast_proof_agrees_with_the_full_search(seed: int, pair: bool, wrong: bo
         acc = acc + t
     u = acc.to(dtype)
     proof = prove(m, terms, u, early_roundings=len(terms))
-    full = _searched(m, terms, u, *_interval(m, terms, u, len(terms)))
+    full = _searched(m, terms, u, *interval(m, terms, u, len(terms)))
     assert torch.equal(same_bits(proof.unmerged, full.unmerged), torch.ones_like(proof.exact))
     assert torch.equal(proof.exact, full.exact)
     assert torch.equal(proof.unreachable, full.unreachable)

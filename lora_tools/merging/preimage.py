@@ -31,12 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_tools.math.ulp import from_ordered, neighbours, ordered, same_bits, step, ulp
+from lora_tools.math.ulp import from_ordered, neighbours, ordered, same_bits, step
+from lora_tools.merging import preimage_interval as iv
 from lora_tools.merging.preimage_screen import quick, screen
-
-# Relative error of one fp32 rounding (24 significand bits), and a few fp64 ones.
-_FP32_ROUNDING = 2.0**-24
-_FP64_SLACK = 2.0**-50
 
 
 @dataclass
@@ -77,8 +74,8 @@ def prove(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor,
     """
     if replayable(m, deltas, u):
         return _fast(m, deltas, u, early_roundings)
-    lo, hi = _interval(m, deltas, u, early_roundings)
-    empty = _no_representable(lo, hi, u.dtype)
+    lo, hi = iv.interval(m, deltas, u, early_roundings)
+    empty = iv.no_representable(lo, hi, u.dtype)
     # Without a replay: step inwards when round-to-nearest fell just outside.
     wd = lo.dtype
     below, above = neighbours(u)
@@ -87,7 +84,7 @@ def prove(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor,
     below, above = (x.to(wd) for x in neighbours(u))
     u64 = u.to(wd)
     exact = (below < lo) & (above > hi) & (lo <= u64) & (u64 <= hi)
-    return Proof(u, exact, empty, _bound(u, lo, hi, exact))
+    return Proof(u, exact, empty, iv.bound(u, lo, hi, exact))
 
 
 _INTS = {2: torch.int16, 4: torch.int32}
@@ -155,8 +152,8 @@ def _proof16(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
     at = longer.nonzero().squeeze(1)
     if at.numel():  # found and not exact: only the bound is open
         mh, uh, dh = m[at], u0[at], [d[at] for d in deltas]
-        lo, hi = _interval(mh, dh, uh, early_roundings)
-        bound[at] = _bound(uh, lo, hi, torch.zeros_like(uh, dtype=torch.bool)).float()
+        lo, hi = iv.interval(mh, dh, uh, early_roundings)
+        bound[at] = iv.bound(uh, lo, hi, torch.zeros_like(uh, dtype=torch.bool)).float()
     rest = (~settled & ~longer).nonzero().squeeze(1)
     if rest.numel():
         given = u0[rest]
@@ -206,13 +203,13 @@ def _loose(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor, k: tor
     at = long.nonzero().squeeze(1)
     if at.numel():  # a run longer than three: not exact; the interval bounds it
         mh, uh, dh = m[at], u0[at], [d[at] for d in deltas]
-        lo, hi = _interval(mh, dh, uh, early_roundings)
-        proof.bound_abs[at] = _bound(uh, lo, hi, torch.zeros_like(uh, dtype=torch.bool)
+        lo, hi = iv.interval(mh, dh, uh, early_roundings)
+        proof.bound_abs[at] = iv.bound(uh, lo, hi, torch.zeros_like(uh, dtype=torch.bool)
                                      ).to(wd)
     hard = (~settled & ~long).nonzero().squeeze(1)
     if hard.numel():
         mh, uh, dh = m[hard], u0[hard], [d[hard] for d in deltas]
-        lo, hi = _interval(mh, dh, uh, early_roundings)
+        lo, hi = iv.interval(mh, dh, uh, early_roundings)
         got = _searched(mh, dh, uh, lo, hi)
         proof.unmerged[hard], proof.exact[hard], proof.unreachable[hard] = (
             got.unmerged, got.exact, got.unreachable)
@@ -238,7 +235,7 @@ def _searched(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
         alone &= ~same_bits(replay(step(u, k), deltas, dtype), m)
     # ~found: the bisection over every candidate the interval allows found none.
     return Proof(u.reshape(shape), alone.reshape(shape), (~found).reshape(shape),
-                 _bound(u, lo, hi, alone).reshape(shape))
+                 iv.bound(u, lo, hi, alone).reshape(shape))
 
 
 def _bisect(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor, r0: torch.Tensor,
@@ -274,45 +271,3 @@ def _bisect(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor, r0: t
     cand = from_ordered(k, dtype)
     ok = (a <= b) & same_bits(replay(cand, deltas, dtype), m)
     return torch.where(ok, cand, u0), ok
-
-
-def _interval(m: torch.Tensor, deltas: list[torch.Tensor], u: torch.Tensor,
-              early_roundings: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reals that round to ``M`` (half a gap either side, the gaps differing at powers
-    of two), shifted by ``Σ deltas`` and widened by the earlier roundings."""
-    m = m.to(u.dtype)
-    # 16-bit outputs: fp32 has 13+ spare bits; its own roundings here (centre, lo, hi)
-    # join the slack. fp32 outputs need fp64.
-    wd = torch.float32 if u.element_size() <= 2 else torch.float64
-    rel = _FP32_ROUNDING * (early_roundings + (4 if wd == torch.float32 else 0)) + _FP64_SLACK
-    m64 = m.to(wd)
-    t = torch.zeros_like(m64, dtype=torch.float64)
-    size = torch.zeros_like(t)  # Σ|dᵢ| bounds every partial sum the merge rounded, with |M|
-    for d in deltas:
-        t = t + d.double()
-        size = size + d.double().abs()
-    t = t.to(wd)
-    below, above = (x.to(wd) for x in neighbours(m))
-    centre = m64 + t
-    slack = (m64.abs() + size.to(wd)) * rel
-    return centre - (m64 - below) / 2 - slack, centre + (above - m64) / 2 + slack
-
-
-def _no_representable(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """No number of ``dtype`` lies in ``[lo, hi]``: the smallest one ≥ lo is above hi."""
-    first = lo.to(dtype)
-    first = torch.where(first.to(lo.dtype) < lo, neighbours(first)[1], first)
-    return first.to(lo.dtype) > hi
-
-
-def _bound(u: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, exact: torch.Tensor
-           ) -> torch.Tensor:
-    """How far from ``u`` a base in ``[lo, hi]`` can be: candidates and ``u`` are multiples
-    of the finest spacing in the interval (the one at its smallest magnitude)."""
-    wd = lo.dtype
-    u64 = u.to(wd)
-    reach = torch.maximum(u64 - lo, hi - u64).clamp_min(0)
-    smallest = torch.where((lo <= 0) & (hi >= 0), torch.zeros_like(lo),
-                           torch.minimum(lo.abs(), hi.abs()))
-    fine = ulp(smallest, u.dtype).to(wd)
-    return torch.where(exact, torch.zeros_like(reach), torch.floor(reach / fine) * fine)
