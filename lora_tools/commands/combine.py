@@ -62,8 +62,8 @@ def parse_weights(value: str | None) -> list[float] | None:
               help="ties, dare_*, magnitude_prune: go back to rank R by a full SVD of each "
                    "ΔW (slow on large modules) instead of a seeded randomized sketch.")
 @click.option("--threads", type=click.IntRange(1, 256), metavar="N",
-              help="Modules computed side by side (default 1; try 2+ on idle cores for "
-                   "ties, dare_* and magnitude_prune); the output is the same bits whatever N.")
+              help="Modules computed side by side (default: one per core, at most 4, on "
+                   "the CPU; 1 on a loaded machine); the output is the same bits whatever N.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @adapter_options
 @run_options
