@@ -44,6 +44,27 @@ def state_dict_file(sd: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+def randomize_loralib(net: torch.nn.Module) -> torch.nn.Module:
+    """Give a loralib model's factors random values (scale 0.05), as training would leave
+    them (loralib starts B at zero), from the global torch seed; left in train() (unmerged)."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    return net.train()
+
+
+def loralib_files(net: torch.nn.Module, base: Path, adapter: Path) -> Path:
+    """``net`` randomized; its weights without ``lora_`` keys at ``base`` and loralib's own
+    ``lora_state_dict`` at ``adapter``. Returns ``base``."""
+    import loralib
+
+    randomize_loralib(net)
+    state_dict_file({k: v for k, v in net.state_dict().items() if "lora_" not in k}, base)
+    torch.save(loralib.lora_state_dict(net), adapter)
+    return base
+
+
 def read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))

@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from corpus import Evil
 from gguf_helpers import tiny_llama_fp32, write_tiny_gguf
-from helpers import peft_adapter, state_dict_file, tiny_llama
+from helpers import loralib_files, peft_adapter, randomize_loralib, state_dict_file, tiny_llama
 from lycoris_cases import build, build_peft
 from test_docs_examples import examples
 
@@ -57,21 +57,10 @@ class _LoralibNet(torch.nn.Module):
 
 def _loralib(d: Path) -> dict[str, Path]:
     torch.manual_seed(0)
-    net = _LoralibNet()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    net.train()
-    base = state_dict_file({k: v for k, v in net.state_dict().items() if "lora_" not in k},
-                           d / "gpt2.pt")
-    torch.save(lora.lora_state_dict(net), d / "gpt2_lora.pt")
-    glue = torch.nn.ModuleDict({"query": lora.Linear(12, 12, r=8, lora_alpha=16),
-                                "value": lora.Linear(12, 12, r=8, lora_alpha=16)})
-    with torch.no_grad():
-        for name, p in glue.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
+    base = loralib_files(_LoralibNet(), d / "gpt2.pt", d / "gpt2_lora.pt")
+    glue = randomize_loralib(torch.nn.ModuleDict({
+        "query": lora.Linear(12, 12, r=8, lora_alpha=16),
+        "value": lora.Linear(12, 12, r=8, lora_alpha=16)}))
     torch.save(lora.lora_state_dict(glue), d / "roberta_lora.pt")
     return {"gpt2.pt": base, "gpt2_lora.pt": d / "gpt2_lora.pt",
             "roberta_lora.pt": d / "roberta_lora.pt", "lora.pt": d / "gpt2_lora.pt"}

@@ -13,7 +13,7 @@ import loralib as lora
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import peft_adapter, read, state_dict_file, tiny_llama
+from helpers import loralib_files, peft_adapter, read, state_dict_file, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -89,14 +89,7 @@ def loralib_case(tmp: Path) -> Case:
     """A loralib model trained (random factors), its lora_state_dict, and its eval() merge."""
     torch.manual_seed(0)
     net = _LoralibNet()
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    net.train()
-    base = state_dict_file({k: v for k, v in net.state_dict().items() if "lora_" not in k},
-                           tmp / "base.pt")
-    torch.save(lora.lora_state_dict(net), tmp / "lora.pt")
+    base = loralib_files(net, tmp / "base.pt", tmp / "lora.pt")
     net.eval()  # loralib merges into the weights here
     peer = state_dict_file({k: v for k, v in net.state_dict().items() if "lora_" not in k},
                            tmp / "peer.safetensors")
