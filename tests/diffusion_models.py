@@ -125,3 +125,18 @@ def state_of(model: Any) -> dict[str, torch.Tensor]:
 def save_pipeline(pipe: Any, folder: Path) -> Path:
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def sd_pipeline_with_lora(d: Path) -> Path:
+    """A tiny SD 1.x pipeline saved at ``d/pipe`` and a rank-4 (alpha 8) LoRA on its UNet
+    and text encoder written by diffusers' own ``save_lora_weights`` under ``d/l``;
+    returns the LoRA file."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tiny_sd()
+    save_pipeline(pipe, d / "pipe")
+    parts = lora_parts(pipe, rank=4, alpha=8.0)
+    StableDiffusionPipeline.save_lora_weights(
+        str(d / "l"), unet_lora_layers=parts["unet"],
+        text_encoder_lora_layers=parts["text_encoder"])
+    return d / "l" / "pytorch_lora_weights.safetensors"

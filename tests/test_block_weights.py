@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusion_models import lora_parts, save_pipeline, state_of, tiny_sd
+from diffusion_models import sd_pipeline_with_lora, state_of
 from helpers import read
 
 from lora_tools.adapters import blocks
@@ -54,13 +54,7 @@ def test_a_selector_naming_nothing_is_refused() -> None:
 def test_pipeline_matches_diffusers_block_scales(tmp_path: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
-    pipe = tiny_sd()
-    save_pipeline(pipe, tmp_path / "pipe")
-    parts = lora_parts(pipe, rank=4, alpha=8.0)
-    StableDiffusionPipeline.save_lora_weights(
-        str(tmp_path / "l"), unet_lora_layers=parts["unet"],
-        text_encoder_lora_layers=parts["text_encoder"])
-    lora = tmp_path / "l" / "pytorch_lora_weights.safetensors"
+    lora = sd_pipeline_with_lora(tmp_path)
     truth = StableDiffusionPipeline.from_pretrained(
         str(tmp_path / "pipe"), safety_checker=None, requires_safety_checker=False,
         tokenizer=None, feature_extractor=None, image_encoder=None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from diffusion_models import lora_parts, save_pipeline, tiny_sd
+from diffusion_models import sd_pipeline_with_lora
 from helpers import read
 
 from lora_tools.merging.merge import merge
@@ -24,16 +24,8 @@ UNTOUCHED = ("vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_con
 
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from diffusers import StableDiffusionPipeline
-
     d = tmp_path_factory.mktemp("pu")
-    pipe = tiny_sd()
-    save_pipeline(pipe, d / "pipe")
-    parts = lora_parts(pipe, rank=4, alpha=8.0)
-    StableDiffusionPipeline.save_lora_weights(
-        str(d / "l"), unet_lora_layers=parts["unet"],
-        text_encoder_lora_layers=parts["text_encoder"])
-    lora = d / "l" / "pytorch_lora_weights.safetensors"
+    lora = sd_pipeline_with_lora(d)
     merge(d / "pipe", [lora], d / "merged")
     return {"pipe": d / "pipe", "lora": lora, "merged": d / "merged"}
 
