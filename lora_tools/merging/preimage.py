@@ -110,26 +110,34 @@ def _fast(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
     """The replayed proof. 16-bit outputs go through the screens of
     :mod:`~lora_tools.merging.preimage_screen` first (``quick`` for bf16 with one term,
     then ``screen``), each passing on only what it cannot settle, then the replay of
-    every candidate (:func:`_replayed`)."""
+    every candidate (:func:`_replayed`). (unmerge runs the compiled pass of
+    :mod:`~lora_tools.merging.preimage_fused` first where it can; this is its fallback.)"""
     shape, dtype = u0.shape, u0.dtype
     m, u0 = m.to(dtype).reshape(-1), u0.reshape(-1)
     deltas = [d.reshape(-1) for d in deltas]
     if u0.element_size() != 2:
         proof = _replayed(m, deltas, u0, early_roundings)
-    elif dtype == torch.bfloat16 and len(deltas) == 1:
-        exact = quick(m, deltas[0], u0)
-        rest = (~exact).nonzero().squeeze(1)
-        proof = Proof(u0, exact, torch.zeros_like(exact),
-                      torch.zeros(u0.shape, dtype=torch.float32), rest)
-        if rest.numel():
-            given = u0[rest]
-            _patch(proof, rest, _proof16(m[rest], [deltas[0][rest]], given,
-                                         early_roundings, loose=False), given)
     else:
-        proof = _proof16(m, deltas, u0, early_roundings)
+        proof = _torch16(m, deltas, u0, early_roundings)
     return Proof(proof.unmerged.reshape(shape), proof.exact.reshape(shape),
                  proof.unreachable.reshape(shape), proof.bound_abs.reshape(shape),
                  proof.loose)
+
+
+def _torch16(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor,
+             early_roundings: int) -> Proof:
+    """16-bit outputs (1-d) in torch: ``quick`` for bf16 with one term, then ``screen``."""
+    if u0.dtype != torch.bfloat16 or len(deltas) != 1:
+        return _proof16(m, deltas, u0, early_roundings)
+    exact = quick(m, deltas[0], u0)
+    rest = (~exact).nonzero().squeeze(1)
+    proof = Proof(u0, exact, torch.zeros_like(exact),
+                  torch.zeros(u0.shape, dtype=torch.float32), rest)
+    if rest.numel():
+        given = u0[rest]
+        _patch(proof, rest, _proof16(m[rest], [deltas[0][rest]], given,
+                                     early_roundings, loose=False), given)
+    return proof
 
 
 def _patch(proof: Proof, at: torch.Tensor, sub: Proof, given: torch.Tensor) -> None:

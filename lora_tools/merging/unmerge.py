@@ -29,6 +29,7 @@ from lora_tools.errors import FormatError, UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.math.ulp import ulp, ulp_error
+from lora_tools.merging import preimage_fused as fused
 from lora_tools.merging.merge import MergeOptions, apply_adapters
 from lora_tools.merging.preimage import prove
 from lora_tools.merging.summary import MergeSummary
@@ -186,10 +187,34 @@ def checked_exactness(name: str, m: torch.Tensor, u: torch.Tensor, w: torch.Tens
 def proven_exactness(name: str, m: torch.Tensor, terms: list[torch.Tensor], u: torch.Tensor,
                      early_roundings: int = 0) -> tuple[TensorExactness, torch.Tensor]:
     """:func:`prove` summed up for one tensor (the bound in ulps of the merged value), and
-    the output the preimage search settled on."""
+    the output the preimage search settled on. 16-bit outputs go through the compiled
+    pass first (:mod:`~lora_tools.merging.preimage_fused`, same verdicts and bounds), the
+    torch proof taking only the elements it leaves."""
+    res = TensorExactness(name, u.numel(), 0, 0.0, 0.0)
+    m = m.to(u.dtype)
+    if (u.element_size() == 2 and fused.available() and terms
+            and all(t.dtype == torch.float32 for t in terms)):
+        flat = [x.reshape(-1) for x in (m, u, *terms)]
+        s = fused.summarize(flat[0], flat[2:], flat[1])
+        res.exact, res.max_abs, res.max_ulp = s.exact, s.max_abs, s.max_ulp
+        if not s.deferred.numel():
+            return res, u
+        given = flat[1][s.deferred]
+        sub, got = _torch_exactness(name, flat[0][s.deferred], given,
+                                    [t[s.deferred] for t in flat[2:]], early_roundings)
+        fixed = u
+        if got is not given:  # the search moved some outputs
+            fixed = flat[1].clone()
+            fixed[s.deferred] = got
+        return _add(res, replace(sub, elements=0)), fixed.reshape(u.shape)
+    return _torch_exactness(name, m, u, terms, early_roundings)
+
+
+def _torch_exactness(name: str, m: torch.Tensor, u: torch.Tensor, terms: list[torch.Tensor],
+                     early_roundings: int) -> tuple[TensorExactness, torch.Tensor]:
     res = TensorExactness(name, u.numel(), 0, 0.0, 0.0)
     pieces = []
-    for mc, uc, *tc in _chunks(m.to(u.dtype), u, *terms):
+    for mc, uc, *tc in _chunks(m, u, *terms):
         proof = prove(mc, list(tc), uc, early_roundings)
         pieces.append(proof.unmerged.reshape(-1))
         res.exact += int(torch.count_nonzero(proof.exact))
