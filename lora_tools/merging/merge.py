@@ -47,7 +47,8 @@ class MergeOptions(TypedDict, total=False):
     dequantize: bool  # an fp8 base: dequantize exactly into the output dtype
     component: str | None  # diffusion: which model BASE is, or the one of a pipeline to merge
     block_weights: str | None  # diffusion: per-block weights (adapters/blocks.py)
-    threads: int | None  # CPU compute threads (default one per core but one); unmerge runs one
+    threads: int | None  # CPU compute threads (default one per core but one; unmerge: one
+    # per core with the compiled proof, one with --check-base)
 
 
 @exact
@@ -120,9 +121,9 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
                         "config.json yourself (a folder output gets it written)")
     with CheckpointWriter(out, specs, meta, shard_size=shard_size, source_folder=base.folder,
                           force=force, inputs=inputs, config_updates=extra.config) as writer:
-        # An observer (unmerge's proof) collects per-tensor reports in order: one thread.
+        # An observer (unmerge's proof) may be called from several compute threads.
         stats = stream(base, writer, work, progress, max_memory=max_memory, overlap=overlap,
-                       device=dev, threads=1 if observe is not None else threads)
+                       device=dev, threads=threads)
     warnings.extend(writer.notes)
     warnings.extend(f"{n}: larger than --max-memory but not computable by row blocks "
                     "(conv or fused layer, or a saved whole tensor); computed whole"

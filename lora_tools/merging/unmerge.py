@@ -17,6 +17,8 @@ See docs/unmerge-and-verify.md for the bound.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -102,9 +104,10 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
                          "the merge computed it, on the CPU; use --device cpu (the default), "
                          "or --check-base BASE to measure against the real base on the GPU")
     base = open_checkpoint(check_base) if check_base is not None else None
-    merged = open_checkpoint(merged_path) if base is not None else None  # shapes to check
-    stats: dict[str, TensorExactness] = {}  # in stream order; blocks of a tensor summed
+    merged = open_checkpoint(merged_path)
+    stats: dict[str, TensorExactness] = {}  # blocks of a tensor summed
     held: dict[str, torch.Tensor] = {}  # --check-base: the base tensor being compared
+    lock = threading.Lock()  # blocks are proven side by side (below)
 
     # fp32 roundings the merge made before its final one: one per extra adapter, plus the
     # fp32 sum itself when the output is 16-bit (they widen the interval of the proof).
@@ -120,18 +123,29 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
             stat, fixed = proven_exactness(name, m, terms, u, early)
             if base is not None:
                 if name not in held:
-                    assert merged is not None
                     held.clear()
                     held[name] = _base_tensor(base, name, tuple(merged.info(name).shape))
                 w = held[name][start:start + u.shape[0]] if u.dim() else held[name]
                 stat = checked_exactness(name, m, fixed, w)
-        stats[name] = stat if name not in stats else _add(stats[name], stat)
+        with lock:
+            stats[name] = stat if name not in stats else _add(stats[name], stat)
         return fixed
 
+    if options.get("threads") is None:
+        # The proof is most of the work and its compiled passes let go of the GIL: one
+        # compute thread per core. --check-base holds one base tensor: one thread.
+        options["threads"] = 1 if base is not None else proof_threads()
     summary = apply_adapters(merged_path, adapter_paths, out, sign=-1.0, op="unmerge",
                              observe=observe, restore_from=check_base, **options)
+    order = {n: i for i, n in enumerate(merged.keys())}
     return UnmergeSummary(summary, str(check_base) if check_base is not None else None,
-                          list(stats.values()))
+                          sorted(stats.values(), key=lambda t: order.get(t.name, -1)))
+
+
+def proof_threads() -> int:
+    """Compute threads for unmerge's proof: one per core (at most 8) with the compiled
+    proof, else one (the torch proof's passes are memory-bound)."""
+    return min(8, os.cpu_count() or 1) if fused.available() else 1
 
 
 def _add(a: TensorExactness, b: TensorExactness) -> TensorExactness:
