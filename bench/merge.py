@@ -7,7 +7,9 @@
 Every command runs in a fresh process; wall time and that process's peak RSS are taken.
 Rows: `cp -r` of the base folder; `cp -r` + `sync` of the copy (our writer fsyncs its
 output before the atomic rename, so this is the like-for-like plain copy of the bytes);
-`lora-tools merge` with the overlapped pipeline and with `--no-overlap`; PEFT's
+`python -c "import torch"` (with cp + sync, the floor of a merge whose matmul is torch's,
+as bit-identity with PEFT needs); `lora-tools merge` with the overlapped pipeline and with
+`--no-overlap`; PEFT's
 from_pretrained + merge_and_unload + save_pretrained; with ``--against DIR``, the same
 merge run by another checkout of lora-tools (``python -m lora_tools`` from DIR), so two
 versions are timed in one interleaved run and their ratio read off one table. After timing, the lora-tools and
@@ -63,6 +65,10 @@ def commands(out: Path) -> dict[str, list[str]]:
     rows = {
         "cp -r": ["cp", "-r", str(base), str(out)],
         "cp -r + sync": ["sh", "-c", f'cp -r "{base}" "{out}" && sync "{out}"/*'],
+        # with cp + sync, the floor of a merge computed by torch (whose matmul PEFT's
+        # bits need): the import, then the bytes made durable
+        # (left by os._exit, as the CLI leaves: no teardown of torch)
+        "import torch": [sys.executable, "-c", "import os, torch; os._exit(0)"],
         "lora-tools merge": merge,
         "merge --no-overlap": [*merge, "--no-overlap"],
         "PEFT merge_and_unload": [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter),
@@ -110,6 +116,10 @@ def table(timings: dict[str, Timing]) -> str:
                     f"{median(m.engine) / median(o.engine):.3f}x")
     rows.append(f"\noverlap speed-up: {n.wall / m.wall:.2f}x wall (no-overlap {n.wall:.2f} s / "
                 f"overlap {m.wall:.2f} s); engine only {median(n.engine) / median(m.engine):.2f}x")
+    floor = timings["import torch"].wall + cps
+    vs = f" = {floor / peft.wall:.2f}x PEFT" if peft else ""
+    rows.append(f"floor (import torch + cp -r + sync, run one after the other): {floor:.2f} s"
+                f"{vs}; merge / floor {m.wall / floor:.2f}x")
     rows.append(f"engine time of merge (streaming, after imports and planning): "
                 f"{median(m.engine):.2f} s = {median(m.engine) / cp:.2f}x cp -r, "
                 f"{median(m.engine) / cps:.2f}x cp -r + sync")
