@@ -3,6 +3,7 @@
     python bench/scaling.py                      # 0.25b, 1b, 3b; median of 3
     python bench/scaling.py --sizes 0.25b 1b --runs 1
     python bench/scaling.py --peft 3b            # PEFT's merge too, at the sizes named
+    python bench/scaling.py --out /dev/shm       # outputs on tmpfs: the pipeline without the disk
 
 Per size (bf16 Llama from bench/common.py SHAPES, rank-16 LoRA on every linear layer of the
 blocks), in one interleaved run: `cp -r` + `sync` of the base and `lora-tools merge`, each
@@ -55,9 +56,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--peft", nargs="*", default=[], choices=list(SHAPES),
                     help="sizes at which PEFT's merge is timed too")
+    ap.add_argument("--out", type=Path, default=WORK,
+                    help="folder for the outputs, e.g. /dev/shm to take the disk out")
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
-    out = WORK / "out-scaling"
+    out = args.out / "out-scaling"
     print("building (cached) ...", file=sys.stderr)
     sizes = {s: folder_bytes(shaped(s)[0]) for s in args.sizes}
     skipped = {s: why for s in args.peft if s in sizes
@@ -84,12 +87,13 @@ def main() -> None:
     print("| model | GB | cp -r + sync | merge | merge / cp+sync | merge s/GB | "
           "engine s/GB | merge peak RSS | PEFT |")
     print("|---|---|---|---|---|---|---|---|---|")
-    per_gb = {}
+    per_gb, engine_gb = {}, {}
     for size in args.sizes:
         gb = sizes[size] / 1e9
         cp = statistics.median(walls[(size, "cp -r + sync")])
         m = statistics.median(walls[(size, "lora-tools merge")])
         per_gb[size] = m / gb
+        engine_gb[size] = statistics.median(engine[size]) / gb
         peft = walls.get((size, "PEFT merge_and_unload"))
         peft_txt = (f"{statistics.median(peft):.2f} s ({m / statistics.median(peft):.2f}x), "
                     f"{rss[(size, 'PEFT merge_and_unload')] / 2**20:.0f} MiB" if peft else
@@ -97,8 +101,11 @@ def main() -> None:
         print(f"| {size} | {gb:.2f} | {cp:.2f} s | {m:.2f} s | {m / cp:.2f}x | "
               f"{m / gb:.2f} | {statistics.median(engine[size]) / gb:.2f} | "
               f"{rss[(size, 'lora-tools merge')] / 2**20:.0f} MiB | {peft_txt} |")
+    lo, hi = min(engine_gb.values()), max(engine_gb.values())
+    print(f"\nengine (streaming) seconds per GB: spread {100 * (hi / lo - 1):.0f} % across "
+          f"sizes; outputs in {args.out}")
     lo, hi = min(per_gb.values()), max(per_gb.values())
-    print(f"\nmerge seconds per GB: spread {100 * (hi / lo - 1):.0f} % across sizes "
+    print(f"merge seconds per GB: spread {100 * (hi / lo - 1):.0f} % across sizes "
           "(whole command; the fixed ~3 s of `import torch` weighs most on the smallest)")
 
 

@@ -78,7 +78,7 @@ def test_fused_agrees_with_the_torch_proof(seed: int, pair: bool, wrong: bool,
 
 def test_without_numba_the_torch_proof_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA_TOOLS_NO_NUMBA", "1")
-    fused._kernel.cache_clear()
+    fused.reset()
     try:
         assert not fused.available()
         m, terms, u = _block(0, False, False, torch.bfloat16, 8, 16, 0.1)
@@ -86,4 +86,4 @@ def test_without_numba_the_torch_proof_runs(monkeypatch: pytest.MonkeyPatch) -> 
         assert res.elements == m.numel()
     finally:
         monkeypatch.delenv("LORA_TOOLS_NO_NUMBA")
-        fused._kernel.cache_clear()
+        fused.reset()

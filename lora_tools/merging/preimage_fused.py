@@ -17,6 +17,10 @@ arithmetic (``s = fl32(fl32(u) − d₁ − d₂ …)``):
 * what is left (``u₀`` not merging, values within three steps of 0 or of the largest,
   ``M`` not a finite number away from 0) goes to the torch proof.
 
+The kernels are in :mod:`~lora_tools.merging.preimage_kernels` (module level, so numba's
+disk cache finds them again: loading them takes ~1 s, compiling ~5 s the first time);
+:func:`warm` loads them on a thread of their own while unmerge reads its first blocks.
+
 The verdicts and outputs are the torch proof's; the bound can be tighter (the torch proof
 bounds runs longer than three through the interval). ``tests/test_unmerge_fused.py``
 checks both against every 16-bit value as a candidate base. Without numba (or with
@@ -26,7 +30,9 @@ checks both against every 16-bit value as a candidate base. Without numba (or wi
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,125 +53,49 @@ class Summary:
     deferred: torch.Tensor
 
 
-@functools.cache
-def _kernel() -> Any:
-    """The compiled kernel, or None without numba (compiled on first use, cached on disk)."""
-    if os.environ.get("LORA_TOOLS_NO_NUMBA"):
-        return None
-    try:
-        import numba
-    except ImportError:
-        return None
+_LOCK = threading.Lock()  # compute threads ask for the kernels at once; build them once
+_BUILT: list[Any] = []
 
-    @numba.njit(inline="always")
-    def value(k: int, table: Any) -> Any:  # the value whose key is k
-        return table[(k ^ ((k >> 15) & 0x7FFF)) & 0xFFFF]
 
-    @numba.njit(inline="always")
-    def merges(k: int, i: int, d: Any, table: Any, lo: Any, hi: Any, even: bool) -> bool:
-        s = value(k, table)
-        for x in d:
-            s = s - x[i]  # fp32, in the merge's order
-        return (lo < s < hi) or (even and (s == lo or s == hi))
-
-    @numba.njit(inline="always")
-    def run(uk: int, side: int, i: int, d: Any, table: Any, lo: Any, hi: Any, even: bool
-            ) -> int:
-        """How many steps beyond u₀ (which merges) on this side merge too: the bases that
-        merge are consecutive, so a gallop then a bisection finds the last one."""
-        good, bad, n = 0, 0, 1
-        while bad == 0:
-            k = uk + side * n
-            if -(1 << 15) <= k < (1 << 15) and merges(k, i, d, table, lo, hi, even):
-                good, n = n, 2 * n
-            else:
-                bad = n
-        while bad - good > 1:
-            mid = (good + bad) // 2
-            if merges(uk + side * mid, i, d, table, lo, hi, even):
-                good = mid
-            else:
-                bad = mid
-        return good
-
-    @numba.njit(inline="always")
-    def alone(lo: Any, hi: Any, s0: Any, sp: Any, sm: Any, u: int, m: int, top: int) -> bool:
-        """u₀'s sum strictly inside M's midpoints, its neighbours' strictly outside, all
-        away from 0 and the largest values."""
-        mu, mm = u & 0x7FFF, m & 0x7FFF
-        return ((lo < s0) & (s0 < hi) & ((sp < lo) | (sp > hi)) & ((sm < lo) | (sm > hi))
-                & (mu > 3) & (mu < top - 1) & (mm > 3) & (mm < top))
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def screen_bf16(mb: Any, ub: Any, d: Any, top: int, ok: Any) -> None:
-        """Pass 1 for bf16, without branches or tables (it vectorizes): the values and
-        midpoints are bit patterns shifted into fp32's."""
-        for i in range(mb.shape[0]):
-            m, u = np.int32(mb[i]), np.int32(ub[i])
-            a = np.int32((m << 16) - 0x8000).view(np.float32)
-            b = np.int32((m << 16) + 0x8000).view(np.float32)
-            s0 = np.int32(u << 16).view(np.float32)
-            sp = np.int32((u + 1) << 16).view(np.float32)
-            sm = np.int32((u - 1) << 16).view(np.float32)
-            for x in d:
-                s0, sp, sm = s0 - x[i], sp - x[i], sm - x[i]
-            ok[i] = alone(min(a, b), max(a, b), s0, sp, sm, u, m, top)
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def screen_table(mb: Any, ub: Any, d: Any, table: Any, mids: Any, top: int, ok: Any
-                     ) -> None:
-        """Pass 1 for other 16-bit dtypes, by the tables."""
-        for i in range(mb.shape[0]):
-            m, u = np.int32(mb[i]) & 0xFFFF, np.int32(ub[i]) & 0xFFFF
-            s0, sp, sm = table[u], table[(u + 1) & 0xFFFF], table[(u - 1) & 0xFFFF]
-            for x in d:
-                s0, sp, sm = s0 - x[i], sp - x[i], sm - x[i]
-            ok[i] = alone(mids[0, m], mids[1, m], s0, sp, sm, u, m, top)
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def compact(ok: Any, rest: Any) -> int:
-        """The indices where ``ok`` is false, to the front of ``rest``; their count."""
-        n = 0
-        for i in range(ok.shape[0]):
-            rest[n] = i
-            n += 1 - ok[i]
-        return n
-
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
-    def settle(mb: Any, ub: Any, d: Any, table: Any, mids: Any, ulps: Any, top: int,
-               rest: Any, n_rest: int) -> tuple[int, int, Any, Any]:
-        """Pass 2 over ``rest``: replayed runs (ties by round half to even); the elements
-        left for the torch proof are written back to the front of ``rest``."""
-        n_def, n_exact = 0, 0
-        max_abs, max_ulp = np.float32(0.0), np.float32(0.0)
-        for j in range(n_rest):
-            i = rest[j]
-            m, u = np.int32(mb[i]), np.int32(ub[i])
-            mk = m ^ ((m >> 15) & 0x7FFF)  # keys: consecutive in value order, -0 one below +0
-            uk = u ^ ((u >> 15) & 0x7FFF)
-            lo, hi = mids[0, m & 0xFFFF], mids[1, m & 0xFFFF]
-            even = (m & 1) == 0
-            if (-3 <= mk <= 2 or mk <= -top or mk >= top or -3 <= uk <= 2 or uk <= 1 - top
-                    or uk >= top - 1 or not merges(uk, i, d, table, lo, hi, even)):
-                rest[n_def] = i
-                n_def += 1
-                continue
-            up = run(uk, 1, i, d, table, lo, hi, even)
-            down = run(uk, -1, i, d, table, lo, hi, even)
-            if up + down == 0:
-                n_exact += 1
-            else:
-                uv = value(uk, table)
-                g = max(abs(value(uk + up, table) - uv), abs(value(uk - down, table) - uv))
-                max_abs = max(max_abs, g)
-                max_ulp = max(max_ulp, g / ulps[m & 0xFFFF])
-        return n_def, n_exact, max_abs, max_ulp
-
-    return screen_bf16, screen_table, compact, settle
+def installed() -> bool:
+    """Whether the compiled proof can be had, without loading it."""
+    return (not os.environ.get("LORA_TOOLS_NO_NUMBA")
+            and importlib.util.find_spec("numba") is not None)
 
 
 def available() -> bool:
+    """Whether the compiled proof runs (loads it: ~1-3 s the first time in a process)."""
     return _kernel() is not None
+
+
+def warm() -> None:
+    """Load the kernels on a thread of their own (importing numba and reading its cache
+    takes a second or more), so that it overlaps the reading of the first blocks."""
+    if installed():
+        threading.Thread(target=_kernel, daemon=True).start()
+
+
+def reset() -> None:
+    """Forget the kernels (tests: after changing LORA_TOOLS_NO_NUMBA)."""
+    with _LOCK:
+        _BUILT.clear()
+
+
+def _kernel() -> Any:
+    with _LOCK:
+        if not _BUILT:
+            _BUILT.append(_build() if installed() else None)
+        return _BUILT[0]
+
+
+def _build() -> Any:
+    """The compiled kernels, or None when numba cannot be imported (compiled on first use,
+    cached on disk where a cache folder can be written)."""
+    try:
+        from lora_tools.merging import preimage_kernels as k
+    except ImportError:
+        return None
+    return k.screen_bf16, k.screen_table, k.compact, k.settle
 
 
 @functools.cache

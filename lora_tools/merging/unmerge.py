@@ -131,6 +131,8 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
             stats[name] = stat if name not in stats else _add(stats[name], stat)
         return fixed
 
+    if base is None:
+        fused.warm()
     if options.get("threads") is None:
         # The proof is most of the work and its compiled passes let go of the GIL: one
         # compute thread per core. --check-base holds one base tensor: one thread.
@@ -145,7 +147,7 @@ def unmerge(merged_path: str | Path, adapter_paths: list[str | Path], out: str |
 def proof_threads() -> int:
     """Compute threads for unmerge's proof: one per core (at most 8) with the compiled
     proof, else one (the torch proof's passes are memory-bound)."""
-    return min(8, os.cpu_count() or 1) if fused.available() else 1
+    return min(8, os.cpu_count() or 1) if fused.installed() else 1
 
 
 def _add(a: TensorExactness, b: TensorExactness) -> TensorExactness:
