@@ -66,6 +66,8 @@ else
   run bench/unmerge_verify.py speed --runs 3
   section "scaling: 0.25B, 1B, 3B (median of 3; PEFT at 3B)"
   run bench/scaling.py --runs 3 --peft 3b
+  section "scaling with the outputs on tmpfs: the pipeline without the disk (one run)"
+  run bench/scaling.py --runs 1 --out /dev/shm
   section "threads: --threads 1 against the default (1B, median of 3)"
   run bench/threads.py --runs 3
   section "phases of one merge (1B, median of 3)"
