@@ -80,6 +80,33 @@ def test_merge_unmerge_merge_is_bit_identical_at_edges(tmp_path_factory: object,
     assert p.total["max_abs"] >= s.total["max_abs"]
 
 
+def edge_case(seed: int, pair: bool, wrong: bool, dtype: torch.dtype, rows: int, cols: int,
+              size: float = 0.1) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """M (a merge of :func:`_edge_base`'s bases by one or two rank-2 terms of ``size``;
+    with ``wrong``, half its elements one step off: M no base may reach where the merge
+    was coarse), the unmerge's terms, and its first guess ``u₀ = round(M + Σ terms)``."""
+    g = torch.Generator().manual_seed(seed)
+    terms = [ops.linear_delta(torch.randn(2, cols, generator=g),
+                              torch.randn(rows, 2, generator=g), -size)
+             for _ in range(2 if pair else 1)]
+    w = _edge_base(g, -sum(terms), dtype)  # type: ignore[arg-type]
+    m = replay(w, terms, dtype)
+    if wrong:
+        m = torch.where(torch.rand(m.shape, generator=g) < 0.5, step(m, 1), m)
+    acc = m.float()
+    for t in terms:
+        acc = acc + t
+    return m, terms, acc.to(dtype)
+
+
+def value_count(hits: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """How many values merge to M, per element (``hits``: candidates × elements): −0 and
+    +0 are two bit patterns of one value, as "exact" counts them (the report's exact is
+    value equality, as ``--check-base`` measures it)."""
+    zeros = (cands == 0).nonzero().squeeze(1)
+    return hits.sum(0) - (hits[zeros].sum(0) == 2).long()
+
+
 @functools.cache
 def _all_values(dtype: torch.dtype) -> torch.Tensor:
     """Every finite value of a 16-bit dtype."""
@@ -94,21 +121,12 @@ def test_proof_matches_an_exhaustive_search(seed: int, pair: bool, wrong: bool,
                                             dtype: torch.dtype) -> None:
     """Against every 16-bit value as a candidate base: "proven exact" holds exactly when one
     base merges to M, "unreachable" exactly when none does, and the output is one that does."""
-    g = torch.Generator().manual_seed(seed)
-    terms = [ops.linear_delta(torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g),
-                              -0.1) for _ in range(2 if pair else 1)]
-    w = _edge_base(g, -sum(terms), dtype)  # type: ignore[arg-type]
-    m = replay(w, terms, dtype)
-    if wrong:  # M that no base may reach: one step off where the merge was coarse
-        m = torch.where(torch.rand(m.shape, generator=g) < 0.5, step(m, 1), m)
-    acc = m.float()
-    for t in terms:
-        acc = acc + t
-    proof = prove(m, terms, acc.to(dtype), early_roundings=len(terms))
+    m, terms, u = edge_case(seed, pair, wrong, dtype, 4, 4)
+    proof = prove(m, terms, u, early_roundings=len(terms))
     cands = _all_values(dtype)
     hits = same_bits(replay(cands[:, None, None].expand(-1, *m.shape), terms, dtype),
                      m.expand(len(cands), *m.shape))
-    count = hits.sum(0)
+    count = value_count(hits, cands)
     assert torch.equal(proof.exact, count == 1)
     assert torch.equal(proof.unreachable, count == 0)
     ok = same_bits(replay(proof.unmerged, terms, dtype), m)
@@ -127,17 +145,7 @@ def test_fast_proof_agrees_with_the_full_search(seed: int, pair: bool, wrong: bo
     """The proof that replays u0 and its neighbours only, searching the rest, against the
     bisection with its interval run on every element (fp32 too, where no exhaustive
     search is possible): the same output, "exact" and "unreachable", a bound no looser."""
-    g = torch.Generator().manual_seed(seed)
-    terms = [ops.linear_delta(torch.randn(2, 64, generator=g), torch.randn(48, 2, generator=g),
-                              -0.1) for _ in range(2 if pair else 1)]
-    w = _edge_base(g, -sum(terms), dtype)  # type: ignore[arg-type]
-    m = replay(w, terms, dtype)
-    if wrong:
-        m = torch.where(torch.rand(m.shape, generator=g) < 0.5, step(m, 1), m)
-    acc = m.float()
-    for t in terms:
-        acc = acc + t
-    u = acc.to(dtype)
+    m, terms, u = edge_case(seed, pair, wrong, dtype, 48, 64)
     proof = prove(m, terms, u, early_roundings=len(terms))
     full = _searched(m, terms, u, *interval(m, terms, u, len(terms)))
     assert torch.equal(same_bits(proof.unmerged, full.unmerged), torch.ones_like(proof.exact))

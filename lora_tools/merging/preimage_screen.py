@@ -68,9 +68,11 @@ def screen(m: torch.Tensor, deltas: list[torch.Tensor], u0: torch.Tensor
         return acc
 
     s = sums(0)
-    exact = less(lo, s) & less(s, hi)  # sign bits from here on
-    found = exact & ordinary(ub, m.view(i16), torch.finfo(u0.dtype).max, u0.dtype)
-    settled, beside = found, torch.zeros_like(found)
+    # sign bits from here on; only where ordinary: next to 0 a neighbour's bit pattern is
+    # a NaN, so are the midpoints, and the sign of a NaN difference is arbitrary
+    found = less(lo, s) & less(s, hi) & ordinary(ub, m.view(i16), torch.finfo(u0.dtype).max,
+                                                 u0.dtype)
+    exact, settled, beside = found, found, torch.zeros_like(found)
     bound = torch.zeros(u0.shape, dtype=torch.float32)
     u0f = u0.float()
     for step_ in (1, -1):  # along the magnitude
