@@ -19,6 +19,7 @@ from lora_tools.cli import cli
 from lora_tools.engine.blocks import MIN_ROWS, plan_rows
 from lora_tools.engine.pipeline import Pipeline
 from lora_tools.engine.stream import output_specs, stream
+from lora_tools.errors import FormatError
 from lora_tools.io import CheckpointWriter, open_checkpoint
 from lora_tools.merging.merge import merge
 
@@ -275,3 +276,27 @@ def test_auto_device_keeps_writers_on_the_cpu(tmp_path: Path,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device("auto", auto="cuda") == torch.device("cuda")
+
+
+def test_large_reads_map_the_file_copy_on_write(tmp_path: Path) -> None:
+    """Rows of a tensor over the mapping threshold come from the file's pages: the same
+    values as a plain read, at any row range; writing into them leaves the file alone; a
+    file cut short after it was opened is an error, not a crash."""
+    from lora_tools.engine import transfer
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(600, 1000, generator=g).to(torch.bfloat16)  # 1.2 MB
+    path = state_dict_file({"a.weight": torch.ones(3), "w.weight": w}, tmp_path / "b.safetensors")
+    base = open_checkpoint(path)
+    info = base.info("w.weight")
+    assert info.nbytes >= transfer._MAP_MIN and info.offset % 4096  # not page-aligned
+    before = path.read_bytes()
+    for start, stop in [(0, 600), (1, 599), (517, 600)]:
+        rows = transfer.read_rows(base, info, start, stop)
+        assert torch.equal(rows, w[start:stop])
+        rows.add_(1.0)  # a kernel writing into its input
+    assert path.read_bytes() == before
+    with open(path, "r+b") as f:
+        f.truncate(info.offset + info.nbytes // 2)
+    with pytest.raises(FormatError, match="cut short"):
+        transfer.read_rows(base, info, 0, 600)

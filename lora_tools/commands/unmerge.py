@@ -35,6 +35,10 @@ _LIST_LIMIT = 40
               help="The --block-weights the merge was made with (diffusion LoRAs).")
 @click.option("--check-base", type=click.Path(exists=True), metavar="BASE",
               help="Compare the result with the real base, element by element.")
+@click.option("--threads", type=click.IntRange(1, 256), metavar="N",
+              help="Compute threads on the CPU (default: one per core, at most 8; one with "
+                   "--check-base): blocks are proven side by side; the output and the report "
+                   "are the same whatever N. Pass 1 on a busy machine.")
 @run_options
 @handle_errors
 def command(merged: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
@@ -57,8 +61,11 @@ def command(merged: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
     from lora_tools.merging.unmerge import unmerge
 
     with stating(opts["quiet"], opts["as_json"]) as said:
-        summary = unmerge(merged, list(adapters), out, weights=list(weights), check_base=check_base,
-                          **library_kwargs(opts))
+        kwargs = library_kwargs(opts)
+        if opts["threads"]:
+            kwargs["threads"] = opts["threads"]
+        summary = unmerge(merged, list(adapters), out, weights=list(weights),
+                          check_base=check_base, **kwargs)
     warn(summary.merge.warnings, opts["quiet"])
     emit({**summary.to_dict(), "interpretation": said}, opts["as_json"], describe, opts["quiet"])
 

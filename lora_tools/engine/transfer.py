@@ -9,6 +9,7 @@ So while tensor k is computed, k+1 is on its way up and k-1 on its way down.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 from typing import Any
@@ -30,10 +31,37 @@ def read_rows(base: Checkpoint, info: TensorInfo, start: int, stop: int,
         return part.pin_memory() if pin else part
     row = info.nbytes // info.shape[0] if info.shape[0] else 0
     shape = (stop - start, *info.shape[1:])
-    buf = torch.empty(row * (stop - start), dtype=torch.uint8, pin_memory=pin)
+    nbytes, offset = row * (stop - start), info.offset + start * row
+    if not pin and nbytes >= _MAP_MIN:
+        return _mapped(info, offset, nbytes).view(info.dtype).reshape(shape)
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
     if buf.numel():
-        _pread_into(info, buf, info.offset + start * row)
+        _pread_into(info, buf, offset)
     return buf.view(info.dtype).reshape(shape)
+
+
+# Larger reads map the file instead of copying it: the page cache's own pages are used
+# (faulted in 16 at a time), where a fresh buffer of that size is zeroed page by page and
+# then copied into, ~15 % of a 3B merge's CPU time (the allocator hands buffers over
+# 32 MiB back to the kernel, so they are fresh every time).
+_MAP_MIN = 1 << 20
+
+
+def _mapped(info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
+    """``nbytes`` of ``info.file`` from ``offset``, mapped copy-on-write: a kernel that
+    wrote into its input would change its own copy, never the file."""
+    lead = offset % mmap.ALLOCATIONGRANULARITY
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size < offset + nbytes:
+            raise FormatError(f"{info.file}: tensor {info.name!r} is cut short (truncated "
+                              "file); re-download or re-save it")
+        m = mmap.mmap(fd, lead + nbytes, flags=mmap.MAP_PRIVATE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset - lead)
+    finally:
+        os.close(fd)
+    m.madvise(mmap.MADV_SEQUENTIAL)
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=lead)
 
 
 def _pread_into(info: TensorInfo, buf: torch.Tensor, offset: int) -> None:
