@@ -50,14 +50,18 @@ mv = importlib.import_module("lora_tools.merging." + argv[0])
 import lora_tools.merging.merge as mm
 marks["other imports"] = time.perf_counter()
 spent = {}
+inside = []  # the stream's own fsyncs (one per finished shard) are part of the stream
 def wrap(mod, name, label):
     fn = getattr(mod, name)
     def timed(*a, **k):
         s = time.perf_counter()
+        inside.append(label)
         try:
             return fn(*a, **k)
         finally:
-            spent[label] = spent.get(label, 0.0) + time.perf_counter() - s
+            inside.pop()
+            key = "fsync in stream" if label == "final fsync" and "stream" in inside else label
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - s
     setattr(mod, name, timed)
 for mod in {mm, mv}:
     for name, label in (("open_adapters", "read adapters"), ("resolve", "match"),
@@ -90,13 +94,14 @@ def one(argv: list[str]) -> dict[str, float]:
            "interpreter start": wall - (res["end"] - t0),
            "import torch": m["import torch"] - t0,
            "other imports": m["other imports"] - m["import torch"]}
-    stream = spent.pop("stream", 0.0)
-    fsync = spent.get("final fsync", 0.0)
-    row.update({k: v for k, v in spent.items() if k != "final fsync"})
-    row["stream (without fsync)"] = stream - fsync
+    # the fsync that closes the output runs after the stream; a shard's runs inside it
+    stream = spent.pop("stream", 0.0) - spent.pop("fsync in stream", 0.0)
+    fsync = spent.pop("final fsync", 0.0)
+    row.update(spent)
+    row["stream (without fsync)"] = stream
     row["final fsync"] = fsync
     row["rest (planning, output checks, report)"] = (res["end"] - m["other imports"]) - sum(
-        spent.values()) - (stream - fsync)
+        spent.values()) - stream - fsync
     row["CPU (user + sys)"] = res["cpu"]
     row["peak RSS MiB"] = res["rss"] / 2**20
     return row
