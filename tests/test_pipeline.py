@@ -300,3 +300,16 @@ def test_large_reads_map_the_file_copy_on_write(tmp_path: Path) -> None:
         f.truncate(info.offset + info.nbytes // 2)
     with pytest.raises(FormatError, match="cut short"):
         transfer.read_rows(base, info, 0, 600)
+
+
+def test_reads_fall_back_where_the_file_cannot_be_mapped(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_tools.engine import transfer
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise OSError(errno.ENODEV, "no mmap on this file system")
+
+    w = torch.randn(600, 1000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    base = open_checkpoint(state_dict_file({"w.weight": w}, tmp_path / "b.safetensors"))
+    monkeypatch.setattr(transfer.mmap, "mmap", refuse)
+    assert torch.equal(transfer.read_rows(base, base.info("w.weight"), 3, 500), w[3:500])

@@ -32,8 +32,9 @@ def read_rows(base: Checkpoint, info: TensorInfo, start: int, stop: int,
     row = info.nbytes // info.shape[0] if info.shape[0] else 0
     shape = (stop - start, *info.shape[1:])
     nbytes, offset = row * (stop - start), info.offset + start * row
-    if not pin and nbytes >= _MAP_MIN:
-        return _mapped(info, offset, nbytes).view(info.dtype).reshape(shape)
+    mapped = _mapped(info, offset, nbytes) if not pin and nbytes >= _MAP_MIN else None
+    if mapped is not None:
+        return mapped.view(info.dtype).reshape(shape)
     buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
     if buf.numel():
         _pread_into(info, buf, offset)
@@ -47,9 +48,12 @@ def read_rows(base: Checkpoint, info: TensorInfo, start: int, stop: int,
 _MAP_MIN = 1 << 20
 
 
-def _mapped(info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
+def _mapped(info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor | None:
     """``nbytes`` of ``info.file`` from ``offset``, mapped copy-on-write: a kernel that
-    wrote into its input would change its own copy, never the file."""
+    wrote into its input would change its own copy, never the file. None where the
+    platform or the file system cannot map it (the caller reads it instead)."""
+    if not hasattr(mmap, "MAP_PRIVATE"):
+        return None
     lead = offset % mmap.ALLOCATIONGRANULARITY
     fd = os.open(info.file, os.O_RDONLY)
     try:
@@ -58,9 +62,12 @@ def _mapped(info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
                               "file); re-download or re-save it")
         m = mmap.mmap(fd, lead + nbytes, flags=mmap.MAP_PRIVATE,
                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset - lead)
+    except OSError:
+        return None
     finally:
         os.close(fd)
-    m.madvise(mmap.MADV_SEQUENTIAL)
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_SEQUENTIAL"):
+        m.madvise(mmap.MADV_SEQUENTIAL)
     return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=lead)
 
 
