@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lora_tools.engine import buffers
 from lora_tools.engine.blocks import plan_rows
 from lora_tools.engine.pipeline import Pipeline
 from lora_tools.engine.transfer import Mover, mover_for, read_rows
@@ -198,6 +199,8 @@ class _Stages:
                 self.writer.write_chunk(name, data, final=it.last)
                 self.stats.blocks += 1
             nbytes = len(data)
+            del data
+            buffers.give(result)  # its bytes are in the page cache now
         if it.last:
             self.stats.tensors += 1
             self.stats.changed += it.mode == "work"

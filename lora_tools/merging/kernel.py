@@ -15,6 +15,7 @@ import torch
 
 from lora_tools.adapters.mapping import Match
 from lora_tools.adapters.model import LINEAR, Adapter
+from lora_tools.engine import buffers
 from lora_tools.engine.blocks import CACHE_BLOCK, plan_rows, threads
 from lora_tools.errors import NumericError
 from lora_tools.math.finite import check_finite, check_result
@@ -118,7 +119,7 @@ class DeltaSum:
                     out: torch.dtype) -> torch.Tensor:
         """Rows ``[start, stop)`` on the CPU by cache-sized blocks, rounded into ``out``."""
         factors = self._all_factors()
-        result = torch.empty(w.shape, dtype=out, device=self.device)
+        result = buffers.take(tuple(w.shape), out)  # the stream gives it back once written
         row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
         for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
             result[b0:b1] = (self._fused_block(w[b0:b1], start + b0, factors)
