@@ -79,9 +79,12 @@ def commands(out: Path) -> dict[str, list[str]]:
     return rows
 
 
-def measure(labels: list[str], runs: int) -> dict[str, Timing]:
+def measure(labels: list[str], runs: int, warmup: int = 1) -> dict[str, Timing]:
+    """Walls, peak RSS and engine seconds of each row over ``runs`` counted runs, after
+    ``warmup`` uncounted ones (the first run of a fresh machine reads torch, transformers
+    and the fixture from disk: 3x the later walls, which a median of 3 does not shed)."""
     timings = {label: Timing(label) for label in labels}
-    for i in range(runs):
+    for i in range(-warmup, runs):
         # Interleaved, so a change of machine load hits every row; the order reverses each
         # run (ABBA), so a steady drift in load favours no row.
         for label in labels if i % 2 == 0 else labels[::-1]:
@@ -89,6 +92,9 @@ def measure(labels: list[str], runs: int) -> dict[str, Timing]:
             settle(out)
             res = run_full(commands(out)[label])
             wall, rss = float(res["wall"]), int(res["rss"])
+            if i < 0:
+                print(f"  warm-up: {label:<24} {wall:7.2f} s", file=sys.stderr)
+                continue
             timings[label].walls.append(wall)
             timings[label].rss.append(rss)
             if "--json" in commands(out)[label]:  # the engine's own time, after imports
@@ -155,6 +161,7 @@ def compare_outputs() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted runs first (default 1)")
     ap.add_argument("--no-peft", action="store_true", help="skip the (slow) PEFT rows")
     ap.add_argument("--layers", type=int, default=16, help="blocks of the Llama (16: ~1B)")
     ap.add_argument("--against", type=Path, help="another lora-tools checkout to time too")
@@ -173,9 +180,10 @@ def main() -> None:
     if args.no_peft:
         labels.remove("PEFT merge_and_unload")
     print(f"load before: {load_average()}", file=sys.stderr)
-    timings = measure(labels, args.runs)
+    timings = measure(labels, args.runs, args.warmup)
     print(f"base: {folder_bytes(base) / 1e9:.2f} GB, {args.layers} layers; adapter rank 16 on "
-          f"q,k,v,o,gate,up,down; median of {args.runs} runs; load after: {load_average()}")
+          f"q,k,v,o,gate,up,down; median of {args.runs} runs after "
+          f"{args.warmup} warm-up; load after: {load_average()}")
     print(table(timings))
     if not args.no_peft:
         print(compare_outputs())

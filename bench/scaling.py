@@ -25,7 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SHAPES, WORK, folder_bytes, load_average, run_full, settle, shaped  # noqa: E402
+from common import (  # noqa: E402
+    SHAPES,
+    WORK,
+    folder_bytes,
+    load_average,
+    run_full,
+    settle,
+    shaped,
+    use_compiled,
+)
 from merge import PEFT_SCRIPT  # noqa: E402
 
 
@@ -66,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted runs first (default 1)")
     ap.add_argument("--peft", nargs="*", default=[], choices=list(SHAPES),
                     help="sizes at which PEFT's merge is timed too")
     ap.add_argument("--out", type=Path, default=WORK,
@@ -75,6 +85,7 @@ def main() -> None:
     out = args.out / "out-scaling"
     print("building (cached) ...", file=sys.stderr)
     sizes = {s: folder_bytes(shaped(s)[0]) for s in args.sizes}
+    use_compiled(Path(__file__).resolve().parent.parent)  # as installed: no recompiling per run
     skipped = {s: why for s in args.peft if s in sizes
                for fits, why in [peft_fits(sizes[s])] if not fits}
     peft_sizes = set(args.peft) - set(skipped)
@@ -82,11 +93,15 @@ def main() -> None:
     rss: dict[tuple[str, str], int] = {}
     engine: dict[str, list[float]] = {}
     print(f"load before: {load_average()}", file=sys.stderr)
-    for i in range(args.runs):
+    for i in range(-args.warmup, args.runs):  # warm-up runs (i < 0) are not counted
         for size in args.sizes if i % 2 == 0 else args.sizes[::-1]:
             for label, argv in rows_for(size, out, size in peft_sizes).items():
                 settle(out)
                 res = run_full(argv)
+                if i < 0:
+                    print(f"  warm-up: {size:>5} {label:<22} {res['wall']:7.2f} s",
+                          file=sys.stderr)
+                    continue
                 walls.setdefault((size, label), []).append(float(res["wall"]))
                 rss[(size, label)] = max(rss.get((size, label), 0), int(res["rss"]))
                 if label == "lora-tools merge":
@@ -95,7 +110,7 @@ def main() -> None:
                 print(f"  run {i + 1}: {size:>5} {label:<22} {res['wall']:7.2f} s",
                       file=sys.stderr)
     settle(out)
-    print(f"merge scaling, median of {args.runs}; load after: {load_average()}\n")
+    print(f"merge scaling, median of {args.runs} after {args.warmup} warm-up; load after: {load_average()}\n")
     print("| model | GB | cp -r + sync | merge | merge / cp+sync | merge s/GB | "
           "engine s/GB | merge peak RSS | PEFT |")
     print("|---|---|---|---|---|---|---|---|---|")
