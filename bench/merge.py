@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     Timing,
     build_adapter,
     build_base,
+    evict,
     folder_bytes,
     load_average,
     run_full,
@@ -53,7 +54,9 @@ merged.save_pretrained(out, max_shard_size="1200MB")
 
 
 # What one run works on: set by main from --layers and --against.
-SETUP: dict[str, Path | None] = {"base": BASE, "adapter": ADAPTER, "against": None}
+SETUP: dict[str, Path | None] = {"base": BASE, "adapter": ADAPTER, "against": None,
+                                 "cold": None}
+COLD = "(cold)"
 
 
 def commands(out: Path) -> dict[str, list[str]]:
@@ -76,6 +79,10 @@ def commands(out: Path) -> dict[str, list[str]]:
     }
     if against is not None:  # `python -m` imports the package from the current directory
         rows["merge (--against)"] = ["sh", "-c", 'cd "$0" && exec "$@"', str(against), *merge]
+    if SETUP["cold"] is not None:  # the same commands with the base out of the page cache
+        rows.update({f"{label} {COLD}": rows[label] for label in list(rows)
+                     if label in ("cp -r + sync", "lora-tools merge", "merge (--against)",
+                                  "PEFT merge_and_unload")})
     return rows
 
 
@@ -90,6 +97,8 @@ def measure(labels: list[str], runs: int, warmup: int = 1) -> dict[str, Timing]:
         for label in labels if i % 2 == 0 else labels[::-1]:
             out = WORK / f"out-{label.split()[0].lower()}"
             settle(out)
+            if label.endswith(COLD):
+                evict(SETUP["base"] or BASE)
             res = run_full(commands(out)[label])
             wall, rss = float(res["wall"]), int(res["rss"])
             if i < 0:
@@ -106,14 +115,20 @@ def measure(labels: list[str], runs: int, warmup: int = 1) -> dict[str, Timing]:
 
 def table(timings: dict[str, Timing]) -> str:
     cp = timings["cp -r"].wall
-    cps = timings["cp -r + sync"].wall
+    cps = timings["cp -r + sync"]
     peft = timings.get("PEFT merge_and_unload")
     rows = ["| command | wall (median) | peak RSS | / cp -r | / cp -r + sync | / PEFT |",
             "|---|---|---|---|---|---|"]
-    for t in timings.values():
-        vs_peft = f"{t.wall / peft.wall:.2f}x" if peft else "-"
+    for t in timings.values():  # a cold row against the cold PEFT and cp+sync
+        cold = t.label.endswith(COLD)
+        p = timings.get(f"PEFT merge_and_unload {COLD}") if cold else peft
+        c = timings.get(f"cp -r + sync {COLD}", cps) if cold else cps
+        vs_peft = f"{t.wall / p.wall:.2f}x" if p else "-"
         rows.append(f"| {t.label} | {t.wall:.2f} s | {t.peak / 2**20:.0f} MiB | "
-                    f"{t.wall / cp:.2f}x | {t.wall / cps:.2f}x | {vs_peft} |")
+                    f"{t.wall / cp:.2f}x | {t.wall / c.wall:.2f}x | {vs_peft} |")
+    if f"lora-tools merge {COLD}" in timings:
+        rows.append("")
+        rows.append(cold_line(timings))
     m, n = timings["lora-tools merge"], timings["merge --no-overlap"]
     if "merge (--against)" in timings:
         o = timings["merge (--against)"]
@@ -122,14 +137,28 @@ def table(timings: dict[str, Timing]) -> str:
                     f"{median(m.engine) / median(o.engine):.3f}x")
     rows.append(f"\noverlap speed-up: {n.wall / m.wall:.2f}x wall (no-overlap {n.wall:.2f} s / "
                 f"overlap {m.wall:.2f} s); engine only {median(n.engine) / median(m.engine):.2f}x")
-    floor = timings["import torch"].wall + cps
+    floor = timings["import torch"].wall + cps.wall
     vs = f" = {floor / peft.wall:.2f}x PEFT" if peft else ""
     rows.append(f"floor (import torch + cp -r + sync, run one after the other): {floor:.2f} s"
                 f"{vs}; merge / floor {m.wall / floor:.2f}x")
     rows.append(f"engine time of merge (streaming, after imports and planning): "
                 f"{median(m.engine):.2f} s = {median(m.engine) / cp:.2f}x cp -r, "
-                f"{median(m.engine) / cps:.2f}x cp -r + sync")
+                f"{median(m.engine) / cps.wall:.2f}x cp -r + sync")
     return "\n".join(rows)
+
+
+def cold_line(timings: dict[str, Timing]) -> str:
+    """The cold rows' ratios: merge against cp + sync and PEFT, all reading from disk."""
+    m, c = timings[f"lora-tools merge {COLD}"], timings[f"cp -r + sync {COLD}"]
+    line = (f"base not in the page cache: merge {m.wall:.2f} s = {m.wall / c.wall:.2f}x "
+            f"cp -r + sync ({c.wall:.2f} s)")
+    p = timings.get(f"PEFT merge_and_unload {COLD}")
+    if p is not None:
+        line += f", {m.wall / p.wall:.2f}x PEFT ({p.wall:.2f} s)"
+    o = timings.get(f"merge (--against) {COLD}")
+    if o is not None:
+        line += f"; this checkout / --against {m.wall / o.wall:.3f}x ({o.wall:.2f} s)"
+    return line + f"; engine {median(m.engine):.2f} s"
 
 
 def compare_outputs() -> str:
@@ -165,12 +194,16 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true", help="skip the (slow) PEFT rows")
     ap.add_argument("--layers", type=int, default=16, help="blocks of the Llama (16: ~1B)")
     ap.add_argument("--against", type=Path, help="another lora-tools checkout to time too")
+    ap.add_argument("--cold", action="store_true",
+                    help="rows with the base evicted from the page cache first, as for a "
+                         "model not read since the machine started")
     args = ap.parse_args()
     WORK.mkdir(exist_ok=True)
     if args.layers != 16:
         SETUP["base"] = WORK / f"llama-{args.layers}l-bf16"
         SETUP["adapter"] = WORK / f"lora-r16-all-linear-{args.layers}l"
     SETUP["against"] = args.against.resolve() if args.against else None
+    SETUP["cold"] = WORK if args.cold else None
     print("building (cached) ...", file=sys.stderr)
     base = build_base(SETUP["base"] or BASE, layers=args.layers)
     build_adapter(base, SETUP["adapter"] or ADAPTER, layers=args.layers)
@@ -178,7 +211,7 @@ def main() -> None:
                  *([SETUP["against"]] if SETUP["against"] else []))
     labels = list(commands(WORK / "x"))
     if args.no_peft:
-        labels.remove("PEFT merge_and_unload")
+        labels = [label for label in labels if not label.startswith("PEFT")]
     print(f"load before: {load_average()}", file=sys.stderr)
     timings = measure(labels, args.runs, args.warmup)
     print(f"base: {folder_bytes(base) / 1e9:.2f} GB, {args.layers} layers; adapter rank 16 on "

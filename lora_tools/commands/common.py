@@ -208,3 +208,18 @@ def stating(quiet: bool, as_json: bool) -> Iterator[list[dict[str, Any]]]:
 
 def progress_wanted(quiet: bool, as_json: bool) -> bool:
     return not quiet and not as_json and sys.stderr.isatty()
+
+
+def read_ahead(paths: list[str], max_memory: str | None) -> None:
+    """Start the disk reading the first bytes of the inputs (up to the memory cap, split
+    among them) while torch imports: a 1B merge whose base was not in the page cache read
+    it page fault by page fault only once the import was done (io/readahead.py)."""
+    from lora_tools.io.readahead import EARLY_BUDGET, start_early
+    from lora_tools.io.sizes import parse_size
+
+    try:
+        budget = parse_size(max_memory) if max_memory else EARLY_BUDGET
+    except LoraToolsError:
+        return  # the command itself refuses the size
+    for path in paths:
+        start_early([path], budget // max(1, len(paths)))

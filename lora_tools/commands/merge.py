@@ -12,6 +12,7 @@ from lora_tools.commands.common import (
     emit,
     handle_errors,
     output_options,
+    read_ahead,
     run_options,
     stating,
     warn,
@@ -75,6 +76,7 @@ def command(base: str, adapters: tuple[str, ...], out: str, weights: tuple[float
       lora-tools merge sdxl_pipeline/ lora.safetensors --block-weights "down=1,mid=0.5,up=0.8" \\
           -o merged_pipeline/
     """
+    read_ahead([base], opts.get("max_memory"))
     from lora_tools.merging.merge import merge
 
     kwargs = library_kwargs(opts)

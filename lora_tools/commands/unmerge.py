@@ -12,6 +12,7 @@ from lora_tools.commands.common import (
     emit,
     handle_errors,
     output_options,
+    read_ahead,
     run_options,
     stating,
     warn,
@@ -58,6 +59,7 @@ def command(merged: str, adapters: tuple[str, ...], out: str, weights: tuple[flo
       lora-tools unmerge merged_dir a.safetensors b.safetensors -w 0.7 -w 0.3 -o base_dir
       lora-tools unmerge merged.safetensors adapter_dir -o b.safetensors --check-base base.safetensors
     """
+    read_ahead([merged], opts.get("max_memory"))
     from lora_tools.merging.unmerge import unmerge
 
     with stating(opts["quiet"], opts["as_json"]) as said:

@@ -13,6 +13,7 @@ from lora_tools.commands.common import (
     emit,
     handle_errors,
     progress_wanted,
+    read_ahead,
     stating,
     warn,
 )
@@ -59,6 +60,7 @@ def command(merged: str, base: str, adapters: tuple[str, ...], weights: tuple[fl
       lora-tools verify merged_dir --base model_dir -a a.safetensors -a b.safetensors -w 0.7 -w 0.3
       lora-tools verify merged.pt --base gpt2.pt -a lora.pt --alpha 128 --enable-lora 1,0,1 --json
     """
+    read_ahead([merged, base], opts.get("max_memory"))
     from lora_tools.adapters.options import AdapterOptions
     from lora_tools.commands.common import parse_enable_lora
     from lora_tools.io.dtypes import parse_dtype

@@ -25,6 +25,7 @@ from lora_tools.engine.pipeline import Pipeline
 from lora_tools.engine.transfer import Mover, mover_for, read_rows
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.output import CheckpointWriter
+from lora_tools.io.readahead import Range, Readahead
 from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.io.writer import TensorSpec, tensor_bytes
 
@@ -97,13 +98,17 @@ def stream(base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn]
         cap = min(cap, max(1, free // 2))
     items = list(_plan(base, writer.specs, work, cap, stats))
     bar = _bar(sum(s.nbytes for s in writer.specs), progress)
-    stages = _Stages(base, writer, work, mover, stats, bar)
+    # the disk reads up to one budget ahead of the reader (a cold checkpoint otherwise
+    # comes in page fault by page fault, the disk idle while each tensor is computed)
+    ahead = Readahead((r for it in items if (r := file_range(it)) is not None), cap)
+    stages = _Stages(base, writer, work, mover, stats, bar, ahead)
     workers = compute_threads(threads) if mover.free_bytes() is None else 1
     pipe = Pipeline(stages.read, stages.compute, stages.write, lambda it: it.cost, cap,
                     workers=workers)
     try:
         pipe.run(items, overlap)
     finally:
+        ahead.stop()
         if bar is not None:
             bar.close()
     stats.peak_in_flight = pipe.budget.peak
@@ -154,15 +159,29 @@ def _plan(base: Checkpoint, specs: list[TensorSpec], work: dict[str, TensorFn], 
                        last=i == len(blocks) - 1, cost=cost * (stop - start) // rows)
 
 
+def file_range(it: Item) -> Range | None:
+    """The bytes of its file an item reads, where the tensor is a flat byte range."""
+    info = it.info
+    if info.offset < 0:
+        return None
+    if it.mode == "copy" or not info.shape or not info.shape[0]:
+        return info.file, info.offset, info.nbytes
+    row = info.nbytes // info.shape[0]
+    return info.file, info.offset + it.start * row, (it.stop - it.start) * row
+
+
 class _Stages:
     """The three stages of the pipeline, run in their own threads."""
 
     def __init__(self, base: Checkpoint, writer: CheckpointWriter, work: dict[str, TensorFn],
-                 mover: Mover, stats: StreamStats, bar: Any) -> None:
+                 mover: Mover, stats: StreamStats, bar: Any, ahead: Readahead) -> None:
         self.base, self.writer, self.work, self.mover = base, writer, work, mover
-        self.stats, self.bar = stats, bar
+        self.stats, self.bar, self.ahead = stats, bar, ahead
 
     def read(self, it: Item) -> Any:
+        r = file_range(it)
+        if r is not None:
+            self.ahead.advance(r[2])
         if it.mode == "copy":
             return None if it.info.offset >= 0 else self.base.raw(it.spec.name)
         host = read_rows(self.base, it.info, it.start, it.stop, pin=self.mover.pin)

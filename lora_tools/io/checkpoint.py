@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from lora_tools.errors import FormatError, UnsafeFileError
+from lora_tools.io import gguf_file
 from lora_tools.io import safetensors_file as stf
+from lora_tools.io.base import Checkpoint as Checkpoint  # re-exported: its home before base.py
 from lora_tools.io.detect import SAFETENSORS, sniff
-from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.io.torch_file import load_torch
 
@@ -25,55 +26,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
                 "diffusion_pytorch_model.bin")
-
-
-class Checkpoint:
-    """Read-only view of named tensors. Subclasses fill ``_infos`` in file order."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.metadata: dict[str, str] = {}
-        self._infos: dict[str, TensorInfo] = {}
-        self.container: str | None = None  # torch files: the dict key the tensors were under
-
-    @property
-    def files(self) -> list[Path]:
-        return [self.path]
-
-    @property
-    def folder(self) -> Path | None:
-        """The model folder whose non-weight files belong to this checkpoint, if any."""
-        return None
-
-    def keys(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        return self._infos[name]
-
-    def infos(self) -> Iterator[TensorInfo]:
-        return iter(self._infos.values())
-
-    def get(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def type_name(self, name: str) -> str:
-        """The stored element type's name (a GGML type such as Q4_0 for GGUF tensors)."""
-        return dtype_name(self._infos[name].dtype)
-
-    def raw(self, name: str) -> bytes | bytearray | memoryview:
-        """The tensor's contiguous little-endian bytes, without a dtype round trip."""
-        t = self.get(name).contiguous()
-        return t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
-
-    def close(self) -> None:
-        """Release file handles; readers here hold none between calls."""
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -114,15 +66,9 @@ def read_zip_metadata(path: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
-# Readers of further formats, tried first: (recognizes, opens). io/gguf_file.py registers
-# GGUF here (it subclasses Checkpoint, so this module cannot import it).
-READERS: list[tuple[Callable[[Path], bool], Callable[[Path], Checkpoint]]] = []
-
-
 def open_file(path: Path) -> Checkpoint:
-    for recognizes, opens in READERS:
-        if recognizes(path):
-            return opens(path)
+    if gguf_file.is_gguf(path):
+        return gguf_file.GGUFCheckpoint(path)
     kind = sniff(path)
     _check_name(path, kind)
     if kind == SAFETENSORS:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lora_tools.errors import FormatError, UsageError
-from lora_tools.io.checkpoint import READERS, Checkpoint
+from lora_tools.io.base import Checkpoint
 from lora_tools.io.safetensors_file import TensorInfo
 
 GGUF_MAGIC = b"GGUF"
@@ -267,4 +267,3 @@ def open_gguf(path: str | Path) -> GGUFCheckpoint:
     return GGUFCheckpoint(p)
 
 
-READERS.append((is_gguf, GGUFCheckpoint))

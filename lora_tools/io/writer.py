@@ -24,8 +24,9 @@ from typing import BinaryIO
 
 import torch
 
-from lora_tools.errors import OutputError, UsageError
+from lora_tools.errors import OutputError
 from lora_tools.io.dtypes import TORCH_TO_ST, itemsize
+from lora_tools.io.sizes import parse_size  # noqa: F401  (its home before io/sizes.py)
 
 TMP_MARK = ".lora-tools-tmp"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -219,24 +220,6 @@ def copy_file_bytes(src: Path, offset: int, nbytes: int, dst: BinaryIO) -> None:
                                   "(truncated file); re-download or re-save it")
             done += got
     dst.seek(pos + nbytes)
-
-
-def parse_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``2GiB`` or a byte count."""
-    t = text.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "B": 1}
-    size = None
-    for unit, mult in units.items():
-        if t.endswith(unit) and t[: -len(unit)].replace(".", "", 1).isdigit():
-            size = int(float(t[: -len(unit)]) * mult)
-            break
-    if size is None and t.isdigit():
-        size = int(t)
-    if size is None or size < 1:
-        raise UsageError(f"cannot read the size {text!r}; write it like 5GB, 500MB or 2GiB "
-                         "(more than 0)")
-    return size
 
 
 def plan_shards(specs: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
