@@ -18,6 +18,17 @@ def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0):  # type: igno
     return LlamaForCausalLM(cfg).to(dtype)
 
 
+def mid_llama(dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """Big enough that a small --max-memory splits tensors into several row blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=192, intermediate_size=448,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
 def peft_adapter(model, folder: Path, seed: int = 1, **cfg):  # type: ignore[no-untyped-def]
     """Wrap ``model`` with a LoRA whose B is random (not zero) and save it to ``folder``."""
     from peft import LoraConfig, get_peft_model

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import peft_adapter, read, state_dict_file, tiny_llama
+from helpers import mid_llama, peft_adapter, read, state_dict_file, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,20 +92,9 @@ def test_plan_rows_cover_in_order(n_rows: int, row_cost: int, cap: int) -> None:
 # ---------------------------------------------------------------- merge by row blocks
 
 
-def _mid_llama(dtype: torch.dtype):  # type: ignore[no-untyped-def]
-    """Big enough that a small --max-memory splits tensors into several row blocks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=320, hidden_size=192, intermediate_size=448,
-                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_row_blocks_equal_one_shot_and_peft(tmp_path: Path, dtype: torch.dtype) -> None:
-    model = _mid_llama(dtype)
+    model = mid_llama(dtype)
     base = state_dict_file(model.state_dict(), tmp_path / "base.safetensors")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                "embed_tokens", "lm_head"]
@@ -227,7 +216,7 @@ def test_cast_by_row_blocks_equals_whole_cast(tmp_path: Path) -> None:
 
 
 def _cli_case(tmp_path: Path) -> tuple[Path, Path]:
-    model = _mid_llama(torch.bfloat16)
+    model = mid_llama(torch.bfloat16)
     base = state_dict_file(model.state_dict(), tmp_path / "base.safetensors")
     peft_adapter(model, tmp_path / "adapter", r=8)
     return base, tmp_path / "adapter"

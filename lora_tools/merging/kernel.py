@@ -3,13 +3,15 @@
 This is one of the three files that say how a tensor is merged: this one sums the terms
 and rounds once; :mod:`lora_tools.modules.lora` gives each module's ΔW (whole or by rows;
 other module types, LoHa/LoKr/full, through :mod:`lora_tools.modules.registry`),
-and :mod:`lora_tools.math.deltas` holds the formula of each layout.
+and :mod:`lora_tools.math.deltas` holds the formula of each layout. One case, a lone plain
+LoRA term on a bf16 base on the CPU, may take :mod:`lora_tools.merging.add_round`: the
+same operations compiled into one pass, the same bits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -19,6 +21,7 @@ from lora_tools.engine import buffers
 from lora_tools.engine.blocks import CACHE_BLOCK, plan_rows, threads
 from lora_tools.errors import NumericError
 from lora_tools.math.finite import check_finite, check_result
+from lora_tools.merging import add_round
 from lora_tools.modules.registry import load_factors, module_delta, row_blockable
 
 
@@ -121,14 +124,38 @@ class DeltaSum:
         factors = self._all_factors()
         result = buffers.take(tuple(w.shape), out)  # the stream gives it back once written
         row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
+        compiled, bad = self._compiled(w, out), False
         for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
+            if compiled is not None:
+                bad |= self._compiled_block(compiled, w[b0:b1], start + b0, factors[0],
+                                            result[b0:b1])
+                continue
             result[b0:b1] = (self._fused_block(w[b0:b1], start + b0, factors)
                              if self.observe is None else
                              self._observed_block(name, w[b0:b1], start + b0, factors, out))
         # One check of the rounded rows: NaN/Inf in the base or an fp32 overflow reach
-        # them, and rounding to bf16 can overflow a finite fp32 sum.
-        check_result(result, w, name)
+        # them, and rounding to bf16 can overflow a finite fp32 sum (the compiled pass
+        # checks as it rounds: the exact checks, which name the culprit, only if it found one).
+        if compiled is None or bad:
+            check_result(result, w, name)
         return result
+
+    def _compiled(self, w: torch.Tensor, out: torch.dtype) -> Any | None:
+        """The compiled add-and-round (``add_round``) where it applies and is loaded: one
+        plain LoRA term over whole rows of a bf16 base into bf16, nothing observing."""
+        if (self.observe is not None or len(self.terms) != 1 or w.dtype != torch.bfloat16
+                or out != torch.bfloat16 or self.terms[0][1].rows is not None
+                or self.terms[0][1].src is not None):
+            return None
+        return add_round.ready()
+
+    def _compiled_block(self, k: Any, w: torch.Tensor, start: int,
+                        f: tuple[torch.Tensor, ...], out: torch.Tensor) -> bool:
+        """Rows from ``start`` into ``out`` by kernel ``k``: torch's product ``B@A`` (its
+        factor 1 skips the scaling), then scale, add and rounding in one compiled pass."""
+        _, match, weight = self.terms[0]
+        d = module_delta(match.module, f, 1.0, tuple(w.shape), rows=(start, start + len(w)))
+        return add_round.add_round(k, d, match.module.scale * weight, w, out)
 
     def _fused_block(self, w: torch.Tensor, start: int,
                      factors: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:

@@ -18,8 +18,8 @@ from lora_tools.engine.stream import TensorFn, output_specs, stream
 from lora_tools.errors import UsageError
 from lora_tools.io import CheckpointWriter, open_checkpoint, output_kind, quant
 from lora_tools.io.gguf_file import GGUFCheckpoint, is_gguf
+from lora_tools.merging import add_round, provenance
 from lora_tools.merging import plan as beyond_plan
-from lora_tools.merging import provenance
 from lora_tools.merging.checks import check_factors, check_targets
 from lora_tools.merging.kernel import DeltaSum, Observer
 from lora_tools.merging.summary import MergeSummary, check_history
@@ -92,6 +92,8 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     dev = resolve_device(device)
     per_block = block_plan(adapters, block_weights)
     work = build_work(adapters, reports, weights, sign, dev, observe, per_block)
+    if observe is None and dev.type == "cpu" and add_round.worth(base, work):
+        add_round.warm()  # loads while the rest is planned and the first blocks are read
     restore = open_checkpoint(restore_from) if restore_from is not None else None
     req = beyond_plan.Request(sign, dev, dtype, untie, deq, observe, restore)
     extra = beyond_plan.plan(base, adapters, reports, weights, output_specs(base, dtype),
