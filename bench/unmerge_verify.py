@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     load_average,
     run_full,
     settle,
+    use_compiled,
 )
 
 OUT = WORK / "verify"
@@ -132,6 +133,7 @@ def _small() -> tuple[Path, Path]:
 def speed(runs: int, small: bool) -> None:
     OUT.mkdir(parents=True, exist_ok=True)  # merge refuses an output whose parent is missing
     base, adapter = _small() if small else (build_base(), build_adapter())
+    use_compiled(Path(__file__).resolve().parent.parent)  # as installed, as bench/merge.py
     merged = OUT / ("merged.safetensors" if small else "merged")
     lt = [sys.executable, "-m", "lora_tools"]
     merge = [*lt, "merge", str(base), str(adapter), "-o", str(merged), "--force", "-q",

@@ -445,3 +445,31 @@ def test_probe_rows_are_a_seeded_sample() -> None:
     assert torch.equal(rows, probe_mod.sample_rows("layer", 5000, 0))
     assert not torch.equal(rows, probe_mod.sample_rows("layer", 5000, 1))
     assert torch.equal(probe_mod.sample_rows("small", 300, 0), torch.arange(300))
+
+
+def test_checks_side_by_side_report_as_one_thread_does(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """One check per core: the report (failures, figures, their order) is the one thread's."""
+    model = tiny_llama(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    peft_adapter(model, tmp_path / "lora")
+    merge(tmp_path / "base", [tmp_path / "lora"], tmp_path / "merged.safetensors")
+    bad = read(tmp_path / "merged.safetensors")
+    for key in ("model.layers.0.self_attn.q_proj.weight",
+                "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+        bad[key] = (bad[key].float() * 1.01).to(bad[key].dtype)
+    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
+    reports = []
+    for cores in (1, 4):
+        monkeypatch.setattr("lora_tools.merging.verify.os.cpu_count", lambda c=cores: c)
+        for merged in ("merged", "bad"):
+            d = verify(tmp_path / f"{merged}.safetensors", tmp_path / "base",
+                       [tmp_path / "lora"]).to_dict()
+            d.pop("seconds")
+            reports.append(d)
+    assert reports[0]["ok"] and not reports[1]["ok"]
+    assert {f["name"] for f in reports[1]["failures"]} == {
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+        "model.norm.weight"}
+    assert reports[0] == reports[2] and reports[1] == reports[3]

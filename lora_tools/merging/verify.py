@@ -18,6 +18,7 @@ with what failed and by how much; nothing is raised for a failed check.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +33,7 @@ from lora_tools.engine.blocks import threads
 from lora_tools.engine.device import exact, resolve_device
 from lora_tools.engine.pipeline import Pipeline
 from lora_tools.engine.progress import Bar
-from lora_tools.engine.stream import DEFAULT_MAX_MEMORY
+from lora_tools.engine.stream import DEFAULT_MAX_MEMORY, MAX_THREADS
 from lora_tools.errors import UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
@@ -110,9 +111,10 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     for key in special:  # not W + s·B(A·x): the element check covers them, the probe not
         plan.terms.pop(key, None)
     checker = Checker(merged, base, work, plan, dtype, tol, seed)
-    # One thread: on these streaming, memory-bound passes an OpenMP team costs more than it
-    # saves (measured: 2 threads took 1.4× the wall time of 1). fp32 results that depend on
-    # the thread count (convs) stay within the fp32 tolerance.
+    # One intra-op thread per check (checks run side by side, one per core): on these
+    # streaming, memory-bound passes an OpenMP team costs more than it saves (measured: 2
+    # threads took 1.4× the wall time of 1). fp32 results that depend on the thread count
+    # (convs) stay within the fp32 tolerance.
     infos = list(base.infos())
     with Bar(sum(i.nbytes for i in infos), "verify", progress, "B") as bar:
         _check_all(checker, infos, rep, bar)
@@ -125,22 +127,32 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
 
 def _check_all(checker: Checker, infos: list[TensorInfo], rep: VerifyReport,
                bar: Bar) -> None:
-    """Every tensor pair checked in order, the next pair read while one is checked (file
-    reads and torch kernels release the GIL). The budget is the largest pair's cost (at
-    most half the engine's default): peak memory follows the largest tensor, and small
-    pairs are still read ahead while a large one is checked."""
+    """Every tensor pair checked, the next pairs read while some are checked (file reads
+    and torch kernels release the GIL), one check per core side by side: the reads are
+    mapped, so the checks are the work. Each check fills a report of its own, merged into
+    ``rep`` in BASE's order. The budget is a check's largest pair per thread (at most half
+    the engine's default): peak memory follows the largest tensor and the thread count."""
+    workers = max(1, min(MAX_THREADS, os.cpu_count() or 1))
 
     def check(info: TensorInfo, pair: tuple[torch.Tensor, torch.Tensor] | None
-              ) -> list[Failure]:
+              ) -> tuple[VerifyReport, list[Failure]]:
+        part = VerifyReport(rep.merged, rep.base, rep.tolerance_ulp, rep.device)
         with threads(1):  # torch's thread count is per thread: set in the compute thread
-            return checker.check(info, rep, pair)
+            return part, checker.check(info, part, pair)
 
-    def record(info: TensorInfo, fails: list[Failure]) -> None:
+    def record(info: TensorInfo, done: tuple[VerifyReport, list[Failure]]) -> None:
+        part, fails = done
+        rep.tensors += part.tensors
+        rep.untouched += part.untouched
+        rep.bytes_read += part.bytes_read
+        rep.adapted += part.adapted
+        rep.warnings += [w for w in part.warnings if w not in rep.warnings]
         rep.failures += fails
         bar.update(info.nbytes)
 
-    cap = min(DEFAULT_MAX_MEMORY // 2, max((checker.cost(i) for i in infos), default=1))
-    Pipeline(checker.load, check, record, checker.cost, cap).run(infos)
+    largest = max((checker.cost(i) for i in infos), default=1)
+    cap = min(DEFAULT_MAX_MEMORY // 2, largest) * workers
+    Pipeline(checker.load, check, record, checker.cost, cap, workers=workers).run(infos)
 
 
 def _check_key_use(adapters: list[Adapter], reports: list[MatchReport],

@@ -3,6 +3,7 @@ checkpoint in memory (see :mod:`lora_tools.merging.verify` for what is checked a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from lora_tools.adapters import Adapter, blocks
 from lora_tools.adapters.mapping import MatchReport
 from lora_tools.engine.stream import TensorFn, out_dtype
+from lora_tools.engine.transfer import read_rows
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.dtypes import dtype_name
 from lora_tools.io.safetensors_file import TensorInfo
@@ -70,7 +72,7 @@ class Checker:
         """(MERGED's, BASE's) tensor of ``info``'s name, read ahead of its check."""
         if info.name not in self.merged:
             return None
-        return self.merged.get(info.name), self.base.get(info.name)
+        return _read(self.merged, self.merged.info(info.name)), _read(self.base, info)
 
     def cost(self, info: TensorInfo) -> int:
         """Bytes a check holds: both tensors, and for an adapted one its fp32 work (the
@@ -187,6 +189,16 @@ class Checker:
             return [Failure(name, "probe", f"W'x vs Wx + s·B(Ax): relative error {rel:.3g}, "
                             f"more than the {bound:.3g} rounding allows", rel)]
         return []
+
+
+def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
+    """A whole tensor as stored: the page cache's own pages, mapped copy-on-write, where it
+    is a flat byte range of a file holding it as stored (not a quantized GGUF block), as
+    the merge reads it: no copy, no zeroed buffer."""
+    if info.offset < 0 or not info.shape or \
+            info.nbytes != math.prod(info.shape) * info.dtype.itemsize:
+        return ckpt.get(info.name)
+    return read_rows(ckpt, info, 0, info.shape[0])
 
 
 def _looks_swapped(m: torch.Tensor, w: torch.Tensor, expected: torch.Tensor) -> bool:
