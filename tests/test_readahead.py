@@ -156,3 +156,19 @@ def test_the_cli_starts_reading_before_it_imports_torch(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == f"torch not loaded {64 * 2**20}"
     assert (tmp_path / "out").is_dir()
+
+
+def test_verify_asks_for_every_byte_of_both_inputs_once(tmp_path: Path, calls: Calls) -> None:
+    from lora_tools.merging.verify import verify
+
+    model = tiny_llama(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    peft_adapter(model, tmp_path / "lora")
+    merge(tmp_path / "base", [tmp_path / "lora"], tmp_path / "out.safetensors")
+    calls.seen.clear()
+    assert verify(tmp_path / "out.safetensors", tmp_path / "base", [tmp_path / "lora"]).ok
+    data = {(str(i.file.resolve()), b) for ck in ("out.safetensors", "base")
+            for i in open_checkpoint(tmp_path / ck).infos()
+            for b in range(i.offset, i.offset + i.nbytes)}
+    asked = [(f, b) for f, o, n in calls.seen for b in range(o, o + n)]
+    assert len(asked) == len(set(asked)) and set(asked) == data

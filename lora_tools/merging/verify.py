@@ -38,6 +38,7 @@ from lora_tools.errors import UsageError
 from lora_tools.io import open_checkpoint
 from lora_tools.io.checkpoint import Checkpoint
 from lora_tools.io.gguf_file import is_gguf
+from lora_tools.io.readahead import Range, Readahead
 from lora_tools.io.safetensors_file import TensorInfo
 from lora_tools.merging import provenance
 from lora_tools.merging.coverage import key_use
@@ -152,7 +153,23 @@ def _check_all(checker: Checker, infos: list[TensorInfo], rep: VerifyReport,
 
     largest = max((checker.cost(i) for i in infos), default=1)
     cap = min(DEFAULT_MAX_MEMORY // 2, largest) * workers
-    Pipeline(checker.load, check, record, checker.cost, cap, workers=workers).run(infos)
+    pairs = {i.name: _ranges(checker, i) for i in infos}
+    ahead = Readahead((r for i in infos for r in pairs[i.name]), DEFAULT_MAX_MEMORY)
+
+    def load(info: TensorInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+        ahead.advance(sum(n for _, _, n in pairs[info.name]))
+        return checker.load(info)
+
+    try:
+        Pipeline(load, check, record, checker.cost, cap, workers=workers).run(infos)
+    finally:
+        ahead.stop()
+
+
+def _ranges(checker: Checker, info: TensorInfo) -> list[Range]:
+    """The file bytes a check reads (MERGED's tensor, then BASE's), for the readahead."""
+    got = [checker.merged.info(info.name)] if info.name in checker.merged else []
+    return [(i.file, i.offset, i.nbytes) for i in (*got, info) if i.offset >= 0]
 
 
 def _check_key_use(adapters: list[Adapter], reports: list[MatchReport],
