@@ -61,7 +61,7 @@ if [ $QUICK = 1 ]; then
   run bench/phases.py --layers 4 --runs 1
 else
   section "merge against cp and PEFT (1B Llama, median of 3)"
-  run bench/merge.py --runs 3
+  run bench/merge.py --runs 3 --cold
   section "verify and unmerge against merge (1B Llama, median of 3)"
   run bench/unmerge_verify.py speed --runs 3
   section "scaling: 0.25B, 1B, 3B (median of 3; PEFT at 3B)"
