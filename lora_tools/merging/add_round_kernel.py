@@ -5,18 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
-
-def _compiled(fn: Any) -> Any:
-    try:
-        return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
-    except RuntimeError:  # no writable cache folder: compiled in each process
-        return numba.njit(nogil=True, boundscheck=False)(fn)
+from lora_tools.merging.jit import compiled
 
 
-@_compiled
+@compiled
 def add_round_bf16(d: Any, s: Any, w: Any, out: Any) -> bool:
     """``out = bf16(fl32(fl32(d·s) + W))`` over flat arrays: ``d`` fp32, ``s`` an fp32
     scalar, ``w`` and ``out`` bf16 bit patterns (uint16). True when some output is not

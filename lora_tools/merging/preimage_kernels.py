@@ -10,14 +10,9 @@ from typing import Any
 import numba
 import numpy as np
 
+from lora_tools.merging.jit import compiled
+
 _inline = numba.njit(inline="always")
-
-
-def _compiled(fn: Any) -> Any:
-    try:
-        return numba.njit(cache=True, nogil=True, boundscheck=False)(fn)
-    except RuntimeError:  # no writable cache folder: compiled in each process
-        return numba.njit(nogil=True, boundscheck=False)(fn)
 
 
 @_inline
@@ -63,7 +58,7 @@ def alone(lo: Any, hi: Any, s0: Any, sp: Any, sm: Any, u: int, m: int, top: int)
             & (mu > 3) & (mu < top - 1) & (mm > 3) & (mm < top))
 
 
-@_compiled
+@compiled
 def screen_bf16(mb: Any, ub: Any, d: Any, top: int, ok: Any) -> None:
     """Pass 1 for bf16, without branches or tables (it vectorizes): the values and
     midpoints are bit patterns shifted into fp32's."""
@@ -79,7 +74,7 @@ def screen_bf16(mb: Any, ub: Any, d: Any, top: int, ok: Any) -> None:
         ok[i] = alone(min(a, b), max(a, b), s0, sp, sm, u, m, top)
 
 
-@_compiled
+@compiled
 def screen_table(mb: Any, ub: Any, d: Any, table: Any, mids: Any, top: int, ok: Any
                  ) -> None:
     """Pass 1 for other 16-bit dtypes, by the tables."""
@@ -91,7 +86,7 @@ def screen_table(mb: Any, ub: Any, d: Any, table: Any, mids: Any, top: int, ok: 
         ok[i] = alone(mids[0, m], mids[1, m], s0, sp, sm, u, m, top)
 
 
-@_compiled
+@compiled
 def compact(ok: Any, rest: Any) -> int:
     """The indices where ``ok`` is false, to the front of ``rest``; their count."""
     n = 0
@@ -101,7 +96,7 @@ def compact(ok: Any, rest: Any) -> int:
     return n
 
 
-@_compiled
+@compiled
 def settle(mb: Any, ub: Any, d: Any, table: Any, mids: Any, ulps: Any, top: int,
            rest: Any, n_rest: int) -> tuple[int, int, Any, Any]:
     """Pass 2 over ``rest``: replayed runs (ties by round half to even); the elements
