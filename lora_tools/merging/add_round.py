@@ -81,6 +81,9 @@ def add_round(k: Any, d: torch.Tensor, factor: float, w: torch.Tensor,
     """``out = bf16(fl32(fl32(d·factor) + w))`` by kernel ``k`` (contiguous CPU tensors of
     one shape: ``d`` fp32, ``w`` and ``out`` bf16); True when some result is not finite.
     ``factor`` goes to fp32 first, as torch's ``mul_`` takes a Python float."""
+    if not (d.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
+        raise ValueError("add_round takes contiguous tensors (a reshaped copy of out "
+                         "would take the results)")
     return bool(k(d.reshape(-1).numpy(), np.float32(factor), _bits(w), _bits(out)))
 
 

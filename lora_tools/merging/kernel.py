@@ -144,7 +144,8 @@ class DeltaSum:
         """The compiled add-and-round (``add_round``) where it applies and is loaded: one
         plain LoRA term over whole rows of a bf16 base into bf16, nothing observing."""
         if (self.observe is not None or len(self.terms) != 1 or w.dtype != torch.bfloat16
-                or out != torch.bfloat16 or self.terms[0][1].rows is not None
+                or out != torch.bfloat16 or not w.is_contiguous()
+                or self.terms[0][1].rows is not None
                 or self.terms[0][1].src is not None):
             return None
         return add_round.ready()
