@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,18 @@ def test_demo_runs(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["untouched_identical"] and data["max_error_ulp"] <= 0.5 and data["changed"] == 4
     assert data["verify_ok"] and data["verify_failures"] == 0
+
+
+def test_the_cli_keeps_numpy_s_blas_to_one_thread_on_x86(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from lora_tools import cli as cli_mod
+
+    for machine, preset, expect in (("x86_64", None, "1"), ("AMD64", None, "1"),
+                                    ("x86_64", "4", "4"), ("aarch64", None, None)):
+        monkeypatch.setattr(cli_mod.platform, "machine", lambda m=machine: m)
+        if preset is None:
+            monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OPENBLAS_NUM_THREADS", preset)
+        cli_mod.quiet_blas()
+        assert os.environ.get("OPENBLAS_NUM_THREADS") == expect, machine
