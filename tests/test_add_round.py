@@ -112,3 +112,32 @@ def test_a_merge_is_peft_s_with_the_kernel_and_without(tmp_path: Path, kernel: o
         assert torch.equal(fast[key], slow[key]), key
         if key != "model.embed_tokens.weight":  # not adapted here; PEFT's own copy
             assert torch.equal(fast[key], value), key
+
+
+def test_an_unmerge_is_the_same_with_the_kernel_and_without(
+        tmp_path: Path, kernel: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """unmerge's blocks, observed by its proof, rounded by the kernel or by torch: the same
+    bytes and the same report (PEFT's own merge unmerged)."""
+    from lora_tools.merging import preimage_fused
+    from lora_tools.merging.unmerge import unmerge
+
+    model = mid_llama(torch.bfloat16)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    pm = peft_adapter(model, tmp_path / "adapter", r=8, lora_alpha=16, target_modules=targets)
+    merged = state_dict_file(pm.merge_and_unload().state_dict(), tmp_path / "m.safetensors")
+    used: list[int] = []
+    real = add_round.add_round
+    monkeypatch.setattr(add_round, "add_round",
+                        lambda *a: used.append(1) or real(*a))  # type: ignore[func-returns-value]
+    fast = unmerge(merged, [tmp_path / "adapter"], tmp_path / "fast.safetensors").to_dict()
+    assert used and preimage_fused.available()  # the same compiled proof both times
+    monkeypatch.setattr(add_round, "ready", lambda: None)  # torch rounds each block
+    n = len(used)
+    slow = unmerge(merged, [tmp_path / "adapter"], tmp_path / "slow.safetensors").to_dict()
+    assert len(used) == n
+    a, b = read(tmp_path / "fast.safetensors"), read(tmp_path / "slow.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for d in (fast, slow):
+        d.pop("seconds", None)
+        d.pop("out")
+    assert fast == slow

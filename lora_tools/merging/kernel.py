@@ -126,6 +126,10 @@ class DeltaSum:
         row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
         compiled, bad = self._compiled(w, out), False
         for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
+            if compiled is not None and self.observe is not None:
+                result[b0:b1] = self._observed_compiled(compiled, name, w[b0:b1], start + b0,
+                                                        factors[0], result[b0:b1])
+                continue
             if compiled is not None:
                 bad |= self._compiled_block(compiled, w[b0:b1], start + b0, factors[0],
                                             result[b0:b1])
@@ -136,14 +140,14 @@ class DeltaSum:
         # One check of the rounded rows: NaN/Inf in the base or an fp32 overflow reach
         # them, and rounding to bf16 can overflow a finite fp32 sum (the compiled pass
         # checks as it rounds: the exact checks, which name the culprit, only if it found one).
-        if compiled is None or bad:
-            check_result(result, w, name)
+        if compiled is None or bad or self.observe is not None:
+            check_result(result, w, name)  # an observer's corrections are checked too
         return result
 
     def _compiled(self, w: torch.Tensor, out: torch.dtype) -> Any | None:
         """The compiled add-and-round (``add_round``) where it applies and is loaded: one
-        plain LoRA term over whole rows of a bf16 base into bf16, nothing observing."""
-        if (self.observe is not None or len(self.terms) != 1 or w.dtype != torch.bfloat16
+        plain LoRA term over whole rows of a bf16 base into bf16 (observed or not)."""
+        if (len(self.terms) != 1 or w.dtype != torch.bfloat16
                 or out != torch.bfloat16 or not w.is_contiguous()
                 or self.terms[0][1].rows is not None
                 or self.terms[0][1].src is not None):
@@ -195,6 +199,19 @@ class DeltaSum:
         block = acc.to(out)
         seen = self.observe(name, w, terms, block, start)
         return block if seen is None else seen
+
+    def _observed_compiled(self, k: Any, name: str, w: torch.Tensor, start: int,
+                           f: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+        """:meth:`_observed_block` with widening, add and rounding in one compiled pass:
+        the observer needs the scaled term itself, so torch scales it and the kernel adds
+        it with factor 1 (``W + d`` is ``d·1 + W``, bit for bit)."""
+        assert self.observe is not None
+        _, match, weight = self.terms[0]
+        d = module_delta(match.module, f, match.module.scale * weight, tuple(w.shape),
+                         rows=(start, start + len(w)))
+        add_round.add_round(k, d, 1.0, w, out)
+        seen = self.observe(name, w, [d], out, start)
+        return out if seen is None else seen
 
     def _finish_check(self, name: str) -> None:
         """The deferred device check of a tensor run by blocks without host syncs. Its

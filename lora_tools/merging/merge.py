@@ -92,8 +92,10 @@ def apply_adapters(base_path: str | Path, adapter_paths: list[str | Path], out: 
     dev = resolve_device(device)
     per_block = block_plan(adapters, block_weights)
     work = build_work(adapters, reports, weights, sign, dev, observe, per_block)
-    if observe is None and dev.type == "cpu" and add_round.worth(base, work):
-        add_round.warm()  # loads while the rest is planned and the first blocks are read
+    if dev.type == "cpu" and (observe is not None or add_round.worth(base, work)):
+        # loads while the rest is planned and the first blocks are read (an unmerge loads
+        # numba for its proof anyway: this kernel then costs little)
+        add_round.warm()
     restore = open_checkpoint(restore_from) if restore_from is not None else None
     req = beyond_plan.Request(sign, dev, dtype, untie, deq, observe, restore)
     extra = beyond_plan.plan(base, adapters, reports, weights, output_specs(base, dtype),
