@@ -118,7 +118,7 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
     # (convs) stay within the fp32 tolerance.
     infos = list(base.infos())
     with Bar(sum(i.nbytes for i in infos), "verify", progress, "B") as bar:
-        _check_all(checker, infos, rep, bar)
+        _check_all(checker, infos, rep, bar, dev)
     for name in merged.keys():
         if name not in base:
             rep.failures.append(Failure(name, "extra", "in MERGED but not in BASE"))
@@ -127,13 +127,14 @@ def verify(merged_path: str | Path, base_path: str | Path, adapter_paths: list[s
 
 
 def _check_all(checker: Checker, infos: list[TensorInfo], rep: VerifyReport,
-               bar: Bar) -> None:
+               bar: Bar, dev: torch.device) -> None:
     """Every tensor pair checked, the next pairs read while some are checked (file reads
     and torch kernels release the GIL), one check per core side by side: the reads are
     mapped, so the checks are the work. Each check fills a report of its own, merged into
     ``rep`` in BASE's order. The budget is a check's largest pair per thread (at most half
     the engine's default): peak memory follows the largest tensor and the thread count."""
-    workers = max(1, min(MAX_THREADS, os.cpu_count() or 1))
+    # a GPU runs one check at a time anyway; side by side they would only hold more of it
+    workers = 1 if dev.type != "cpu" else max(1, min(MAX_THREADS, os.cpu_count() or 1))
 
     def check(info: TensorInfo, pair: tuple[torch.Tensor, torch.Tensor] | None
               ) -> tuple[VerifyReport, list[Failure]]:
