@@ -9,6 +9,7 @@ So while tensor k is computed, k+1 is on its way up and k-1 on its way down.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from collections.abc import Callable
@@ -23,9 +24,11 @@ from lora_tools.io.safetensors_file import TensorInfo
 
 def read_rows(base: Checkpoint, info: TensorInfo, start: int, stop: int,
               pin: bool = False) -> torch.Tensor:
-    """Rows ``[start, stop)`` of a base tensor as stored, read from its file when it has a
-    flat byte range (safetensors), without reading the other rows."""
-    if info.offset < 0 or not info.shape:
+    """Rows ``[start, stop)`` of a base tensor as stored, read from its file when it is a
+    flat byte range of its own dtype (safetensors; not a quantized GGUF block), without
+    reading the other rows."""
+    if info.offset < 0 or not info.shape or \
+            info.nbytes != math.prod(info.shape) * info.dtype.itemsize:
         t = base.get(info.name)
         part = t[start:stop] if t.dim() and (start, stop) != (0, t.shape[0]) else t
         return part.pin_memory() if pin else part

@@ -126,13 +126,9 @@ class DeltaSum:
         row_bytes = 4 * (w.numel() // max(1, w.shape[0]))
         compiled, bad = self._compiled(w, out), False
         for b0, b1 in plan_rows(stop - start, row_bytes, CACHE_BLOCK):
-            if compiled is not None and self.observe is not None:
-                result[b0:b1] = self._observed_compiled(compiled, name, w[b0:b1], start + b0,
-                                                        factors[0], result[b0:b1])
-                continue
             if compiled is not None:
-                bad |= self._compiled_block(compiled, w[b0:b1], start + b0, factors[0],
-                                            result[b0:b1])
+                bad |= self._compiled_block(compiled, name, w[b0:b1], start + b0,
+                                            factors[0], result[b0:b1])
                 continue
             result[b0:b1] = (self._fused_block(w[b0:b1], start + b0, factors)
                              if self.observe is None else
@@ -154,13 +150,23 @@ class DeltaSum:
             return None
         return add_round.ready()
 
-    def _compiled_block(self, k: Any, w: torch.Tensor, start: int,
+    def _compiled_block(self, k: Any, name: str, w: torch.Tensor, start: int,
                         f: tuple[torch.Tensor, ...], out: torch.Tensor) -> bool:
-        """Rows from ``start`` into ``out`` by kernel ``k``: torch's product ``B@A`` (its
-        factor 1 skips the scaling), then scale, add and rounding in one compiled pass."""
+        """Rows from ``start`` into ``out`` by kernel ``k`` after torch's product ``B@A``;
+        True if a result is not finite. The kernel scales, adds and rounds in one pass;
+        an observer needs the scaled term itself, so then torch scales it and the kernel
+        adds it with factor 1 (``W + d`` is ``d·1 + W``, bit for bit)."""
         _, match, weight = self.terms[0]
-        d = module_delta(match.module, f, 1.0, tuple(w.shape), rows=(start, start + len(w)))
-        return add_round.add_round(k, d, match.module.scale * weight, w, out)
+        factor, rows = match.module.scale * weight, (start, start + len(w))
+        if self.observe is None:  # factor 1: linear_delta skips the scaling
+            d = module_delta(match.module, f, 1.0, tuple(w.shape), rows=rows)
+            return add_round.add_round(k, d, factor, w, out)
+        d = module_delta(match.module, f, factor, tuple(w.shape), rows=rows)
+        bad = add_round.add_round(k, d, 1.0, w, out)
+        seen = self.observe(name, w, [d], out, start)
+        if seen is not None and seen is not out:
+            out.copy_(seen)
+        return bad
 
     def _fused_block(self, w: torch.Tensor, start: int,
                      factors: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
@@ -199,19 +205,6 @@ class DeltaSum:
         block = acc.to(out)
         seen = self.observe(name, w, terms, block, start)
         return block if seen is None else seen
-
-    def _observed_compiled(self, k: Any, name: str, w: torch.Tensor, start: int,
-                           f: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-        """:meth:`_observed_block` with widening, add and rounding in one compiled pass:
-        the observer needs the scaled term itself, so torch scales it and the kernel adds
-        it with factor 1 (``W + d`` is ``d·1 + W``, bit for bit)."""
-        assert self.observe is not None
-        _, match, weight = self.terms[0]
-        d = module_delta(match.module, f, match.module.scale * weight, tuple(w.shape),
-                         rows=(start, start + len(w)))
-        add_round.add_round(k, d, 1.0, w, out)
-        seen = self.observe(name, w, [d], out, start)
-        return out if seen is None else seen
 
     def _finish_check(self, name: str) -> None:
         """The deferred device check of a tensor run by blocks without host syncs. Its

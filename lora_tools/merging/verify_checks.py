@@ -3,7 +3,6 @@ checkpoint in memory (see :mod:`lora_tools.merging.verify` for what is checked a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -192,13 +191,8 @@ class Checker:
 
 
 def _read(ckpt: Checkpoint, info: TensorInfo) -> torch.Tensor:
-    """A whole tensor as stored: the page cache's own pages, mapped copy-on-write, where it
-    is a flat byte range of a file holding it as stored (not a quantized GGUF block), as
-    the merge reads it: no copy, no zeroed buffer."""
-    if info.offset < 0 or not info.shape or \
-            info.nbytes != math.prod(info.shape) * info.dtype.itemsize:
-        return ckpt.get(info.name)
-    return read_rows(ckpt, info, 0, info.shape[0])
+    """A whole tensor as stored, read as the merge reads it (mapped where it can be)."""
+    return read_rows(ckpt, info, 0, info.shape[0] if info.shape else 0)
 
 
 def _looks_swapped(m: torch.Tensor, w: torch.Tensor, expected: torch.Tensor) -> bool:
